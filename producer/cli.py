@@ -1,0 +1,211 @@
+"""The `docbatch` command line: submit, status, results, worker, run, demo."""
+from __future__ import annotations
+
+import importlib.resources
+import logging
+import sys
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from schemas.records import BatchStatus, JobRecord
+from schemas.settings import Settings
+from schemas.states import JobState
+from schemas.store import Store
+from worker.prompts import TASKS
+
+console = Console(stderr=True)
+TASK_CHOICE = click.Choice(sorted(TASKS))
+
+
+def _settings(ctx: click.Context) -> Settings:
+    return ctx.obj
+
+
+def _store(settings: Settings) -> Store:
+    store = Store(settings.effective_database_url, settings.blob_dir)
+    store.migrate()
+    return store
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.pass_context
+def main(ctx: click.Context) -> None:
+    """docbatch: run an LLM over folders of contracts and financial reports, batched on your GPUs.
+
+    \b
+    Quick start on one machine (embedded Redis, SQLite, the small packaged model):
+      docbatch demo
+      docbatch run ./contracts --task summarize
+    On a cluster: `docbatch worker --gpus all` on each GPU host, then
+      docbatch submit ./inbox --task extract --wait
+      docbatch results BATCH --format csv --out results.csv
+
+    Configuration comes from DOCBATCH_* variables and ./docbatch.toml (see README):
+    DOCBATCH_DATABASE_URL, DOCBATCH_BROKER_URL, DOCBATCH_MODEL, DOCBATCH_HOME, ...
+    """
+    try:
+        ctx.obj = Settings.load()
+    except ValueError as e:
+        raise click.ClickException(f"bad configuration: {e}") from e
+
+
+@main.command("submit")
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--task", type=TASK_CHOICE, required=True, help="summarize (contracts) or extract (financial JSON)")
+@click.option("--wait", is_flag=True, help="show progress until the batch ends; exit 1 if any job failed")
+@click.option("--priority", type=click.IntRange(0, 9), default=5, show_default=True, help="9 runs first")
+@click.option("--label", help="free text stored with the batch")
+@click.pass_context
+def submit_command(ctx, paths, task, wait, priority, label) -> None:
+    """Queue every document under PATHS (folders are walked recursively).
+
+    Accepts .txt .md .pdf .png .jpg .jpeg .tif .tiff. Documents already done for the same task and
+    model are listed in the new batch but not computed again. Prints the batch id on stdout.
+    """
+    from producer.progress import wait_for_batch
+    from producer.submit import submit
+    from worker.celery_app import make_celery
+
+    settings = _settings(ctx)
+    store = _store(settings)
+    result = submit(settings, store, make_celery(settings), list(paths), task, priority=priority, label=label,
+                    console=console)
+    _report_submission(result)
+    click.echo(result.batch.batch_id)
+    if wait:
+        status = wait_for_batch(store, result.batch.batch_id, console=console)
+        _print_status([status])
+        sys.exit(1 if status.failed else 0)
+
+
+@main.command("status")
+@click.argument("batch", required=False)
+@click.option("--json", "as_json", is_flag=True, help="one JSON object per batch: batch, total, one key per state")
+@click.pass_context
+def status_command(ctx, batch, as_json) -> None:
+    """Job counts by state for BATCH, or for the 20 newest batches."""
+    from producer.progress import batch_status
+
+    store = _store(_settings(ctx))
+    batch_ids = [batch] if batch else store.latest_batch_ids()
+    if batch and store.get_batch(batch) is None:
+        raise click.ClickException(f"no batch {batch!r}")
+    statuses = [batch_status(store, b) for b in batch_ids]
+    if as_json:
+        for status in statuses:
+            click.echo(status.model_dump_json())
+    else:
+        _print_status(statuses)
+
+
+@main.command("results")
+@click.argument("batch")
+@click.option("--format", "fmt", type=click.Choice(["jsonl", "csv"]), default="jsonl", show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), help="write to this file instead of stdout")
+@click.pass_context
+def results_command(ctx, batch, fmt, out) -> None:
+    """One record per job of BATCH: job_id, name, sha256, task, state, result or error, worker, batch_size,
+    tokens_in, tokens_out, timings."""
+    from producer.export import batch_records, render
+
+    store = _store(_settings(ctx))
+    if store.get_batch(batch) is None:
+        raise click.ClickException(f"no batch {batch!r}")
+    text = render(batch_records(store, batch), fmt)
+    if out:
+        out.write_text(text, encoding="utf-8")
+        console.print(f"wrote {out}")
+    else:
+        click.echo(text, nl=False)
+
+
+@main.command("worker")
+@click.option("--gpus", default="auto", show_default=True,
+              help="auto, all, cpu, or GPU indices: 0,1 (a process each) or 0+1 (one process, model sharded)")
+@click.option("--max-batch-size", type=click.IntRange(min=1), help="rows in one generate call")
+@click.option("--max-batch-tokens", type=click.IntRange(min=64), help="padded prompt+new tokens in one batch")
+@click.option("--max-wait-ms", type=click.IntRange(min=0), help="how long to wait for a batch to fill")
+@click.option("--no-prepare", is_flag=True, help="run no prepare (CPU extraction) process on this host")
+@click.pass_context
+def worker_command(ctx, gpus, max_batch_size, max_batch_tokens, max_wait_ms, no_prepare) -> None:
+    """Start one inference worker per GPU (named gpuN@host) and a prepare worker; Ctrl-C stops them."""
+    from worker.launcher import launch
+
+    overrides = {k: v for k, v in dict(max_batch_size=max_batch_size, max_batch_tokens=max_batch_tokens,
+                                       max_wait_ms=max_wait_ms).items() if v is not None}
+    settings = _settings(ctx).model_copy(update=overrides)
+    _store(settings).close()  # migrate once here, before the children start
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        sys.exit(launch(settings, gpus, with_prepare=not no_prepare))
+    except ValueError as e:
+        raise click.ClickException(str(e)) from e
+
+
+@main.command("run")
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--task", type=TASK_CHOICE, required=True)
+@click.option("--gpus", default="auto", show_default=True, help="as for `docbatch worker`")
+@click.option("--out-dir", type=click.Path(path_type=Path), default=Path("docbatch-results"), show_default=True)
+@click.pass_context
+def run_command(ctx, paths, task, gpus, out_dir) -> None:
+    """Everything on this machine: Redis (embedded if none answers), a local worker, submit, progress,
+    results in OUT_DIR/BATCH.jsonl. Exit code 0 when every job is done, 1 when any failed."""
+    sys.exit(_run_and_show(_settings(ctx), list(paths), task, gpus, out_dir))
+
+
+@main.command("demo")
+@click.option("--gpus", default="auto", show_default=True)
+@click.option("--out-dir", type=click.Path(path_type=Path), default=Path("docbatch-results"), show_default=True)
+@click.pass_context
+def demo_command(ctx, gpus, out_dir) -> None:
+    """`run` over the bundled sample documents: contracts summarized, financial reports extracted."""
+    samples = importlib.resources.files("producer") / "samples"
+    code = 0
+    for folder, task in (("contracts", "summarize"), ("financials", "extract")):
+        console.rule(f"{task}: bundled {folder}")
+        code |= _run_and_show(_settings(ctx), [Path(str(samples / folder))], task, gpus, out_dir)
+    sys.exit(code)
+
+
+def _run_and_show(settings: Settings, paths: list[Path], task: str, gpus: str, out_dir: Path) -> int:
+    from producer.run import run
+
+    outcome = run(settings, paths, task, gpus=gpus, out_dir=out_dir, console=console)
+    _report_submission(outcome.submission)
+    _print_records(outcome.records)
+    _print_status([outcome.status])
+    console.print(f"results: {outcome.results_path}")
+    return 1 if outcome.status.failed else 0
+
+
+def _report_submission(result) -> None:
+    for skipped in result.skipped:
+        console.print(f"[yellow]skipped[/] {skipped.path}: {skipped.reason}")
+
+
+def _print_status(statuses: list[BatchStatus]) -> None:
+    table = Table("batch", "total", *[s.value for s in JobState])
+    for status in statuses:
+        table.add_row(status.batch, str(status.total), *[str(getattr(status, s.value)) for s in JobState])
+    Console().print(table)
+
+
+def _print_records(records: list[JobRecord]) -> None:
+    out = Console()
+    for record in records:
+        header = f"[bold]{record.name}[/] [dim]{record.state.value}"
+        if record.state == JobState.DONE:
+            header += f" · batch of {record.batch_size} · {record.tokens_in} in / {record.tokens_out} out tokens"
+        out.rule(header + "[/]", align="left")
+        if record.result is not None:
+            out.print(record.result.get("json") or record.result["text"], highlight=False)
+        elif record.error_code:
+            out.print(f"[red]{record.error_code}[/]: {record.error_message}")
+
+
+if __name__ == "__main__":
+    main()

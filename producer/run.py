@@ -1,0 +1,99 @@
+"""`docbatch run`: the whole pipeline on one machine in one command.
+
+Uses the configured Redis when it answers, else an embedded one; starts a local worker (GPU if
+present, else CPU); submits; shows progress; writes `./docbatch-results/BATCH.jsonl`; stops what it started.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from rich.console import Console
+
+from producer.embedded import embedded_redis, is_reachable
+from producer.export import batch_records, render
+from producer.progress import wait_for_batch
+from producer.submit import Submission, submit
+from schemas.records import BatchStatus, JobRecord
+from schemas.settings import Settings
+from schemas.store import Store
+from worker.celery_app import make_celery
+
+WORKER_STOP_TIMEOUT_S = 60
+
+
+@dataclass(frozen=True)
+class RunOutcome:
+    submission: Submission
+    status: BatchStatus
+    records: list[JobRecord]
+    results_path: Path
+
+
+class LocalWorker:
+    """`docbatch worker` as a child process whose output goes to a log file."""
+
+    def __init__(self, settings: Settings, gpus: str, log_path: Path) -> None:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.log_path = log_path
+        self._log = open(log_path, "ab")
+        self._process = subprocess.Popen([sys.executable, "-m", "producer.cli", "worker", "--gpus", gpus],
+                                         env={**os.environ, **settings.to_env()},
+                                         stdout=self._log, stderr=subprocess.STDOUT)
+
+    def check_alive(self) -> None:
+        code = self._process.poll()
+        if code is not None:
+            raise RuntimeError(f"the local worker exited with code {code}; see {self.log_path}")
+
+    def stop(self) -> None:
+        if self._process.poll() is None:
+            self._process.terminate()
+            try:
+                self._process.wait(WORKER_STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait()
+        self._log.close()
+
+
+@contextlib.contextmanager
+def local_worker(settings: Settings, gpus: str) -> Iterator[LocalWorker]:
+    worker = LocalWorker(settings, gpus, settings.home / "logs" / "worker.log")
+    try:
+        yield worker
+    finally:
+        worker.stop()
+
+
+def run(settings: Settings, paths: list[Path], task: str, *, gpus: str = "auto", out_dir: Path = Path("docbatch-results"),
+        label: str | None = None, console: Console | None = None) -> RunOutcome:
+    """Run `task` over `paths` end to end on this machine and export the results."""
+    console = console or Console(stderr=True)
+    store = Store(settings.effective_database_url, settings.blob_dir)
+    store.migrate()
+    with contextlib.ExitStack() as stack:
+        if is_reachable(settings.broker_url):
+            console.print(f"using Redis at {settings.broker_url}")
+        else:
+            url = stack.enter_context(embedded_redis())
+            console.print(f"no Redis at {settings.broker_url}; started an embedded one at {url}")
+            settings = settings.model_copy(update={"broker_url": url})
+        worker = stack.enter_context(local_worker(settings, gpus))
+        console.print(f"started a local worker (model {settings.model}); its log: {worker.log_path}")
+        submission = submit(settings, store, make_celery(settings), paths, task, label=label, console=console)
+        batch = submission.batch
+        console.print(f"batch {batch.batch_id}: {batch.num_jobs} jobs, {batch.num_reused_done} already done, "
+                      f"{len(batch.to_enqueue)} queued")
+        status = wait_for_batch(store, batch.batch_id, console=console, check_alive=worker.check_alive)
+    records = batch_records(store, batch.batch_id)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results_path = out_dir / f"{batch.batch_id}.jsonl"
+    results_path.write_text(render(records, "jsonl"), encoding="utf-8")
+    store.close()
+    return RunOutcome(submission, status, records, results_path)

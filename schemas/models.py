@@ -1,0 +1,113 @@
+"""SQLAlchemy 2.0 models: the system of record. Redis only ever carries job ids."""
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from typing import Any
+
+from sqlalchemy import JSON, BigInteger, DateTime, Enum, ForeignKey, Index, Integer, LargeBinary, String, Text
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, deferred, mapped_column, relationship
+
+from schemas.states import JobState
+
+JsonType = JSON().with_variant(JSONB(), "postgresql")
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dt.datetime: DateTime(timezone=True), dict[str, Any]: JsonType}
+
+
+class Document(Base):
+    """A file's bytes, content-addressed. `content` holds them inline, or `blob_uri` says where they are."""
+
+    __tablename__ = "documents"
+    sha256: Mapped[str] = mapped_column(String(64), primary_key=True)
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    media_type: Mapped[str] = mapped_column(String(100))
+    content: Mapped[bytes | None] = deferred(mapped_column(LargeBinary, nullable=True))
+    blob_uri: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+class Page(Base):
+    """Text extracted from one page of a document, so a retried inference does not extract again."""
+
+    __tablename__ = "pages"
+    document_sha256: Mapped[str] = mapped_column(ForeignKey("documents.sha256", ondelete="CASCADE"), primary_key=True)
+    page_no: Mapped[int] = mapped_column(Integer, primary_key=True)
+    text: Mapped[str] = mapped_column(Text)
+
+
+class Batch(Base):
+    """One `submit`: the jobs it lists, including ones an earlier batch already ran."""
+
+    __tablename__ = "batches"
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    task: Mapped[str] = mapped_column(String(100))
+    model: Mapped[str] = mapped_column(Text)
+    label: Mapped[str | None] = mapped_column(Text, nullable=True)
+    priority: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    items: Mapped[list["BatchItem"]] = relationship(back_populates="batch", cascade="all, delete-orphan")
+
+
+class BatchItem(Base):
+    """A job as one batch lists it, under the file name it was submitted with."""
+
+    __tablename__ = "batch_items"
+    batch_id: Mapped[str] = mapped_column(ForeignKey("batches.id", ondelete="CASCADE"), primary_key=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    name: Mapped[str] = mapped_column(Text)
+    batch: Mapped[Batch] = relationship(back_populates="items")
+    job: Mapped["Job"] = relationship()
+
+
+class Job(Base):
+    """Document x task x params x model. `idempotency_key` is unique, so the same work is never made twice."""
+
+    __tablename__ = "jobs"
+    __table_args__ = (Index("ix_jobs_state", "state"),)
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    idempotency_key: Mapped[str] = mapped_column(String(64), unique=True)
+    document_sha256: Mapped[str] = mapped_column(ForeignKey("documents.sha256"))
+    task: Mapped[str] = mapped_column(String(100))
+    params: Mapped[dict[str, Any]]
+    model: Mapped[str] = mapped_column(Text)
+    state: Mapped[JobState] = mapped_column(
+        Enum(JobState, native_enum=False, length=16, values_callable=lambda e: [m.value for m in e]),
+        default=JobState.QUEUED)
+    priority: Mapped[int] = mapped_column(Integer, default=0)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    error_code: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    error_message: Mapped[str | None] = mapped_column(Text, nullable=True)
+    worker: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    batch_size: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    tokens_in: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    tokens_out: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    prepared_at: Mapped[dt.datetime | None] = mapped_column(nullable=True)
+    started_at: Mapped[dt.datetime | None] = mapped_column(nullable=True)
+    finished_at: Mapped[dt.datetime | None] = mapped_column(nullable=True)
+    document: Mapped[Document] = relationship()
+    result: Mapped["Result | None"] = relationship(back_populates="job", uselist=False)
+
+
+class Result(Base):
+    """What the model produced for a job: parsed JSON plus the raw text it came from."""
+
+    __tablename__ = "results"
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    data: Mapped[dict[str, Any]]
+    raw_text: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    job: Mapped[Job] = relationship(back_populates="result")

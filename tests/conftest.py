@@ -1,0 +1,85 @@
+"""Shared fixtures. The parts are real: this machine's Redis and PostgreSQL, SQLite files, and the
+packaged SmolLM2-135M-Instruct (converted once per test session)."""
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import psycopg
+import pytest
+import redis
+
+from schemas.settings import Settings
+from schemas.store import Store
+
+REDIS_URL = os.environ.get("DOCBATCH_TEST_REDIS", "redis://127.0.0.1:6379")
+POSTGRES_URL = os.environ.get("DOCBATCH_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres")
+TEST_REDIS_DB = 13  # a database of its own, flushed before each test that uses it
+
+
+@pytest.fixture(scope="session")
+def model_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="session")
+def small_model_dir(model_cache: Path) -> Path:
+    """The packaged GGUF converted by the product's own code path (slow once, about 25 s)."""
+    from worker.model import packaged_model_dir
+
+    return packaged_model_dir(model_cache)
+
+
+@pytest.fixture(scope="session")
+def small_model(small_model_dir: Path):
+    from worker.model import load_model
+
+    return load_model(Settings(model=str(small_model_dir), device="cpu", home=small_model_dir.parent))
+
+
+@pytest.fixture
+def broker_url() -> str:
+    url = f"{REDIS_URL}/{TEST_REDIS_DB}"
+    redis.Redis.from_url(url).flushdb()
+    return url
+
+
+def _postgres_database() -> str:
+    """A fresh, empty PostgreSQL database; the caller drops it."""
+    name = f"docbatch_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    return name
+
+
+def _drop_postgres_database(name: str) -> None:
+    with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request, tmp_path: Path) -> str:
+    """Each test using this runs twice: on a SQLite file and on a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'docbatch.sqlite3'}"
+        return
+    name = _postgres_database()
+    base = POSTGRES_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://")
+    yield f"{base}/{name}"
+    _drop_postgres_database(name)
+
+
+@pytest.fixture
+def store(database_url: str) -> Store:
+    store = Store(database_url)
+    store.migrate()
+    yield store
+    store.close()
+
+
+@pytest.fixture
+def settings(tmp_path: Path, broker_url: str, small_model_dir: Path) -> Settings:
+    """Settings for a local pipeline: SQLite under tmp_path, test Redis DB, the small model on CPU."""
+    return Settings(home=tmp_path / "home", broker_url=broker_url, model=str(small_model_dir), device="cpu",
+                    max_new_tokens=12, max_batch_size=16, max_wait_ms=300, prepare_concurrency=2)

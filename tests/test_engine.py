@@ -1,0 +1,103 @@
+"""The engine batches requests from many threads, splits a batch on OOM, and isolates a bad request.
+
+The OOM is injected: this machine has no GPU, so a generator raises torch's real CUDA OOM error
+type for batches above a size; everything else (threads, futures, planning) is the real engine.
+"""
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+from worker.engine import Engine, RequestTooLarge
+from worker.generation import HFGenerator
+
+
+class EchoGenerator:
+    """Returns each prompt's last token repeated max_new times; records each call's batch size."""
+
+    def __init__(self, max_rows_that_fit: int = 10**9, poison: int | None = None) -> None:
+        self.calls: list[int] = []
+        self.max_rows_that_fit = max_rows_that_fit
+        self.poison = poison
+        self.lock = threading.Lock()
+
+    def __call__(self, prompts, max_new_tokens):
+        if len(prompts) > self.max_rows_that_fit:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
+        if self.poison is not None and any(p[-1] == self.poison for p in prompts):
+            raise ValueError("this prompt breaks the model (injected)")
+        with self.lock:
+            self.calls.append(len(prompts))
+        return [[p[-1]] * n for p, n in zip(prompts, max_new_tokens)]
+
+
+def _submit_concurrently(engine: Engine, prompts: list[list[int]], max_new: int = 3):
+    with ThreadPoolExecutor(max_workers=len(prompts)) as pool:
+        futures = list(pool.map(lambda p: engine.submit(p, max_new), prompts))
+    return futures
+
+
+def test_concurrent_requests_are_batched_and_each_gets_its_own_answer():
+    generator = EchoGenerator()
+    engine = Engine(generator, max_batch_size=8, max_batch_tokens=10_000, max_wait_ms=200).start()
+    try:
+        futures = _submit_concurrently(engine, [[1, 2, i] for i in range(20)])
+        completions = [f.result(timeout=10) for f in futures]
+    finally:
+        engine.stop()
+    assert [c.token_ids for c in completions] == [[i] * 3 for i in range(20)]
+    assert len(generator.calls) < 20 and max(generator.calls) <= 8
+    assert sum(generator.calls) == 20
+
+
+def test_out_of_memory_splits_the_batch_until_it_fits():
+    generator = EchoGenerator(max_rows_that_fit=2)
+    engine = Engine(generator, max_batch_size=8, max_batch_tokens=10_000, max_wait_ms=200).start()
+    try:
+        futures = _submit_concurrently(engine, [[i] for i in range(8)])
+        completions = [f.result(timeout=10) for f in futures]
+    finally:
+        engine.stop()
+    assert [c.token_ids for c in completions] == [[i] * 3 for i in range(8)]
+    assert all(c.batch_size <= 2 for c in completions)
+    assert engine.stats.num_oom_splits >= 1
+
+
+def test_a_request_that_never_fits_fails_alone_with_request_too_large():
+    generator = EchoGenerator(max_rows_that_fit=0)
+    engine = Engine(generator, max_batch_size=4, max_batch_tokens=10_000, max_wait_ms=10).start()
+    try:
+        with pytest.raises(RequestTooLarge):
+            engine.submit([1, 2], 3).result(timeout=10)
+    finally:
+        engine.stop()
+
+
+def test_one_bad_request_does_not_sink_the_others():
+    generator = EchoGenerator(poison=666)
+    engine = Engine(generator, max_batch_size=8, max_batch_tokens=10_000, max_wait_ms=200).start()
+    try:
+        futures = _submit_concurrently(engine, [[1], [2], [666], [4], [5]])
+        outcomes = [f.exception(timeout=10) or f.result() for f in futures]
+    finally:
+        engine.stop()
+    assert isinstance(outcomes[2], ValueError)
+    assert [o.token_ids for i, o in enumerate(outcomes) if i != 2] == [[1] * 3, [2] * 3, [4] * 3, [5] * 3]
+
+
+@pytest.mark.slow
+def test_batched_generation_matches_one_at_a_time_on_the_real_small_model(small_model):
+    # Given prompts of different lengths, so left padding is exercised
+    tokenizer = small_model.tokenizer
+    texts = ["The capital of France is", "Write one word:", "A contract is an agreement between two or more"]
+    prompts = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    generator = HFGenerator(small_model.model, tokenizer)
+    # When generated together and alone (greedy)
+    together = generator(prompts, [8] * 3)
+    alone = [generator([p], [8])[0] for p in prompts]
+    # Then the padded batch gives every row the tokens it gets alone
+    assert together == alone
+    assert all(len(row) > 0 for row in together)

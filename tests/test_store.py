@@ -1,0 +1,129 @@
+"""The store on SQLite and PostgreSQL: idempotent jobs, compare-and-set claims, results and failures."""
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+
+from sqlalchemy import inspect, update
+
+from schemas.models import Job
+from schemas.states import ErrorCode, JobState
+
+PARAMS = {"max_new_tokens": 16, "prompt_version": 1}
+
+
+def _doc(store, text: str) -> str:
+    data = text.encode()
+    sha = hashlib.sha256(data).hexdigest()
+    store.put_document(sha, data, "text/plain")
+    return sha
+
+
+def test_migrations_create_the_schema(store):
+    tables = set(inspect(store.engine).get_table_names())
+    assert {"documents", "pages", "batches", "batch_items", "jobs", "results", "alembic_version"} <= tables
+    store.migrate()  # a second run is a no-op
+
+
+def test_documents_are_content_addressed_and_read_back(store):
+    sha = _doc(store, "Agreement between A and B.")
+    assert store.put_document(sha, b"Agreement between A and B.", "text/plain") is False
+    assert store.read_document(sha) == (b"Agreement between A and B.", "text/plain")
+
+
+def test_documents_can_live_in_a_shared_blob_folder(database_url, tmp_path):
+    from schemas.store import Store
+
+    store = Store(database_url, blob_dir=tmp_path / "blobs")
+    store.migrate()
+    data = "x" * 1000
+    sha = hashlib.sha256(data.encode()).hexdigest()
+    store.put_document(sha, data.encode(), "text/plain")
+    assert (tmp_path / "blobs" / sha[:2] / sha).read_bytes() == data.encode()
+    # Another host (another Store on the same database) reads it through the store
+    other = Store(database_url, blob_dir=tmp_path / "blobs")
+    assert other.read_document(sha)[0] == data.encode()
+    store.close(), other.close()
+
+
+def test_a_second_batch_over_the_same_documents_reuses_the_jobs(store):
+    # Given a batch whose jobs are all done
+    shas = [_doc(store, f"contract {i}") for i in range(3)]
+    first = store.create_batch("summarize", PARAMS, "m", [(f"f{i}.txt", s) for i, s in enumerate(shas)])
+    assert len(first.to_enqueue) == 3
+    for job_id in first.to_enqueue:
+        store.claim(job_id, JobState.QUEUED, JobState.RUNNING, "w", 3600)
+        store.finish(job_id, {"text": "ok"}, "ok", tokens_in=5, tokens_out=1, batch_size=3)
+    # When the same documents (and one new one) are submitted again
+    new_sha = _doc(store, "contract 3")
+    second = store.create_batch("summarize", PARAMS, "m", [(f"f{i}.txt", s) for i, s in enumerate(shas + [new_sha])])
+    # Then only the new document gets a job; the done ones are listed, not queued
+    assert second.num_jobs == 4 and second.num_reused_done == 3
+    assert len(second.to_enqueue) == 1 and second.to_enqueue[0] not in first.to_enqueue
+    rows = store.batch_rows(second.batch_id)
+    assert {job.id for _, job, _ in rows} >= set(first.to_enqueue)
+    # A different task or model is different work
+    other = store.create_batch("extract", PARAMS, "m", [("f0.txt", shas[0])])
+    assert len(other.to_enqueue) == 1
+
+
+def test_the_same_content_under_two_names_is_one_job(store):
+    sha = _doc(store, "same bytes")
+    batch = store.create_batch("summarize", PARAMS, "m", [("a.txt", sha), ("copy/a.txt", sha)])
+    assert batch.num_jobs == 1
+
+
+def test_claims_are_compare_and_set(store):
+    sha = _doc(store, "x")
+    job_id = store.create_batch("summarize", PARAMS, "m", [("x.txt", sha)]).to_enqueue[0]
+    assert store.claim(job_id, JobState.QUEUED, JobState.PREPARING, "w1", 3600) is not None
+    # A duplicated message finds the job taken and does nothing
+    assert store.claim(job_id, JobState.QUEUED, JobState.PREPARING, "w2", 3600) is None
+    store.mark_ready(job_id)
+    job = store.claim(job_id, JobState.READY, JobState.RUNNING, "gpu0@h", 3600, count_attempt=True)
+    assert job.state == JobState.RUNNING and job.attempts == 1 and job.worker == "gpu0@h"
+    assert store.claim(job_id, JobState.READY, JobState.RUNNING, "gpu1@h", 3600, count_attempt=True) is None
+
+
+def test_a_job_whose_worker_died_can_be_claimed_again_after_the_stale_time(store):
+    sha = _doc(store, "y")
+    job_id = store.create_batch("summarize", PARAMS, "m", [("y.txt", sha)]).to_enqueue[0]
+    store.claim(job_id, JobState.QUEUED, JobState.RUNNING, "dead", 3600)
+    long_ago = dt.datetime.now(dt.timezone.utc) - dt.timedelta(hours=2)
+    with store.engine.begin() as conn:
+        conn.execute(update(Job).where(Job.id == job_id).values(updated_at=long_ago))
+    job = store.claim(job_id, JobState.READY, JobState.RUNNING, "alive", 3600, count_attempt=True)
+    assert job is not None and job.worker == "alive"
+
+
+def test_failed_jobs_keep_their_reason_and_are_retried_by_a_resubmit(store):
+    sha = _doc(store, "z")
+    batch = store.create_batch("summarize", PARAMS, "m", [("z.txt", sha)])
+    job_id = batch.to_enqueue[0]
+    store.fail(job_id, ErrorCode.PDF_CORRUPT, "bad xref")
+    job = store.get_job(job_id)
+    assert (job.state, job.error_code, job.error_message) == (JobState.FAILED, "pdf_corrupt", "bad xref")
+    assert store.batch_counts(batch.batch_id)[JobState.FAILED] == 1
+    again = store.create_batch("summarize", PARAMS, "m", [("z.txt", sha)])
+    assert again.to_enqueue == [job_id]
+    assert store.get_job(job_id).state == JobState.QUEUED
+
+
+def test_finish_records_the_result_and_how_it_ran(store):
+    sha = _doc(store, "w")
+    batch = store.create_batch("extract", PARAMS, "m", [("w.txt", sha)])
+    job_id = batch.to_enqueue[0]
+    store.claim(job_id, JobState.QUEUED, JobState.RUNNING, "gpu0@h", 3600, count_attempt=True)
+    assert store.finish(job_id, {"json": {"revenue": 5}}, '{"revenue": 5}', tokens_in=40, tokens_out=7, batch_size=12)
+    assert not store.finish(job_id, {}, "", tokens_in=0, tokens_out=0, batch_size=1)  # only once
+    (item, job, result), = store.batch_rows(batch.batch_id)
+    assert item.name == "w.txt" and job.state == JobState.DONE
+    assert (job.tokens_in, job.tokens_out, job.batch_size) == (40, 7, 12)
+    assert result.data == {"json": {"revenue": 5}}
+
+
+def test_pages_are_stored_in_order(store):
+    sha = _doc(store, "p")
+    assert store.load_pages(sha) is None
+    store.save_pages(sha, ["one", "two", "three"])
+    assert store.load_pages(sha) == ["one", "two", "three"]

@@ -1,0 +1,1 @@
+"""Workers: the Celery app and tasks, the prepare stage, the model and its batching engine."""

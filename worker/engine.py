@@ -1,0 +1,143 @@
+"""The in-process engine: dynamic batching across concurrently running tasks.
+
+Celery task threads call `Engine.submit` and wait on the returned future. One engine thread loops:
+gather waiting requests (up to the batch caps, waiting at most `max_wait_ms` for more), plan batches
+by length, run each through the generator, resolve the futures. The engine knows nothing of Celery.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+from worker.batching import PlanItem, padded_cost, plan_batches
+
+log = logging.getLogger(__name__)
+
+# (prompts as token ids, max new tokens per prompt) -> generated token ids per prompt, EOS stripped
+Generator = Callable[[Sequence[Sequence[int]], Sequence[int]], list[list[int]]]
+
+
+class RequestTooLarge(RuntimeError):
+    """A single request does not fit on the device even alone."""
+
+
+@dataclass(frozen=True)
+class Completion:
+    token_ids: list[int]
+    batch_size: int  # rows in the generate call this request ran in
+
+
+@dataclass
+class Request:
+    prompt_ids: list[int]
+    max_new_tokens: int
+    future: Future = field(default_factory=Future)
+    enqueued_at: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class EngineStats:
+    num_batches: int = 0
+    num_requests: int = 0
+    num_oom_splits: int = 0
+    tokens_out: int = 0
+    batch_sizes: list[int] = field(default_factory=list)
+
+
+def _is_oom(error: BaseException) -> bool:
+    try:
+        import torch
+    except ImportError:  # the engine itself needs no torch
+        return False
+    return isinstance(error, torch.cuda.OutOfMemoryError)
+
+
+class Engine:
+    """Gathers requests from many threads into batched generate calls."""
+
+    def __init__(self, generate: Generator, *, max_batch_size: int, max_batch_tokens: int, max_wait_ms: int,
+                 on_oom: Callable[[], None] = lambda: None) -> None:
+        self._generate = generate
+        self.max_batch_size = max_batch_size
+        self.max_batch_tokens = max_batch_tokens
+        self.max_wait_s = max_wait_ms / 1000
+        self._on_oom = on_oom
+        self._inbox: queue.Queue[Request] = queue.Queue()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="docbatch-engine", daemon=True)
+        self.stats = EngineStats()
+
+    def start(self) -> "Engine":
+        self._thread.start()
+        return self
+
+    def stop(self, timeout_s: float = 10) -> None:
+        self._stop.set()
+        self._thread.join(timeout_s)
+
+    def submit(self, prompt_ids: Sequence[int], max_new_tokens: int) -> Future:
+        """Queue one prompt; the future resolves to a `Completion` or raises the error that request met."""
+        request = Request(list(prompt_ids), max_new_tokens)
+        if self._stop.is_set():
+            request.future.set_exception(RuntimeError("engine is stopped"))
+        else:
+            self._inbox.put(request)
+        return request.future
+
+    # -- the loop: gather -> plan -> run --------------------------------------------------------
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            pending = self._gather()
+            items = [PlanItem(len(r.prompt_ids), r.max_new_tokens) for r in pending]
+            for indices in plan_batches(items, self.max_batch_size, self.max_batch_tokens):
+                self._run([pending[i] for i in indices])
+
+    def _gather(self) -> list[Request]:
+        """Block for one request, then take more until a cap is reached or `max_wait_ms` has passed."""
+        try:
+            pending = [self._inbox.get(timeout=0.2)]
+        except queue.Empty:
+            return []
+        deadline = time.monotonic() + self.max_wait_s
+        while len(pending) < self.max_batch_size and not self._over_budget(pending):
+            remaining = deadline - time.monotonic()
+            try:
+                pending.append(self._inbox.get(timeout=remaining) if remaining > 0 else self._inbox.get_nowait())
+            except queue.Empty:
+                break
+        return pending
+
+    def _over_budget(self, pending: list[Request]) -> bool:
+        return padded_cost([len(r.prompt_ids) for r in pending],
+                           [r.max_new_tokens for r in pending]) >= self.max_batch_tokens
+
+    def _run(self, batch: list[Request]) -> None:
+        """Generate for `batch`; on any error split it in halves so one bad request never sinks the rest."""
+        try:
+            outputs = self._generate([r.prompt_ids for r in batch], [r.max_new_tokens for r in batch])
+        except Exception as error:  # noqa: BLE001 - every request gets its own outcome below
+            is_oom = _is_oom(error)
+            if is_oom:
+                self._on_oom()
+            if len(batch) == 1:
+                log.warning("request failed alone (%d prompt tokens): %r", len(batch[0].prompt_ids), error)
+                failure = RequestTooLarge(f"does not fit in device memory: {error}") if is_oom else error
+                batch[0].future.set_exception(failure)
+                return
+            self.stats.num_oom_splits += is_oom
+            log.info("batch of %d failed (%s); splitting", len(batch), "OOM" if is_oom else type(error).__name__)
+            middle = len(batch) // 2
+            self._run(batch[:middle])
+            self._run(batch[middle:])
+            return
+        self.stats.num_batches += 1
+        self.stats.num_requests += len(batch)
+        self.stats.batch_sizes.append(len(batch))
+        for request, token_ids in zip(batch, outputs):
+            self.stats.tokens_out += len(token_ids)
+            request.future.set_result(Completion(token_ids, len(batch)))

@@ -1,0 +1,98 @@
+"""`docbatch worker`: one infer process per GPU (pinned with CUDA_VISIBLE_DEVICES before torch is
+imported) plus one prepare process, supervised: a child that crashes is restarted, a signal stops all."""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+from schemas.settings import Settings
+
+log = logging.getLogger(__name__)
+
+MAX_RESTARTS = 5
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    role: str  # "infer" or "prepare"
+    name: str  # Celery node name, e.g. gpu0@host
+    cuda_visible_devices: str | None  # None: leave unset; "" hides every GPU
+
+
+def count_gpus() -> int:
+    """GPUs on this host, asked of nvidia-smi so the launcher itself never initialises CUDA."""
+    if shutil.which("nvidia-smi") is None:
+        return 0
+    listing = subprocess.run(["nvidia-smi", "--list-gpus"], capture_output=True, text=True, check=False)
+    return sum(1 for line in listing.stdout.splitlines() if line.startswith("GPU "))
+
+
+def plan_workers(gpus: str, num_gpus: int, host: str, with_prepare: bool = True) -> list[WorkerSpec]:
+    """Worker processes for `--gpus`: `auto` (every GPU, else CPU), `all`, `cpu`, `0,1` (one process
+    each), or `0+1` (one process owning both GPUs, the model sharded across them)."""
+    if gpus == "auto":
+        gpus = "all" if num_gpus else "cpu"
+    if gpus == "cpu":
+        specs = [WorkerSpec("infer", f"cpu@{host}", "")]
+    else:
+        groups = [str(i) for i in range(num_gpus)] if gpus == "all" else [g.strip() for g in gpus.split(",")]
+        if not groups or any(not g for g in groups):
+            raise ValueError(f"--gpus {gpus!r}: no GPU found (use --gpus cpu)" if gpus == "all"
+                             else f"--gpus {gpus!r}: expected all, cpu, or indices like 0,1 or 0+1")
+        for group in groups:
+            for index in group.split("+"):
+                if not index.isdigit() or int(index) >= num_gpus:
+                    raise ValueError(f"--gpus {gpus!r}: GPU {index} does not exist ({num_gpus} found)")
+        specs = [WorkerSpec("infer", f"gpu{g}@{host}", g.replace("+", ",")) for g in groups]
+    if with_prepare:
+        specs.append(WorkerSpec("prepare", f"prepare@{host}", ""))
+    return specs
+
+
+def _spawn(spec: WorkerSpec, env: dict[str, str]) -> subprocess.Popen:
+    child_env = dict(env)
+    if spec.cuda_visible_devices is not None:
+        child_env["CUDA_VISIBLE_DEVICES"] = spec.cuda_visible_devices
+    if spec.role == "infer" and spec.cuda_visible_devices == "":
+        child_env["DOCBATCH_DEVICE"] = "cpu"
+    log.info("starting %s (CUDA_VISIBLE_DEVICES=%r)", spec.name, spec.cuda_visible_devices)
+    return subprocess.Popen([sys.executable, "-m", "worker.process", spec.role, spec.name], env=child_env)
+
+
+def launch(settings: Settings, gpus: str, with_prepare: bool = True) -> int:
+    """Run the worker processes until a signal (or every child has exited cleanly). Returns an exit code."""
+    specs = plan_workers(gpus, count_gpus(), socket.gethostname(), with_prepare)
+    env = {**os.environ, **settings.to_env()}
+    children = {spec: _spawn(spec, env) for spec in specs}
+    restarts = {spec: 0 for spec in specs}
+    stopping = False
+
+    def stop(signum, _frame) -> None:
+        nonlocal stopping
+        stopping = True
+        for child in children.values():
+            if child.poll() is None:
+                child.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    while any(child.poll() is None for child in children.values()):
+        time.sleep(0.5)
+        for spec, child in list(children.items()):
+            code = child.poll()
+            if code in (None, 0) or stopping:
+                continue
+            if restarts[spec] >= MAX_RESTARTS:
+                log.error("%s exited with %s %d times; giving up on it", spec.name, code, restarts[spec])
+                continue
+            restarts[spec] += 1
+            log.warning("%s exited with %s; restarting (%d/%d)", spec.name, code, restarts[spec], MAX_RESTARTS)
+            children[spec] = _spawn(spec, env)
+    return max(abs(child.returncode or 0) for child in children.values()) if not stopping else 0

