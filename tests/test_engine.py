@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from worker.engine import Engine, RequestTooLarge
+from worker.engine import Engine, GenerationOptions, RequestTooLarge
 from worker.generation import HFGenerator
 
 
@@ -24,7 +24,7 @@ class EchoGenerator:
         self.poison = poison
         self.lock = threading.Lock()
 
-    def __call__(self, prompts, max_new_tokens):
+    def __call__(self, prompts, max_new_tokens, options):
         if len(prompts) > self.max_rows_that_fit:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
         if self.poison is not None and any(p[-1] == self.poison for p in prompts):
@@ -51,6 +51,24 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_answer():
     assert [c.token_ids for c in completions] == [[i] * 3 for i in range(20)]
     assert len(generator.calls) < 20 and max(generator.calls) <= 8
     assert sum(generator.calls) == 20
+
+
+def test_requests_with_different_decoding_options_never_share_a_batch():
+    seen: list[float] = []
+
+    def generator(prompts, max_new_tokens, options):
+        seen.append(options.repetition_penalty)
+        return [[0]] * len(prompts)
+
+    engine = Engine(generator, max_batch_size=16, max_batch_tokens=10_000, max_wait_ms=300).start()
+    try:
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            futures = list(pool.map(lambda i: engine.submit([i], 1, GenerationOptions(1.0 + i % 2)), range(8)))
+        sizes = [f.result(timeout=10).batch_size for f in futures]
+    finally:
+        engine.stop()
+    assert sorted(set(seen)) == [1.0, 2.0]
+    assert max(sizes) <= 4  # each batch holds only the 4 requests of its own option
 
 
 def test_out_of_memory_splits_the_batch_until_it_fits():

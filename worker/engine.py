@@ -18,8 +18,17 @@ from worker.batching import PlanItem, padded_cost, plan_batches
 
 log = logging.getLogger(__name__)
 
-# (prompts as token ids, max new tokens per prompt) -> generated token ids per prompt, EOS stripped
-Generator = Callable[[Sequence[Sequence[int]], Sequence[int]], list[list[int]]]
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    """Decoding settings one generate call shares; requests with different options never share a batch."""
+
+    repetition_penalty: float = 1.0
+
+
+# (prompts as token ids, max new tokens per prompt, options) -> generated token ids per prompt, EOS stripped
+Generator = Callable[[Sequence[Sequence[int]], Sequence[int], GenerationOptions], list[list[int]]]
 
 
 class RequestTooLarge(RuntimeError):
@@ -36,6 +45,7 @@ class Completion:
 class Request:
     prompt_ids: list[int]
     max_new_tokens: int
+    options: GenerationOptions
     future: Future = field(default_factory=Future)
     enqueued_at: float = field(default_factory=time.monotonic)
 
@@ -80,9 +90,10 @@ class Engine:
         self._stop.set()
         self._thread.join(timeout_s)
 
-    def submit(self, prompt_ids: Sequence[int], max_new_tokens: int) -> Future:
+    def submit(self, prompt_ids: Sequence[int], max_new_tokens: int,
+               options: GenerationOptions = GenerationOptions()) -> Future:
         """Queue one prompt; the future resolves to a `Completion` or raises the error that request met."""
-        request = Request(list(prompt_ids), max_new_tokens)
+        request = Request(list(prompt_ids), max_new_tokens, options)
         if self._stop.is_set():
             request.future.set_exception(RuntimeError("engine is stopped"))
         else:
@@ -92,10 +103,13 @@ class Engine:
     # -- the loop: gather -> plan -> run --------------------------------------------------------
     def _loop(self) -> None:
         while not self._stop.is_set():
-            pending = self._gather()
-            items = [PlanItem(len(r.prompt_ids), r.max_new_tokens) for r in pending]
-            for indices in plan_batches(items, self.max_batch_size, self.max_batch_tokens):
-                self._run([pending[i] for i in indices])
+            by_options: dict[GenerationOptions, list[Request]] = {}
+            for request in self._gather():
+                by_options.setdefault(request.options, []).append(request)
+            for group in by_options.values():
+                items = [PlanItem(len(r.prompt_ids), r.max_new_tokens) for r in group]
+                for indices in plan_batches(items, self.max_batch_size, self.max_batch_tokens):
+                    self._run([group[i] for i in indices])
 
     def _gather(self) -> list[Request]:
         """Block for one request, then take more until a cap is reached or `max_wait_ms` has passed."""
@@ -119,7 +133,8 @@ class Engine:
     def _run(self, batch: list[Request]) -> None:
         """Generate for `batch`; on any error split it in halves so one bad request never sinks the rest."""
         try:
-            outputs = self._generate([r.prompt_ids for r in batch], [r.max_new_tokens for r in batch])
+            outputs = self._generate([r.prompt_ids for r in batch], [r.max_new_tokens for r in batch],
+                                     batch[0].options)
         except Exception as error:  # noqa: BLE001 - every request gets its own outcome below
             is_oom = _is_oom(error)
             if is_oom:

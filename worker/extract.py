@@ -48,12 +48,13 @@ PREFERRED_ON_TIE = ("cp1252", "latin_1", "iso8859_15")
 
 
 def _decode_legacy(data: bytes) -> str:
+    """The least chaotic decoding charset-normalizer finds; a preferred encoding wins a near tie."""
     matches = list(from_bytes(data))
     if not matches:
         raise DocbatchError(ErrorCode.UNSUPPORTED_TYPE, "binary content, not text in any known encoding")
-    best = matches[0]
-    tied = [m for m in matches if m.chaos <= best.chaos and m.coherence >= best.coherence - 0.02]
-    chosen = next((m for enc in PREFERRED_ON_TIE for m in tied if m.encoding == enc), best)
+    least_chaos = min(m.chaos for m in matches)
+    tied = sorted((m for m in matches if m.chaos <= least_chaos + 0.01), key=lambda m: (m.chaos, -m.coherence))
+    chosen = next((m for enc in PREFERRED_ON_TIE for m in tied if m.encoding == enc), tied[0])
     log.info("decoded text as %s", chosen.encoding)
     return str(chosen)
 

@@ -5,6 +5,8 @@ from typing import Any, Sequence
 
 import torch
 
+from worker.engine import GenerationOptions
+
 
 class HFGenerator:
     """Callable the engine drives: prompts (token ids) in, generated token ids (EOS stripped) out."""
@@ -21,7 +23,8 @@ class HFGenerator:
         return self.model.device
 
     @torch.inference_mode()
-    def __call__(self, prompts: Sequence[Sequence[int]], max_new_tokens: Sequence[int]) -> list[list[int]]:
+    def __call__(self, prompts: Sequence[Sequence[int]], max_new_tokens: Sequence[int],
+                 options: GenerationOptions = GenerationOptions()) -> list[list[int]]:
         width = max(len(p) for p in prompts)
         input_ids = torch.full((len(prompts), width), self.pad_token_id, dtype=torch.long)  # [B, T]
         attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
@@ -32,6 +35,7 @@ class HFGenerator:
         output = self.model.generate(
             input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device),
             max_new_tokens=most_new, min_new_tokens=most_new if self.ignore_eos else 0, do_sample=False,
+            repetition_penalty=options.repetition_penalty,
             pad_token_id=self.pad_token_id, eos_token_id=None if self.ignore_eos else sorted(self.eos_token_ids),
             temperature=None, top_p=None, top_k=None)
         generated = output[:, width:].tolist()  # [B, <= most_new]

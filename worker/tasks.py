@@ -14,7 +14,7 @@ from celery import shared_task
 from schemas.states import DocbatchError, ErrorCode, JobState
 from worker import runtime
 from worker.celery_app import INFER_QUEUE, INFER_TASK, PREPARE_TASK, broker_priority
-from worker.engine import RequestTooLarge
+from worker.engine import GenerationOptions, RequestTooLarge
 from worker.extract import extract_pages
 from worker.prompts import TASKS, build_prompt, parse_output
 
@@ -70,13 +70,14 @@ def infer(job_id: str) -> None:
             raise RuntimeError("job is ready but its document has no extracted pages")
         task = TASKS[job.task]
         prompt = build_prompt(rt.tokenizer, task, "\n\n".join(pages), rt.max_input_tokens)
-        max_new_tokens = int(job.params["max_new_tokens"])
+        options = GenerationOptions(repetition_penalty=float(job.params["repetition_penalty"]))
         try:
-            completion = rt.engine.submit(prompt.token_ids, max_new_tokens).result(timeout=rt.settings.job_timeout_s)
+            future = rt.engine.submit(prompt.token_ids, int(job.params["max_new_tokens"]), options)
+            completion = future.result(timeout=rt.settings.job_timeout_s)
         except RequestTooLarge as e:
             raise DocbatchError(ErrorCode.OUT_OF_MEMORY, str(e)) from e
         text = rt.tokenizer.decode(completion.token_ids, skip_special_tokens=True)
-        rt.store.finish(job_id, parse_output(task, text, prompt.is_truncated), text,
+        rt.store.finish(job_id, parse_output(text, prompt.is_truncated), text,
                         tokens_in=len(prompt.token_ids), tokens_out=len(completion.token_ids),
                         batch_size=completion.batch_size)
 
