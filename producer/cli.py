@@ -16,7 +16,7 @@ from schemas.states import JobState
 from schemas.store import Store
 from worker.prompts import TASKS
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)
 TASK_CHOICE = click.Choice(sorted(TASKS))
 DEMO_MAX_NEW_TOKENS = 160
 

@@ -52,7 +52,7 @@ def submit(settings: Settings, store: Store, app: Celery, paths: list[Path], tas
             sha = hashlib.sha256(data).hexdigest()
             num_new += store.put_document(sha, data, doc.media_type)
             items.append((doc.name, sha))
-    batch = store.create_batch(task, task_params(settings.max_new_tokens, settings.repetition_penalty), settings.model, items, label=label,
+    batch = store.create_batch(task, task_params(settings), settings.model, items, label=label,
                                priority=priority, stale_after_s=settings.job_timeout_s)
     for job_id in batch.to_enqueue:
         app.send_task(PREPARE_TASK, args=[job_id], queue=PREPARE_QUEUE, priority=broker_priority(priority))

@@ -39,6 +39,7 @@ class Settings(BaseSettings):
     max_wait_ms: int = Field(50, ge=0, description="how long the engine waits for more requests")
     max_new_tokens: int = Field(256, ge=1)
     repetition_penalty: float = Field(1.1, ge=1.0, description="greedy decoding of small models loops without it")
+    ignore_eos: bool = Field(False, description="benchmarks: every answer runs to max_new_tokens")
     max_input_tokens: int = Field(0, ge=0, description="0 means the model's context minus max_new_tokens")
     max_inflight: int = Field(0, ge=0, description="infer tasks per GPU worker; 0 means 2 x max_batch_size")
     prepare_concurrency: int = Field(2, ge=1)

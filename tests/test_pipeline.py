@@ -152,3 +152,24 @@ def test_run_exits_1_when_a_job_failed(settings, tmp_path):
                            "--out-dir", str(tmp_path / "out")], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 1, done.stderr[-3000:]
     assert "empty_file" in done.stdout
+
+
+def test_submit_wait_prints_the_batch_id_and_exits_1_when_a_job_failed(worker_settings, running_worker, tmp_path):
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    (folder / "nda.md").write_text("Mutual NDA between Acme Corp and Globex Ltd, effective 1 May 2024, two years.")
+    (folder / "empty.txt").write_bytes(b"")
+    (folder / "escape.txt").symlink_to(tmp_path / "elsewhere.txt")
+    (tmp_path / "elsewhere.txt").write_text("outside the submitted folder")
+    env = {**os.environ, **worker_settings.to_env()}
+    done = subprocess.run([sys.executable, "-m", "producer.cli", "submit", str(folder), "--task", "summarize",
+                           "--wait", "--label", "cli test", "--priority", "9"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 1, done.stderr[-3000:]
+    batch_id = done.stdout.strip().splitlines()[0]
+    assert "escape.txt: symlink leaves the submitted folder" in done.stderr
+    store = Store(worker_settings.effective_database_url)
+    assert store.get_batch(batch_id).label == "cli test"
+    states = {item.name: (job.state, job.error_code) for item, job, _ in store.batch_rows(batch_id)}
+    assert states == {"mixed/empty.txt": (JobState.FAILED, "empty_file"), "mixed/nda.md": (JobState.DONE, None)}
+    store.close()

@@ -25,6 +25,7 @@ class GenerationOptions:
     """Decoding settings one generate call shares; requests with different options never share a batch."""
 
     repetition_penalty: float = 1.0
+    ignore_eos: bool = False  # benchmarks: every answer runs to its max_new_tokens
 
 
 # (prompts as token ids, max new tokens per prompt, options) -> generated token ids per prompt, EOS stripped

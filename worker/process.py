@@ -25,8 +25,10 @@ def start_engine(settings: Settings):
     from worker.model import load_model
 
     loaded = load_model(settings)
+    generator = HFGenerator(loaded.model, loaded.tokenizer)
+    generator([[loaded.tokenizer.pad_token_id] * 8], [2])  # warm-up: CUDA context and kernels, off the first batch
     on_oom = torch.cuda.empty_cache if loaded.device == "cuda" else (lambda: None)
-    engine = Engine(HFGenerator(loaded.model, loaded.tokenizer), max_batch_size=settings.max_batch_size,
+    engine = Engine(generator, max_batch_size=settings.max_batch_size,
                     max_batch_tokens=settings.max_batch_tokens, max_wait_ms=settings.max_wait_ms,
                     on_oom=on_oom).start()
     max_input_tokens = settings.max_input_tokens or loaded.context_tokens - settings.max_new_tokens

@@ -4,6 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from schemas.settings import Settings
+
 
 
 @dataclass(frozen=True)
@@ -24,9 +26,13 @@ TASKS: dict[str, TaskSpec] = {
 }
 
 
-def task_params(max_new_tokens: int, repetition_penalty: float) -> dict[str, Any]:
+def task_params(settings: Settings) -> dict[str, Any]:
     """The parameters that, with document, task and model, identify a job (its idempotency key)."""
-    return {"max_new_tokens": max_new_tokens, "repetition_penalty": repetition_penalty, "prompt_version": 2}
+    params: dict[str, Any] = {"max_new_tokens": settings.max_new_tokens,
+                              "repetition_penalty": settings.repetition_penalty, "prompt_version": 2}
+    if settings.ignore_eos:
+        params["ignore_eos"] = True
+    return params
 
 
 @dataclass(frozen=True)

@@ -70,7 +70,8 @@ def infer(job_id: str) -> None:
             raise RuntimeError("job is ready but its document has no extracted pages")
         task = TASKS[job.task]
         prompt = build_prompt(rt.tokenizer, task, "\n\n".join(pages), rt.max_input_tokens)
-        options = GenerationOptions(repetition_penalty=float(job.params["repetition_penalty"]))
+        options = GenerationOptions(repetition_penalty=float(job.params["repetition_penalty"]),
+                                    ignore_eos=bool(job.params.get("ignore_eos", False)))
         try:
             future = rt.engine.submit(prompt.token_ids, int(job.params["max_new_tokens"]), options)
             completion = future.result(timeout=rt.settings.job_timeout_s)
