@@ -26,7 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from schemas.settings import Settings  # noqa: E402
-from worker.engine import GenerationOptions  # noqa: E402
+from worker.engine import GenerationOptions, ModelInput  # noqa: E402
 from worker.generation import HFGenerator  # noqa: E402
 from worker.model import load_model  # noqa: E402
 from worker.prompts import TASKS, build_prompt  # noqa: E402
@@ -54,8 +54,8 @@ def baseline(settings: Settings, folder: Path, count: int, new_tokens: int) -> d
     generator = HFGenerator(loaded.model, loaded.tokenizer)
     options = GenerationOptions(repetition_penalty=settings.repetition_penalty, ignore_eos=True)
     paths = sorted(folder.glob("*.txt"))[:count]
-    prompts = [build_prompt(loaded.tokenizer, TASKS["summarize"], p.read_text(), 100_000).token_ids for p in paths]
-    generator([prompts[0][:32]], [4], options)  # warm-up: CUDA context, kernels
+    prompts = [build_prompt(loaded.tokenizer, TASKS["summarize"], p.read_text(), 100_000).model_input for p in paths]
+    generator([ModelInput(prompts[0].token_ids[:32])], [4], options)  # warm-up: CUDA context, kernels
     sync = torch.cuda.synchronize if loaded.device == "cuda" else (lambda: None)
     sync()
     started = time.perf_counter()
@@ -67,7 +67,7 @@ def baseline(settings: Settings, folder: Path, count: int, new_tokens: int) -> d
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    return {"mode": "one_at_a_time_generate", "docs": count, "tokens_in_mean": sum(map(len, prompts)) / count,
+    return {"mode": "one_at_a_time_generate", "docs": count, "tokens_in_mean": sum(len(p.token_ids) for p in prompts) / count,
             "tokens_out": tokens_out, "seconds": round(seconds, 2), "out_tok_s": round(tokens_out / seconds, 1),
             "peak_gb": peak_gb and round(peak_gb, 1)}
 
@@ -128,7 +128,7 @@ def main() -> None:
     print(json.dumps(rows[-1]), flush=True)
     speedup = rows[1]["out_tok_s"] / rows[0]["out_tok_s"]
     (args.out / "summary.json").write_text(json.dumps({"rows": rows, "speedup": speedup}, indent=1))
-    print(f"\n| how | docs | output tokens | seconds | output tokens/s |\n|---|---|---|---|---|")
+    print("\n| how | docs | output tokens | seconds | output tokens/s |\n|---|---|---|---|---|")
     print(f"| one request at a time | {rows[0]['docs']} | {rows[0]['tokens_out']} | {rows[0]['seconds']} "
           f"| {rows[0]['out_tok_s']} |")
     print(f"| docbatch worker, {rows[1]['generate_calls']} generate calls, sizes {rows[1]['batch_sizes']} "

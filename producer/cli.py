@@ -63,7 +63,9 @@ def main(ctx: click.Context) -> None:
 def submit_command(ctx, paths, task, wait, priority, label) -> None:
     """Queue every document under PATHS (folders are walked recursively).
 
-    Accepts .txt .md .pdf .png .jpg .jpeg .tif .tiff. Documents already done for the same task and
+    Every regular file is taken; its type comes from its content (text in any common encoding, PDF,
+    PNG, JPEG, TIFF). FIFOs, devices, symlinks out of the folder and files over max_file_bytes are
+    rejected with a reason code, without being opened. Documents already done for the same task and
     model are listed in the new batch but not computed again. Prints the batch id on stdout.
     """
     from producer.progress import wait_for_batch
@@ -189,8 +191,10 @@ def _run_and_show(settings: Settings, paths: list[Path], task: str, gpus: str, o
 
 
 def _report_submission(result) -> None:
-    for skipped in result.skipped:
-        console.print(f"[yellow]skipped[/] {skipped.path}: {skipped.reason}")
+    for path in result.skipped:
+        console.print(f"[dim]skipped hidden or symlinked folder {path}[/]")
+    for reject in result.rejects:
+        console.print(f"[yellow]rejected[/] {reject.name}: {reject.code.value}: {reject.message}")
 
 
 def _print_status(statuses: list[BatchStatus]) -> None:

@@ -13,7 +13,10 @@ FORMATS = ("jsonl", "csv")
 
 
 def batch_records(store: Store, batch_id: str) -> list[JobRecord]:
-    return [JobRecord.from_row(*row) for row in store.batch_rows(batch_id)]
+    """Every job of the batch, then every path it rejected at submit, each in name order."""
+    task = store.get_batch(batch_id).task
+    return ([JobRecord.from_row(*row) for row in store.batch_rows(batch_id)]
+            + [JobRecord.from_reject(reject, task) for reject in store.batch_rejects(batch_id)])
 
 
 def render(records: Iterable[JobRecord], fmt: str) -> str:

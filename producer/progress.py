@@ -25,11 +25,13 @@ def wait_for_batch(store: Store, batch_id: str, *, console: Console | None = Non
     console = console or Console(stderr=True)
     status = batch_status(store, batch_id)
     started, first_finished = time.monotonic(), status.finished
+    # The bar counts units of work: documents, plus the chunks of long documents as they appear.
     columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                TextColumn("done {task.fields[done]} failed {task.fields[failed]} running {task.fields[running]}"),
                TextColumn("{task.fields[rate]:.2f} docs/s"), TimeElapsedColumn(), TimeRemainingColumn()]
     with Progress(*columns, console=console) as progress:
-        bar = progress.add_task(f"batch {batch_id[:8]}", total=status.total, completed=status.finished,
+        finished_units, total_units = store.unit_counts(batch_id)
+        bar = progress.add_task(f"batch {batch_id[:8]}", total=total_units, completed=finished_units,
                                 done=status.done, failed=status.failed, running=status.running, rate=0.0)
         while not status.is_finished:
             check_alive()
@@ -37,7 +39,8 @@ def wait_for_batch(store: Store, batch_id: str, *, console: Console | None = Non
                 raise TimeoutError(f"batch {batch_id} not finished after {timeout_s:.0f} s: {status}")
             time.sleep(poll_s)
             status = batch_status(store, batch_id)
+            finished_units, total_units = store.unit_counts(batch_id)
             rate = (status.finished - first_finished) / max(time.monotonic() - started, 1e-6)
-            progress.update(bar, completed=status.finished, done=status.done, failed=status.failed,
+            progress.update(bar, completed=finished_units, total=total_units, done=status.done, failed=status.failed,
                             running=status.running + status.preparing + status.ready, rate=rate)
     return status

@@ -9,17 +9,20 @@ from celery import Celery
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from producer.walk import Skipped, walk
+from producer.walk import walk
 from schemas.settings import Settings
-from schemas.store import NewBatch, Store
+from schemas.states import ErrorCode
+from schemas.store import NewBatch, Reject, Store
 from worker.celery_app import PREPARE_QUEUE, PREPARE_TASK, broker_priority
+from worker.extract import sniff
 from worker.prompts import TASKS, task_params
 
 
 @dataclass(frozen=True)
 class Submission:
     batch: NewBatch
-    skipped: list[Skipped]
+    rejects: list[Reject]
+    skipped: list[Path]
     num_files: int
     num_new_documents: int
 
@@ -34,26 +37,27 @@ def submit(settings: Settings, store: Store, app: Celery, paths: list[Path], tas
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
     console = console or Console(stderr=True)
-    found, skipped = walk(paths)
+    found = walk(paths)
+    rejects = list(found.rejects)
     items: list[tuple[str, str]] = []
     num_new = 0
     with Progress(TextColumn("storing documents"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                   console=console, transient=True) as progress:
-        for doc in progress.track(found):
+        for doc in progress.track(found.found):
+            if doc.size_bytes > settings.max_file_bytes:
+                rejects.append(Reject(doc.name, ErrorCode.FILE_TOO_LARGE,
+                                      f"{doc.size_bytes} bytes, over max_file_bytes ({settings.max_file_bytes})"))
+                continue
             try:
-                size = doc.path.stat().st_size
-                if size > settings.max_file_bytes:
-                    skipped.append(Skipped(doc.path, f"larger than max_file_bytes ({size} > {settings.max_file_bytes})"))
-                    continue
                 data = doc.path.read_bytes()
             except OSError as e:
-                skipped.append(Skipped(doc.path, f"cannot read: {e.strerror}"))
+                rejects.append(Reject(doc.name, ErrorCode.UNREADABLE, f"cannot read: {e.strerror}"))
                 continue
             sha = hashlib.sha256(data).hexdigest()
-            num_new += store.put_document(sha, data, doc.media_type)
+            num_new += store.put_document(sha, data, sniff(data))
             items.append((doc.name, sha))
     batch = store.create_batch(task, task_params(settings), settings.model, items, label=label,
-                               priority=priority, stale_after_s=settings.job_timeout_s)
+                               priority=priority, stale_after_s=settings.job_timeout_s, rejects=rejects)
     for job_id in batch.to_enqueue:
         app.send_task(PREPARE_TASK, args=[job_id], queue=PREPARE_QUEUE, priority=broker_priority(priority))
-    return Submission(batch, skipped, len(found), num_new)
+    return Submission(batch, rejects, found.skipped, len(found.found), num_new)

@@ -39,12 +39,17 @@ class Document(Base):
 
 
 class Page(Base):
-    """Text extracted from one page of a document, so a retried inference does not extract again."""
+    """One extracted page, so a retried inference does not extract again.
+
+    `source` says where `text` came from: the text layer (`text`), Tesseract (`ocr`), or nothing yet
+    (`image`: a scan whose rendered image, stored as a document, goes to a vision model)."""
 
     __tablename__ = "pages"
     document_sha256: Mapped[str] = mapped_column(ForeignKey("documents.sha256", ondelete="CASCADE"), primary_key=True)
     page_no: Mapped[int] = mapped_column(Integer, primary_key=True)
     text: Mapped[str] = mapped_column(Text)
+    source: Mapped[str] = mapped_column(String(16), default="text", server_default="text")
+    image_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
 
 
 class Batch(Base):
@@ -58,6 +63,16 @@ class Batch(Base):
     priority: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     items: Mapped[list["BatchItem"]] = relationship(back_populates="batch", cascade="all, delete-orphan")
+
+
+class BatchReject(Base):
+    """A path a batch could not take in at all (FIFO, symlink out of the folder, too large, unreadable)."""
+
+    __tablename__ = "batch_rejects"
+    batch_id: Mapped[str] = mapped_column(ForeignKey("batches.id", ondelete="CASCADE"), primary_key=True)
+    name: Mapped[str] = mapped_column(Text, primary_key=True)
+    error_code: Mapped[str] = mapped_column(String(64))
+    error_message: Mapped[str] = mapped_column(Text)
 
 
 class BatchItem(Base):
@@ -75,7 +90,7 @@ class Job(Base):
     """Document x task x params x model. `idempotency_key` is unique, so the same work is never made twice."""
 
     __tablename__ = "jobs"
-    __table_args__ = (Index("ix_jobs_state", "state"),)
+    __table_args__ = (Index("ix_jobs_state", "state"), Index("ix_jobs_parent_id", "parent_id"))
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
     idempotency_key: Mapped[str] = mapped_column(String(64), unique=True)
     document_sha256: Mapped[str] = mapped_column(ForeignKey("documents.sha256"))
@@ -98,6 +113,14 @@ class Job(Base):
     prepared_at: Mapped[dt.datetime | None] = mapped_column(nullable=True)
     started_at: Mapped[dt.datetime | None] = mapped_column(nullable=True)
     finished_at: Mapped[dt.datetime | None] = mapped_column(nullable=True)
+    # Long documents: chunk jobs (map, level 1; reduce groups, level 2+) under the document's job.
+    parent_id: Mapped[str | None] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE", name="fk_jobs_parent_id"),
+                                                  nullable=True)
+    chunk_level: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    chunk_index: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    num_chunks: Mapped[int | None] = mapped_column(Integer, nullable=True)  # on a parent: chunks of its last level
+    chunks_done: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    input_parts: Mapped[list[dict[str, Any]] | None] = mapped_column(JsonType, nullable=True)
     document: Mapped[Document] = relationship()
     result: Mapped["Result | None"] = relationship(back_populates="job", uselist=False)
 

@@ -6,7 +6,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from schemas.models import BatchItem, Job, Result
+from schemas.models import BatchItem, BatchReject, Job, Result
 from schemas.states import JobState
 
 
@@ -17,9 +17,9 @@ def _seconds(start: dt.datetime | None, end: dt.datetime | None) -> float | None
 class JobRecord(BaseModel):
     """One line of `docbatch results`: a job of a batch, its outcome and how it ran."""
 
-    job_id: str
+    job_id: str | None  # None for a path rejected at submit (never became a document)
     name: str
-    sha256: str
+    sha256: str | None
     task: str
     state: JobState
     result: dict[str, Any] | None = None
@@ -29,8 +29,9 @@ class JobRecord(BaseModel):
     batch_size: int | None = None
     tokens_in: int | None = None
     tokens_out: int | None = None
-    attempts: int
-    created_at: dt.datetime
+    attempts: int = 0
+    num_chunks: int | None = None  # long documents: chunks of the last map or reduce level
+    created_at: dt.datetime | None = None
     started_at: dt.datetime | None = None
     finished_at: dt.datetime | None = None
     queue_s: float | None = None
@@ -41,9 +42,15 @@ class JobRecord(BaseModel):
         return cls(job_id=job.id, name=item.name, sha256=job.document_sha256, task=job.task, state=job.state,
                    result=result.data if result else None, error_code=job.error_code,
                    error_message=job.error_message, worker=job.worker, batch_size=job.batch_size,
-                   tokens_in=job.tokens_in, tokens_out=job.tokens_out, attempts=job.attempts,
+                   tokens_in=job.tokens_in, tokens_out=job.tokens_out, attempts=job.attempts, num_chunks=job.num_chunks,
                    created_at=job.created_at, started_at=job.started_at, finished_at=job.finished_at,
                    queue_s=_seconds(job.created_at, job.started_at), run_s=_seconds(job.started_at, job.finished_at))
+
+
+    @classmethod
+    def from_reject(cls, reject: BatchReject, task: str) -> "JobRecord":
+        return cls(job_id=None, name=reject.name, sha256=None, task=task, state=JobState.FAILED,
+                   error_code=reject.error_code, error_message=reject.error_message)
 
 
 class BatchStatus(BaseModel):

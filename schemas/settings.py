@@ -44,7 +44,16 @@ class Settings(BaseSettings):
     max_inflight: int = Field(0, ge=0, description="infer tasks per GPU worker; 0 means 2 x max_batch_size")
     prepare_concurrency: int = Field(2, ge=1)
 
-    max_file_bytes: int = Field(64 * 1024 * 1024, ge=1)
+    max_file_bytes: int = Field(64 * 1024 * 1024, ge=1, description="larger files are rejected at submit")
+    max_pages: int = Field(2000, ge=1)
+    max_image_pixels: int = Field(100_000_000, ge=1, description="decoded pixels per image; more is a bomb")
+    max_image_side: int = Field(2048, ge=64, description="page images are scaled down to this longest side")
+    render_dpi: int = Field(200, ge=36, description="resolution scanned PDF pages are rendered at")
+    max_stream_bytes: int = Field(64_000_000, ge=1, description="one PDF stream, decompressed")
+    ocr_lang: str = Field("eng", description="Tesseract languages, e.g. eng+fra")
+    prepare_timeout_s: int = Field(300, ge=1, description="extraction of one file, OCR included")
+    prepare_memory_mb: int = Field(4096, ge=256, description="address-space limit of a prepare process")
+    chunk_overlap_tokens: int = Field(128, ge=0, description="tokens repeated across a chunk boundary")
     max_attempts: int = Field(3, ge=1)
     job_timeout_s: int = Field(3600, ge=10, description="longest a job may run; older running jobs are stale")
 

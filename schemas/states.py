@@ -21,13 +21,26 @@ class JobState(str, enum.Enum):
 class ErrorCode(str, enum.Enum):
     """Stable reason codes for failed jobs; `docbatch results` prints them, scripts may match on them."""
 
-    EMPTY_FILE = "empty_file"
+    # rejected at submit: never opened, or too large to take in
+    NOT_REGULAR_FILE = "not_regular_file"
+    SYMLINK_ESCAPE = "symlink_escape"
     FILE_TOO_LARGE = "file_too_large"
+    UNREADABLE = "unreadable"
+    # prepare stage
+    EMPTY_FILE = "empty_file"
     UNSUPPORTED_TYPE = "unsupported_type"
+    NO_TEXT = "no_text"
     PDF_CORRUPT = "pdf_corrupt"
     PDF_ENCRYPTED = "pdf_encrypted"
-    PDF_NO_TEXT = "pdf_no_text"
-    NO_TEXT = "no_text"
+    IMAGE_CORRUPT = "image_corrupt"
+    DECOMPRESSION_BOMB = "decompression_bomb"
+    TOO_MANY_PAGES = "too_many_pages"
+    OCR_FAILED = "ocr_failed"
+    EXTRACT_TIMEOUT = "extract_timeout"
+    EXTRACT_MEMORY = "extract_memory"
+    INPUT_TOO_LONG = "input_too_long"
+    # infer stage
+    CHUNK_FAILED = "chunk_failed"
     OUT_OF_MEMORY = "out_of_memory"
     GENERATION_ERROR = "generation_error"
     TOO_MANY_ATTEMPTS = "too_many_attempts"

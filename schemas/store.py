@@ -17,7 +17,7 @@ from sqlalchemy import Engine, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from schemas.db import make_engine, make_sessionmaker, migrate
-from schemas.models import Batch, BatchItem, Document, Job, Page, Result, new_id, utcnow
+from schemas.models import Batch, BatchItem, BatchReject, Document, Job, Page, Result, new_id, utcnow
 from schemas.states import ErrorCode, JobState
 
 
@@ -25,6 +25,22 @@ def idempotency_key(document_sha256: str, task: str, params: dict[str, Any], mod
     """sha256 over document, task, canonical params and model: the identity of a unit of work."""
     canonical = json.dumps(params, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(f"{document_sha256}\n{task}\n{canonical}\n{model}".encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class StoredPage:
+    text: str
+    source: str  # "text", "ocr" or "image" (see schemas.models.Page)
+    image_sha256: str | None = None
+
+
+@dataclass(frozen=True)
+class Reject:
+    """A submitted path that never became a document, and why."""
+
+    name: str
+    code: ErrorCode
+    message: str
 
 
 @dataclass(frozen=True)
@@ -81,21 +97,24 @@ class Store:
             return Path(row.blob_uri.removeprefix("file://")).read_bytes(), row.media_type
         return bytes(row.content), row.media_type
 
-    def save_pages(self, sha256: str, texts: list[str]) -> None:
+    def save_pages(self, sha256: str, pages: list[StoredPage]) -> None:
+        """Record a document's extracted pages (numbered from 1), replacing any earlier extraction."""
         with self._sessions.begin() as session:
-            for page_no, text in enumerate(texts, start=1):
-                session.merge(Page(document_sha256=sha256, page_no=page_no, text=text))
+            for page_no, page in enumerate(pages, start=1):
+                session.merge(Page(document_sha256=sha256, page_no=page_no, text=page.text, source=page.source,
+                                   image_sha256=page.image_sha256))
 
-    def load_pages(self, sha256: str) -> list[str] | None:
-        """Extracted page texts in page order, or None if the document was never extracted."""
+    def load_pages(self, sha256: str) -> list[StoredPage] | None:
+        """Extracted pages in page order, or None if the document was never extracted."""
         with self._sessions() as session:
-            texts = session.scalars(select(Page.text).where(Page.document_sha256 == sha256)
-                                    .order_by(Page.page_no)).all()
-        return list(texts) or None
+            rows = session.execute(select(Page.text, Page.source, Page.image_sha256)
+                                   .where(Page.document_sha256 == sha256).order_by(Page.page_no)).all()
+        return [StoredPage(*row) for row in rows] or None
 
     # -- batches -------------------------------------------------------------------------------
     def create_batch(self, task: str, params: dict[str, Any], model: str, items: Iterable[tuple[str, str]],
-                     label: str | None = None, priority: int = 0, stale_after_s: int = 3600) -> NewBatch:
+                     label: str | None = None, priority: int = 0, stale_after_s: int = 3600,
+                     rejects: Iterable[Reject] = ()) -> NewBatch:
         """Make a batch over `items` (file name, document sha256), reusing any job that already exists.
 
         Failed jobs and jobs stuck longer than `stale_after_s` go back to `queued`; every queued job of the
@@ -120,6 +139,8 @@ class Store:
             session.flush()
             session.add_all(BatchItem(batch_id=batch.id, job_id=jobs[key].id, name=name)
                             for key, (name, _) in names_by_key.items())
+            session.add_all(BatchReject(batch_id=batch.id, name=r.name, error_code=r.code.value, error_message=r.message)
+                            for r in {r.name: r for r in rejects}.values())
             stale_before = now - dt.timedelta(seconds=stale_after_s)
             to_enqueue, reused = [], 0
             for job in jobs.values():
@@ -180,6 +201,53 @@ class Store:
                 state=JobState.FAILED, error_code=code.value, error_message=message[:4000],
                 finished_at=utcnow(), updated_at=utcnow()))
 
+    # -- long documents: chunk jobs under a document's job ------------------------------------------
+    def create_chunks(self, parent_id: str, level: int, inputs: list[list[dict[str, Any]]]) -> tuple[list[str], bool]:
+        """Make (or find again) the chunk jobs of `parent_id` at `level`, one per input; the parent waits.
+
+        Returns the chunk jobs still to run, and whether every chunk is already done (then the
+        caller moves the parent on at once). Failed chunks from an earlier try run again.
+        """
+        now = utcnow()
+        with self._sessions.begin() as session:
+            parent = session.get(Job, parent_id)
+            keys = [hashlib.sha256(f"{parent.idempotency_key}:L{level}:C{i}:{json.dumps(parts, sort_keys=True)}"
+                                   .encode()).hexdigest() for i, parts in enumerate(inputs)]
+            rows = [dict(id=new_id(), idempotency_key=key, document_sha256=parent.document_sha256, task=parent.task,
+                         params=parent.params, model=parent.model, state=JobState.READY, priority=parent.priority,
+                         attempts=0, created_at=now, updated_at=now, parent_id=parent_id, chunk_level=level,
+                         chunk_index=i, input_parts=parts) for i, (key, parts) in enumerate(zip(keys, inputs))]
+            session.execute(_insert(session.bind.dialect.name, Job).values(rows)
+                            .on_conflict_do_nothing(index_elements=["idempotency_key"]))
+            chunks = session.scalars(select(Job).where(Job.idempotency_key.in_(keys)).order_by(Job.chunk_index)).all()
+            for chunk in chunks:
+                if chunk.state in (JobState.FAILED, JobState.CANCELLED):
+                    chunk.state, chunk.error_code, chunk.error_message, chunk.attempts = JobState.READY, None, None, 0
+            num_done = sum(chunk.state == JobState.DONE for chunk in chunks)
+            parent.state, parent.chunk_level, parent.num_chunks, parent.chunks_done = (
+                JobState.RUNNING, level, len(chunks), num_done)
+            parent.input_parts, parent.updated_at = None, now
+            return [c.id for c in chunks if c.state == JobState.READY], num_done == len(chunks)
+
+    def chunk_finished(self, parent_id: str) -> bool:
+        """Count one more finished chunk; True for the caller that finished the parent's last one."""
+        with self._sessions.begin() as session:
+            done, total = session.execute(
+                update(Job).where(Job.id == parent_id).values(chunks_done=Job.chunks_done + 1, updated_at=utcnow())
+                .returning(Job.chunks_done, Job.num_chunks)).one()
+            return done == total
+
+    def chunk_outputs(self, parent_id: str, level: int) -> list[str]:
+        """The answers of a parent's chunks at `level`, in chunk order."""
+        with self._sessions() as session:
+            return list(session.scalars(
+                select(Result.raw_text).join(Job, Job.id == Result.job_id)
+                .where(Job.parent_id == parent_id, Job.chunk_level == level).order_by(Job.chunk_index)))
+
+    def set_reduce_input(self, parent_id: str, parts: list[dict[str, Any]]) -> None:
+        """Give a waiting parent its final input (the chunk answers to combine) and make it ready."""
+        self._set(parent_id, JobState.RUNNING, state=JobState.READY, input_parts=parts)
+
     def _set(self, job_id: str, expected: JobState, **values: Any) -> None:
         with self._sessions.begin() as session:
             session.execute(update(Job).where(Job.id == job_id, Job.state == expected)
@@ -195,11 +263,31 @@ class Store:
             return session.get(Batch, batch_id)
 
     def batch_counts(self, batch_id: str) -> Counter[JobState]:
-        """Number of the batch's jobs in each state."""
+        """Number of the batch's documents in each state; paths rejected at submit count as failed."""
         with self._sessions() as session:
             rows = session.execute(select(Job.state, func.count()).join(BatchItem, BatchItem.job_id == Job.id)
                                    .where(BatchItem.batch_id == batch_id).group_by(Job.state)).all()
-        return Counter({state: n for state, n in rows})
+            rejected = session.scalar(select(func.count()).select_from(BatchReject)
+                                      .where(BatchReject.batch_id == batch_id))
+        counts = Counter({state: n for state, n in rows})
+        counts[JobState.FAILED] += rejected
+        return +counts
+
+    def unit_counts(self, batch_id: str) -> tuple[int, int]:
+        """(finished, total) units of work: documents plus the chunk jobs of long documents."""
+        in_batch = select(BatchItem.job_id).where(BatchItem.batch_id == batch_id)
+        with self._sessions() as session:
+            rows = session.execute(select(Job.state, func.count()).where(
+                or_(Job.id.in_(in_batch), Job.parent_id.in_(in_batch))).group_by(Job.state)).all()
+            rejected = session.scalar(select(func.count()).select_from(BatchReject)
+                                      .where(BatchReject.batch_id == batch_id))
+        finished = sum(n for state, n in rows if state.is_terminal) + rejected
+        return finished, sum(n for _, n in rows) + rejected
+
+    def batch_rejects(self, batch_id: str) -> list[BatchReject]:
+        with self._sessions() as session:
+            return list(session.scalars(select(BatchReject).where(BatchReject.batch_id == batch_id)
+                                        .order_by(BatchReject.name)))
 
     def batch_rows(self, batch_id: str) -> list[tuple[BatchItem, Job, Result | None]]:
         """Every job of a batch with its submitted name and result, in name order."""

@@ -3,6 +3,8 @@ packaged SmolLM2-135M-Instruct (converted once per test session)."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 
@@ -83,3 +85,20 @@ def settings(tmp_path: Path, broker_url: str, small_model_dir: Path) -> Settings
     """Settings for a local pipeline: SQLite under tmp_path, test Redis DB, the small model on CPU."""
     return Settings(home=tmp_path / "home", broker_url=broker_url, model=str(small_model_dir), device="cpu",
                     max_new_tokens=12, max_batch_size=16, max_wait_ms=300, prepare_concurrency=2)
+
+
+@pytest.fixture
+def worker_settings(settings: Settings, database_url: str) -> Settings:
+    return settings.model_copy(update={"database_url": database_url})
+
+
+@pytest.fixture
+def running_worker(worker_settings: Settings, tmp_path: Path):
+    """`docbatch worker --gpus cpu` as its own process tree, stopped (warm shutdown) afterwards."""
+    log = open(tmp_path / "worker.log", "wb")
+    process = subprocess.Popen([sys.executable, "-m", "producer.cli", "worker", "--gpus", "cpu"],
+                               env={**os.environ, **worker_settings.to_env()}, stdout=log, stderr=subprocess.STDOUT)
+    yield process
+    process.terminate()
+    process.wait(60)
+    log.close()

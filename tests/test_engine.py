@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from worker.engine import Engine, GenerationOptions, RequestTooLarge
+from worker.engine import Engine, GenerationOptions, ModelInput, RequestTooLarge
 from worker.generation import HFGenerator
 
 
@@ -24,7 +24,8 @@ class EchoGenerator:
         self.poison = poison
         self.lock = threading.Lock()
 
-    def __call__(self, prompts, max_new_tokens, options):
+    def __call__(self, inputs, max_new_tokens, options):
+        prompts = [i.token_ids for i in inputs]
         if len(prompts) > self.max_rows_that_fit:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
         if self.poison is not None and any(p[-1] == self.poison for p in prompts):
@@ -36,7 +37,7 @@ class EchoGenerator:
 
 def _submit_concurrently(engine: Engine, prompts: list[list[int]], max_new: int = 3):
     with ThreadPoolExecutor(max_workers=len(prompts)) as pool:
-        futures = list(pool.map(lambda p: engine.submit(p, max_new), prompts))
+        futures = list(pool.map(lambda p: engine.submit(ModelInput(p), max_new), prompts))
     return futures
 
 
@@ -63,7 +64,7 @@ def test_requests_with_different_decoding_options_never_share_a_batch():
     engine = Engine(generator, max_batch_size=16, max_batch_tokens=10_000, max_wait_ms=300).start()
     try:
         with ThreadPoolExecutor(max_workers=8) as pool:
-            futures = list(pool.map(lambda i: engine.submit([i], 1, GenerationOptions(1.0 + i % 2)), range(8)))
+            futures = list(pool.map(lambda i: engine.submit(ModelInput([i]), 1, GenerationOptions(1.0 + i % 2)), range(8)))
         sizes = [f.result(timeout=10).batch_size for f in futures]
     finally:
         engine.stop()
@@ -89,7 +90,7 @@ def test_a_request_that_never_fits_fails_alone_with_request_too_large():
     engine = Engine(generator, max_batch_size=4, max_batch_tokens=10_000, max_wait_ms=10).start()
     try:
         with pytest.raises(RequestTooLarge):
-            engine.submit([1, 2], 3).result(timeout=10)
+            engine.submit(ModelInput([1, 2]), 3).result(timeout=10)
     finally:
         engine.stop()
 
@@ -111,7 +112,7 @@ def test_batched_generation_matches_one_at_a_time_on_the_real_small_model(small_
     # Given prompts of different lengths, so left padding is exercised
     tokenizer = small_model.tokenizer
     texts = ["The capital of France is", "Write one word:", "A contract is an agreement between two or more"]
-    prompts = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    prompts = [ModelInput(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
     generator = HFGenerator(small_model.model, tokenizer)
     # When generated together and alone (greedy)
     together = generator(prompts, [8] * 3)

@@ -18,7 +18,6 @@ from rich.console import Console
 from producer.cli import main as cli
 from producer.progress import wait_for_batch
 from producer.submit import submit
-from schemas.settings import Settings
 from schemas.states import JobState
 from schemas.store import Store
 from worker.celery_app import make_celery
@@ -40,23 +39,6 @@ def write_documents(folder: Path, count: int) -> None:
     (folder / "broken.pdf").write_bytes(b"%PDF-1.7\n1 0 obj << /Type /Catalog /Pages 2 0 R >>\nendobj\ntrailer <<")
     (folder / "empty.txt").write_bytes(b"")
     (folder / "bail.txt").write_bytes(LATIN1_TEXT.encode("latin-1"))
-
-
-@pytest.fixture
-def worker_settings(settings: Settings, database_url: str) -> Settings:
-    return settings.model_copy(update={"database_url": database_url})
-
-
-@pytest.fixture
-def running_worker(worker_settings: Settings, tmp_path: Path):
-    """`docbatch worker --gpus cpu` as its own process tree, stopped (warm shutdown) afterwards."""
-    log = open(tmp_path / "worker.log", "wb")
-    process = subprocess.Popen([sys.executable, "-m", "producer.cli", "worker", "--gpus", "cpu"],
-                               env={**os.environ, **worker_settings.to_env()}, stdout=log, stderr=subprocess.STDOUT)
-    yield process
-    process.terminate()
-    process.wait(60)
-    log.close()
 
 
 def test_documents_run_batched_bad_files_fail_with_reasons_and_resubmit_adds_nothing(

@@ -8,6 +8,7 @@ from sqlalchemy import inspect, update
 
 from schemas.models import Job
 from schemas.states import ErrorCode, JobState
+from schemas.store import Reject, StoredPage
 
 PARAMS = {"max_new_tokens": 16, "prompt_version": 1}
 
@@ -122,8 +123,47 @@ def test_finish_records_the_result_and_how_it_ran(store):
     assert result.data == {"json": {"revenue": 5}}
 
 
-def test_pages_are_stored_in_order(store):
+def test_pages_are_stored_in_order_with_their_source(store):
     sha = _doc(store, "p")
+    image_sha = _doc(store, "pretend this is a PNG")
     assert store.load_pages(sha) is None
-    store.save_pages(sha, ["one", "two", "three"])
-    assert store.load_pages(sha) == ["one", "two", "three"]
+    pages = [StoredPage("one", "text"), StoredPage("", "image", image_sha), StoredPage("three", "ocr", image_sha)]
+    store.save_pages(sha, pages)
+    assert store.load_pages(sha) == pages
+
+
+def test_rejected_paths_count_as_failed_and_are_listed(store):
+    sha = _doc(store, "ok")
+    batch = store.create_batch("summarize", PARAMS, "m", [("ok.txt", sha)],
+                               rejects=[Reject("pipe", ErrorCode.NOT_REGULAR_FILE, "a FIFO")])
+    assert store.batch_counts(batch.batch_id) == {JobState.QUEUED: 1, JobState.FAILED: 1}
+    (reject,) = store.batch_rejects(batch.batch_id)
+    assert (reject.name, reject.error_code) == ("pipe", "not_regular_file")
+    assert store.unit_counts(batch.batch_id) == (1, 2)
+
+
+def test_chunk_jobs_count_down_to_their_parent_and_are_reused(store):
+    # Given a document job split into three chunks
+    sha = _doc(store, "long")
+    batch = store.create_batch("summarize", PARAMS, "m", [("long.txt", sha)])
+    parent_id = batch.to_enqueue[0]
+    store.claim(parent_id, JobState.QUEUED, JobState.PREPARING, "prep", 3600)
+    inputs = [[{"text": f"part {i}"}] for i in range(3)]
+    pending, all_done = store.create_chunks(parent_id, 1, inputs)
+    assert len(pending) == 3 and not all_done
+    assert store.get_job(parent_id).state == JobState.RUNNING
+    assert store.unit_counts(batch.batch_id) == (0, 4)
+    # When each chunk finishes, only the last one reports the level complete
+    finished = []
+    for i, chunk_id in enumerate(pending):
+        store.claim(chunk_id, JobState.READY, JobState.RUNNING, "gpu0", 3600, count_attempt=True)
+        store.finish(chunk_id, {"text": f"answer {i}"}, f"answer {i}", tokens_in=1, tokens_out=1, batch_size=3)
+        finished.append(store.chunk_finished(parent_id))
+    assert finished == [False, False, True]
+    assert store.chunk_outputs(parent_id, 1) == ["answer 0", "answer 1", "answer 2"]
+    # Then the parent gets its reduce input and is ready for inference
+    store.set_reduce_input(parent_id, [{"text": "combined"}])
+    parent = store.get_job(parent_id)
+    assert (parent.state, parent.input_parts) == (JobState.READY, [{"text": "combined"}])
+    # And making the same chunks again (a retried document) reuses them, all done
+    assert store.create_chunks(parent_id, 1, inputs) == ([], True)

@@ -29,6 +29,10 @@ def make_celery(settings: Settings) -> Celery:
             "sep": ":",
             "queue_order_strategy": "priority",
         },
+        # Extraction of one file is bounded: the soft limit fails the job cleanly (extract_timeout), the
+        # hard one replaces a child stuck in native code.
+        task_annotations={PREPARE_TASK: {"soft_time_limit": settings.prepare_timeout_s,
+                                         "time_limit": settings.prepare_timeout_s + 30}},
         task_routes={PREPARE_TASK: {"queue": PREPARE_QUEUE}, INFER_TASK: {"queue": INFER_QUEUE}},
         task_default_queue=PREPARE_QUEUE,
         worker_send_task_events=True,  # Flower

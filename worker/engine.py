@@ -12,7 +12,7 @@ import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from worker.batching import PlanItem, padded_cost, plan_batches
 
@@ -28,8 +28,17 @@ class GenerationOptions:
     ignore_eos: bool = False  # benchmarks: every answer runs to its max_new_tokens
 
 
-# (prompts as token ids, max new tokens per prompt, options) -> generated token ids per prompt, EOS stripped
-Generator = Callable[[Sequence[Sequence[int]], Sequence[int], GenerationOptions], list[list[int]]]
+@dataclass(frozen=True)
+class ModelInput:
+    """One prompt: its token ids, plus per-row tensors a vision model needs (e.g. `pixel_values`,
+    `image_grid_thw`), which the generator concatenates across the rows of a batch."""
+
+    token_ids: list[int]
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+# (prompts, max new tokens per prompt, options) -> generated token ids per prompt, EOS stripped
+Generator = Callable[[Sequence[ModelInput], Sequence[int], GenerationOptions], list[list[int]]]
 
 
 class RequestTooLarge(RuntimeError):
@@ -44,7 +53,7 @@ class Completion:
 
 @dataclass
 class Request:
-    prompt_ids: list[int]
+    model_input: ModelInput
     max_new_tokens: int
     options: GenerationOptions
     future: Future = field(default_factory=Future)
@@ -91,10 +100,10 @@ class Engine:
         self._stop.set()
         self._thread.join(timeout_s)
 
-    def submit(self, prompt_ids: Sequence[int], max_new_tokens: int,
+    def submit(self, model_input: ModelInput, max_new_tokens: int,
                options: GenerationOptions = GenerationOptions()) -> Future:
         """Queue one prompt; the future resolves to a `Completion` or raises the error that request met."""
-        request = Request(list(prompt_ids), max_new_tokens, options)
+        request = Request(model_input, max_new_tokens, options)
         if self._stop.is_set():
             request.future.set_exception(RuntimeError("engine is stopped"))
         else:
@@ -108,7 +117,7 @@ class Engine:
             for request in self._gather():
                 by_options.setdefault(request.options, []).append(request)
             for group in by_options.values():
-                items = [PlanItem(len(r.prompt_ids), r.max_new_tokens) for r in group]
+                items = [PlanItem(len(r.model_input.token_ids), r.max_new_tokens) for r in group]
                 for indices in plan_batches(items, self.max_batch_size, self.max_batch_tokens):
                     self._run([group[i] for i in indices])
 
@@ -128,20 +137,20 @@ class Engine:
         return pending
 
     def _over_budget(self, pending: list[Request]) -> bool:
-        return padded_cost([len(r.prompt_ids) for r in pending],
+        return padded_cost([len(r.model_input.token_ids) for r in pending],
                            [r.max_new_tokens for r in pending]) >= self.max_batch_tokens
 
     def _run(self, batch: list[Request]) -> None:
         """Generate for `batch`; on any error split it in halves so one bad request never sinks the rest."""
         try:
-            outputs = self._generate([r.prompt_ids for r in batch], [r.max_new_tokens for r in batch],
+            outputs = self._generate([r.model_input for r in batch], [r.max_new_tokens for r in batch],
                                      batch[0].options)
         except Exception as error:  # noqa: BLE001 - every request gets its own outcome below
             is_oom = _is_oom(error)
             if is_oom:
                 self._on_oom()
             if len(batch) == 1:
-                log.warning("request failed alone (%d prompt tokens): %r", len(batch[0].prompt_ids), error)
+                log.warning("request failed alone (%d prompt tokens): %r", len(batch[0].model_input.token_ids), error)
                 failure = RequestTooLarge(f"does not fit in device memory: {error}") if is_oom else error
                 batch[0].future.set_exception(failure)
                 return

@@ -2,12 +2,16 @@
 
 An infer process loads the model once, starts the batching engine and runs Celery's threads pool on
 the `infer` queue, so many tasks wait on the one engine at the same time. A prepare process runs a
-prefork pool on the `prepare` queue (CPU work, isolated per child).
+prefork pool on the `prepare` queue: CPU work, each child under an address-space limit, each file
+under a time limit, so a hostile file costs one failed job and at most one child.
 """
 from __future__ import annotations
 
 import logging
+import resource
 import sys
+
+from celery.signals import worker_process_init
 
 from schemas.settings import Settings
 from worker import runtime
@@ -16,25 +20,33 @@ from worker.celery_app import INFER_QUEUE, PREPARE_QUEUE, make_celery
 log = logging.getLogger(__name__)
 
 
-def start_engine(settings: Settings):
-    """Load the model and start its engine: the expensive part, done once per process."""
+def start_engine(settings: Settings, name: str) -> runtime.Runtime:
+    """Load the model and start its engine (the expensive part, done once per process): the runtime
+    every infer task of this process shares."""
     import torch
 
-    from worker.engine import Engine
+    from worker.engine import Engine, ModelInput
     from worker.generation import HFGenerator
     from worker.model import load_model
+    from worker.modelinfo import ModelInfo, input_budget
 
     loaded = load_model(settings)
     generator = HFGenerator(loaded.model, loaded.tokenizer)
-    generator([[loaded.tokenizer.pad_token_id] * 8], [2])  # warm-up: CUDA context and kernels, off the first batch
+    generator([ModelInput([loaded.tokenizer.pad_token_id] * 8)], [2])  # warm-up: CUDA context and kernels
     on_oom = torch.cuda.empty_cache if loaded.device == "cuda" else (lambda: None)
-    engine = Engine(generator, max_batch_size=settings.max_batch_size,
-                    max_batch_tokens=settings.max_batch_tokens, max_wait_ms=settings.max_wait_ms,
-                    on_oom=on_oom).start()
-    max_input_tokens = settings.max_input_tokens or loaded.context_tokens - settings.max_new_tokens
-    log.info("model %s on %s, context %d tokens, input budget %d", settings.model, loaded.device,
-             loaded.context_tokens, max_input_tokens)
-    return engine, loaded.tokenizer, max_input_tokens
+    engine = Engine(generator, max_batch_size=settings.max_batch_size, max_batch_tokens=settings.max_batch_tokens,
+                    max_wait_ms=settings.max_wait_ms, on_oom=on_oom).start()
+    info = ModelInfo(loaded.is_vision, loaded.context_tokens, loaded.tokenizer)
+    log.info("model %s on %s (%s), context %d tokens, input budget %d", settings.model, loaded.device,
+             "vision" if loaded.is_vision else "text", loaded.context_tokens,
+             input_budget(settings, loaded.context_tokens))
+    return runtime.Runtime(settings, name, engine, loaded.tokenizer, loaded.processor, info)
+
+
+def _limit_memory(settings: Settings) -> None:
+    """Cap a prepare child's address space: a decompression bomb raises MemoryError, not an OOM kill."""
+    limit = settings.prepare_memory_mb * 1024 * 1024
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
 
 def main(role: str, name: str) -> None:
@@ -44,11 +56,11 @@ def main(role: str, name: str) -> None:
     import worker.tasks  # noqa: F401 - registers the tasks with the app
 
     if role == "infer":
-        engine, tokenizer, max_input_tokens = start_engine(settings)
-        runtime.install(runtime.Runtime(settings, name, engine, tokenizer, max_input_tokens))
+        runtime.install(start_engine(settings, name))
         pool = ["-Q", INFER_QUEUE, "-P", "threads", "-c", str(settings.effective_max_inflight)]
     elif role == "prepare":
         runtime.install(runtime.Runtime(settings, name))
+        worker_process_init.connect(lambda **_: _limit_memory(settings), weak=False)
         pool = ["-Q", PREPARE_QUEUE, "-P", "prefork", "-c", str(settings.prepare_concurrency)]
     else:
         raise SystemExit(f"unknown worker role {role!r}; expected infer or prepare")

@@ -7,6 +7,8 @@ from typing import Any
 
 from schemas.settings import Settings
 from schemas.store import Store
+from worker.extract import ExtractLimits
+from worker.modelinfo import ModelInfo, input_budget, model_info
 
 
 @dataclass
@@ -15,7 +17,8 @@ class Runtime:
     worker_name: str
     engine: Any = None  # worker.engine.Engine on infer workers
     tokenizer: Any = None
-    max_input_tokens: int = 0
+    processor: Any = None  # vision models only
+    loaded_info: ModelInfo | None = None  # infer workers: from the loaded model
     _stores: dict[int, Store] = field(default_factory=dict)
 
     @property
@@ -25,6 +28,21 @@ class Runtime:
         if pid not in self._stores:
             self._stores[pid] = Store(self.settings.effective_database_url, self.settings.blob_dir)
         return self._stores[pid]
+
+    @property
+    def info(self) -> ModelInfo:
+        """The model's kind, context and tokenizer: from the loaded model, or read once (prepare)."""
+        return self.loaded_info or model_info(self.settings)
+
+    @property
+    def max_input_tokens(self) -> int:
+        return input_budget(self.settings, self.info.context_tokens)
+
+    @property
+    def limits(self) -> ExtractLimits:
+        s = self.settings
+        return ExtractLimits(max_image_pixels=s.max_image_pixels, max_image_side=s.max_image_side,
+                             render_dpi=s.render_dpi, max_pages=s.max_pages, max_stream_bytes=s.max_stream_bytes)
 
 
 _current: Runtime | None = None

@@ -1,37 +1,59 @@
 """The two Celery tasks. Each claims its job with a compare-and-set in SQL, so duplicates do nothing.
 
-prepare (CPU pool):  queued -> preparing -> ready, page texts stored, then an infer message is sent.
-infer (GPU thread):  ready -> running -> done, via the in-process engine that batches across threads.
+prepare (CPU pool):  queued -> preparing -> ready: pages extracted (OCR for text-only models), stored;
+                     a document too long for one request becomes chunk jobs (map) and its job waits.
+infer (GPU thread):  ready -> running -> done, via the in-process engine that batches across threads;
+                     the last chunk of a level to finish moves its document on (reduce).
 A failure of one document becomes that job's failed state with a reason code; the worker goes on.
 """
 from __future__ import annotations
 
+import hashlib
+import io
 import logging
 from typing import Callable
 
 from celery import shared_task
+from celery.exceptions import SoftTimeLimitExceeded
 
+from schemas.models import Job
 from schemas.states import DocbatchError, ErrorCode, JobState
+from schemas.store import StoredPage
 from worker import runtime
 from worker.celery_app import INFER_QUEUE, INFER_TASK, PREPARE_TASK, broker_priority
 from worker.engine import GenerationOptions, RequestTooLarge
 from worker.extract import extract_pages
-from worker.prompts import TASKS, build_prompt, parse_output
+from worker.inputs import Part, document_parts, materialise, plan_job_chunks, reduce_parts
+from worker.ocr import ocr_image
+from worker.prompts import PROMPT_RESERVE_TOKENS, TASKS, Prompt, build_text_prompt, instruction_for, parse_output
 
 log = logging.getLogger(__name__)
 
 
-def _fail_on_error(job_id: str, work: Callable[[], None]) -> None:
-    """Run `work`; turn its failure into the job's failed state. Expected errors log at info."""
+def _fail_on_error(job: Job, work: Callable[[], None]) -> None:
+    """Run `work`; turn its failure into the job's failed state (and its document's, for a chunk)."""
     store = runtime.current().store
     try:
         work()
+        return
     except DocbatchError as e:
-        log.info("job %s failed: %s", job_id, e)
-        store.fail(job_id, e.code, e.message)
+        log.info("job %s failed: %s", job.id, e)
+        code, message = e.code, e.message
+    except SoftTimeLimitExceeded:
+        code, message = ErrorCode.EXTRACT_TIMEOUT, "extraction ran past prepare_timeout_s"
+    except MemoryError:
+        code, message = ErrorCode.EXTRACT_MEMORY, "extraction ran out of its memory limit (prepare_memory_mb)"
     except Exception as e:  # noqa: BLE001 - a bug in one job must not stop the worker
-        log.exception("job %s failed unexpectedly", job_id)
-        store.fail(job_id, ErrorCode.INTERNAL_ERROR, f"{type(e).__name__}: {e}")
+        log.exception("job %s failed unexpectedly", job.id)
+        code, message = ErrorCode.INTERNAL_ERROR, f"{type(e).__name__}: {e}"
+    store.fail(job.id, code, message)
+    if job.parent_id:
+        store.fail(job.parent_id, ErrorCode.CHUNK_FAILED, f"chunk {job.chunk_index + 1} (level {job.chunk_level}) "
+                                                          f"failed: {code.value}: {message}")
+
+
+def _send_infer(job_id: str, priority: int) -> None:
+    infer.apply_async(args=[job_id], queue=INFER_QUEUE, priority=broker_priority(priority))
 
 
 @shared_task(name=PREPARE_TASK)
@@ -43,13 +65,77 @@ def prepare(job_id: str) -> None:
         return
 
     def work() -> None:
-        if rt.store.load_pages(job.document_sha256) is None:
-            data, media_type = rt.store.read_document(job.document_sha256)
-            rt.store.save_pages(job.document_sha256, extract_pages(data, media_type))
-        rt.store.mark_ready(job_id)
-        infer.apply_async(args=[job_id], queue=INFER_QUEUE, priority=broker_priority(job.priority))
+        pages = ensure_pages(job.document_sha256)
+        parts = document_parts(pages, rt.info.is_vision, rt.store)
+        chunks = plan_job_chunks(parts, rt.info, rt.max_input_tokens - PROMPT_RESERVE_TOKENS,
+                                 rt.settings.chunk_overlap_tokens)
+        if chunks is None:
+            rt.store.mark_ready(job_id)
+            _send_infer(job_id, job.priority)
+        else:
+            log.info("job %s: %d parts in %d chunks", job_id, len(parts), len(chunks))
+            start_chunks(job, 1, chunks)
 
-    _fail_on_error(job_id, work)
+    _fail_on_error(job, work)
+
+
+def ensure_pages(sha256: str) -> list[StoredPage]:
+    """The document's pages, extracted once and stored; scans OCR'd when the model reads no images."""
+    rt = runtime.current()
+    pages = rt.store.load_pages(sha256)
+    changed = pages is None
+    if pages is None:
+        data, _ = rt.store.read_document(sha256)
+        pages = [StoredPage(page.text, page.source, _store_image(page.image) if page.image else None)
+                 for page in extract_pages(data, rt.limits)]
+    if not rt.info.is_vision and any(p.source == "image" for p in pages):
+        pages = [StoredPage(_ocr(p.image_sha256), "ocr", p.image_sha256) if p.source == "image" else p for p in pages]
+        changed = True
+    if not any(p.text.strip() or p.source == "image" for p in pages):
+        raise DocbatchError(ErrorCode.NO_TEXT, "no text on any page (OCR found none either)")
+    if changed:
+        rt.store.save_pages(sha256, pages)
+    return pages
+
+
+def _store_image(image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    data = buffer.getvalue()
+    sha = hashlib.sha256(data).hexdigest()
+    runtime.current().store.put_document(sha, data, "image/png")
+    return sha
+
+
+def _ocr(image_sha256: str) -> str:
+    from PIL import Image
+
+    rt = runtime.current()
+    with Image.open(io.BytesIO(rt.store.read_document(image_sha256)[0])) as image:
+        return ocr_image(image, lang=rt.settings.ocr_lang, timeout_s=rt.settings.prepare_timeout_s)
+
+
+def start_chunks(parent: Job, level: int, chunks: list[list[Part]]) -> None:
+    """Make a level of chunk jobs under `parent` and send the ones not yet done to inference."""
+    rt = runtime.current()
+    pending, all_done = rt.store.create_chunks(parent.id, level, chunks)
+    for chunk_id in pending:
+        _send_infer(chunk_id, parent.priority)
+    if all_done:
+        advance_parent(parent.id, level)
+
+
+def advance_parent(parent_id: str, level: int) -> None:
+    """Every chunk of `level` is done: reduce their answers in the parent, or in another level."""
+    rt = runtime.current()
+    parent = rt.store.get_job(parent_id)
+    parts = reduce_parts(rt.store.chunk_outputs(parent_id, level))
+    chunks = plan_job_chunks(parts, rt.info, rt.max_input_tokens - PROMPT_RESERVE_TOKENS, 0)
+    if chunks is None:
+        rt.store.set_reduce_input(parent_id, parts)
+        _send_infer(parent_id, parent.priority)
+    else:
+        start_chunks(parent, level + 1, chunks)
 
 
 @shared_task(name=INFER_TASK)
@@ -65,21 +151,32 @@ def infer(job_id: str) -> None:
         return
 
     def work() -> None:
-        pages = rt.store.load_pages(job.document_sha256)
-        if pages is None:
-            raise RuntimeError("job is ready but its document has no extracted pages")
-        task = TASKS[job.task]
-        prompt = build_prompt(rt.tokenizer, task, "\n\n".join(pages), rt.max_input_tokens)
+        parts = job.input_parts or document_parts(rt.store.load_pages(job.document_sha256) or [],
+                                                  rt.info.is_vision, rt.store)
+        instruction = instruction_for(TASKS[job.task], job.parent_id is not None, job.chunk_level, job.chunk_index,
+                                      job.input_parts is not None)
+        prompt = _build_prompt(instruction, parts)
         options = GenerationOptions(repetition_penalty=float(job.params["repetition_penalty"]),
                                     ignore_eos=bool(job.params.get("ignore_eos", False)))
         try:
-            future = rt.engine.submit(prompt.token_ids, int(job.params["max_new_tokens"]), options)
+            future = rt.engine.submit(prompt.model_input, int(job.params["max_new_tokens"]), options)
             completion = future.result(timeout=rt.settings.job_timeout_s)
         except RequestTooLarge as e:
             raise DocbatchError(ErrorCode.OUT_OF_MEMORY, str(e)) from e
         text = rt.tokenizer.decode(completion.token_ids, skip_special_tokens=True)
-        rt.store.finish(job_id, parse_output(text, prompt.is_truncated), text,
-                        tokens_in=len(prompt.token_ids), tokens_out=len(completion.token_ids),
-                        batch_size=completion.batch_size)
+        finished = rt.store.finish(job_id, parse_output(text, prompt.is_truncated), text,
+                                   tokens_in=len(prompt.model_input.token_ids), tokens_out=len(completion.token_ids),
+                                   batch_size=completion.batch_size)
+        if finished and job.parent_id and rt.store.chunk_finished(job.parent_id):
+            advance_parent(job.parent_id, job.chunk_level)
 
-    _fail_on_error(job_id, work)
+    _fail_on_error(job, work)
+
+
+def _build_prompt(instruction: str, parts: list[Part]) -> Prompt:
+    rt = runtime.current()
+    if rt.processor is not None:
+        from worker.vision import build_vision_prompt
+
+        return build_vision_prompt(rt.processor, instruction, materialise(parts, rt.store), rt.max_input_tokens)
+    return build_text_prompt(rt.tokenizer, instruction, "\n\n".join(p["text"] for p in parts), rt.max_input_tokens)

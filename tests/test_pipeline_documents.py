@@ -1,0 +1,107 @@
+"""Documents as they really arrive, through a real worker: scans, images, long contracts, hostile files."""
+from __future__ import annotations
+
+import io
+import os
+
+import pytest
+from rich.console import Console
+
+from documents import (encrypted_pdf, multipage_tiff, pdf, pixel_bomb_png, rotated_jpeg, stream_bomb_pdf,
+                       text_image)
+from producer.progress import wait_for_batch
+from producer.submit import submit
+from schemas.states import JobState
+from schemas.store import Store
+from worker.celery_app import make_celery
+
+pytestmark = pytest.mark.slow
+QUIET = Console(file=io.StringIO())
+CLAUSE = ("{n}. The Supplier shall maintain the Services described in Schedule {n} and report on them to the "
+          "Customer each month; the Customer shall pay the fees for Schedule {n} within thirty days.")
+
+
+@pytest.fixture
+def worker_settings(settings, tmp_path):
+    """SQLite (test_pipeline.py runs the worker on PostgreSQL too), and an input budget of 2,048 tokens:
+    this CPU suite's stand-in for the small model's 8K context."""
+    return settings.model_copy(update={"database_url": f"sqlite:///{tmp_path / 'docs.sqlite3'}",
+                                       "max_input_tokens": 2048})
+
+
+def _fixtures(folder, outside):
+    """Every kind of input the prepare stage must take, each with its expected (state, error code)."""
+    folder.mkdir()
+    files = {
+        "text.pdf": (pdf(["Services agreement between Acme Corp and Globex Ltd for two years."]), ("done", None)),
+        "scan.pdf": (pdf([text_image(["LEASE AGREEMENT", "Rent: 2,000 EUR per month"])]), ("done", None)),
+        "mixed.pdf": (pdf(["Page one has a text layer and names the parties.",
+                           text_image(["Page two is a scan"])]), ("done", None)),
+        "pages.tiff": (multipage_tiff([text_image([f"Scanned page {i}"], (600, 800)) for i in range(2)]),
+                       ("done", None)),
+        "photo.jpg": (rotated_jpeg(text_image(["Invoice 42"], (600, 800))), ("done", None)),
+        "lease-cp1252.txt": ("Loyer annuel: 74 400 € payé à Société Générale.".encode("cp1252"), ("done", None)),
+        "locked.pdf": (encrypted_pdf("Secret terms.", "s3cret"), ("failed", "pdf_encrypted")),
+        "truncated.pdf": (pdf(["Cut short."])[:200], ("failed", "pdf_corrupt")),
+        "bomb.png": (pixel_bomb_png(20_000), ("failed", "decompression_bomb")),
+        "stream-bomb.pdf": (stream_bomb_pdf(100_000_000), ("failed", "decompression_bomb")),
+        "empty.txt": (b"", ("failed", "empty_file")),
+        "archive.docx": (b"PK\x03\x04" + bytes(range(256)) * 16, ("failed", "unsupported_type")),
+    }
+    for name, (data, _) in files.items():
+        (folder / name).write_bytes(data)
+    outside.write_text("a file outside the submitted folder")
+    (folder / "escape.txt").symlink_to(outside)
+    os.mkfifo(folder / "pipe.txt")
+    expected = {f"{folder.name}/{name}": outcome for name, (_, outcome) in files.items()}
+    expected[f"{folder.name}/escape.txt"] = ("failed", "symlink_escape")
+    expected[f"{folder.name}/pipe.txt"] = ("failed", "not_regular_file")
+    return expected
+
+
+def test_every_kind_of_input_ends_as_expected_and_the_worker_survives(worker_settings, running_worker, tmp_path):
+    # Given a folder with good, scanned and hostile files, a symlink out of it and a FIFO
+    expected = _fixtures(tmp_path / "inbox", tmp_path / "outside.txt")
+    store = Store(worker_settings.effective_database_url)
+    store.migrate()
+    # When it is submitted and run by a real worker (text-only model: scans go through Tesseract)
+    batch = submit(worker_settings, store, make_celery(worker_settings), [tmp_path / "inbox"], "summarize",
+                   console=QUIET).batch
+    status = wait_for_batch(store, batch.batch_id, console=QUIET, timeout_s=600,
+                            check_alive=lambda: running_worker.poll() is None or pytest.fail("worker died"))
+    # Then each file ends as expected, with its reason code, and nothing is left running
+    from producer.export import batch_records
+
+    outcomes = {r.name: (r.state.value, r.error_code) for r in batch_records(store, batch.batch_id)}
+    assert outcomes == expected
+    assert status.is_finished and running_worker.poll() is None
+    # ... the scans were read by OCR, and the pages are stored for a retry
+    scan = next(job for item, job, _ in store.batch_rows(batch.batch_id) if item.name == "inbox/scan.pdf")
+    (page,) = store.load_pages(scan.document_sha256)
+    assert page.source == "ocr" and "LEASE" in page.text.upper() and page.image_sha256
+    store.close()
+
+
+def test_a_long_contract_is_chunked_mapped_and_reduced(worker_settings, running_worker, tmp_path):
+    # Given a 64-page contract and an input budget of 2,048 tokens
+    settings = worker_settings
+    pages = ["\n\n".join(CLAUSE.format(n=p * 10 + k) for k in range(6)) for p in range(64)]
+    folder = tmp_path / "long"
+    folder.mkdir()
+    (folder / "master_agreement.pdf").write_bytes(pdf(pages))
+    store = Store(settings.effective_database_url)
+    store.migrate()
+    # When it runs
+    batch = submit(settings, store, make_celery(settings), [folder], "summarize", console=QUIET).batch
+    status = wait_for_batch(store, batch.batch_id, console=QUIET, timeout_s=900,
+                            check_alive=lambda: running_worker.poll() is None or pytest.fail("worker died"))
+    # Then the document job is done after a map over several chunks and a reduce over their answers
+    assert (status.done, status.failed) == (1, 0)
+    ((_, parent, result),) = store.batch_rows(batch.batch_id)
+    assert parent.num_chunks >= 4 and parent.chunk_level == 1
+    assert [p["text"].split("\n")[0] for p in parent.input_parts] == [f"[part {i}]" for i in range(1, parent.num_chunks + 1)]
+    assert len(store.chunk_outputs(parent.id, 1)) == parent.num_chunks
+    assert result.data["text"] and parent.tokens_in < 2048
+    # ... and progress counted the chunks as units of work
+    assert store.unit_counts(batch.batch_id) == (1 + parent.num_chunks, 1 + parent.num_chunks)
+    store.close()
