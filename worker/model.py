@@ -1,7 +1,8 @@
 """Model loading: a hub id, a local folder, or the packaged SmolLM2-135M-Instruct GGUF.
 
 The GGUF is de-quantised once into `<home>/models/` (about 25 s) so that every later load takes about
-a second. bf16 on a GPU, float32 on a CPU; `sdpa` attention unless configured otherwise.
+a second. bf16 on a GPU, float32 on a CPU; `sdpa` attention unless configured otherwise. A Qwen2-VL or
+Qwen2.5-VL folder loads as an image-text model with its processor (`worker/vision.py`).
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from schemas.settings import PACKAGED_MODEL, Settings
+from schemas.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -24,12 +25,19 @@ PACKAGED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 class LoadedModel:
     name: str
     model: Any  # a transformers PreTrainedModel
-    tokenizer: Any  # a transformers tokenizer, left padding
+    tokenizer: Any  # a transformers tokenizer, left padding (a vision model's: its processor's tokenizer)
     device: str  # "cuda" or "cpu"
+    processor: Any = None  # a vision model's processor (images + chat template); None for a text model
+
+    @property
+    def is_vision(self) -> bool:
+        return self.processor is not None
 
     @property
     def context_tokens(self) -> int:
-        return int(getattr(self.model.config, "max_position_embeddings", 0) or 4096)
+        from worker.modelinfo import context_tokens
+
+        return context_tokens(self.model.config)
 
 
 def pick_device(setting: str) -> str:
@@ -79,18 +87,28 @@ def _convert_gguf(gguf_dir: Path, gguf_file: str, target: Path) -> None:
 def load_model(settings: Settings) -> LoadedModel:
     """Load `settings.model` once for this process, on the device `settings.device` resolves to."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
+
+    from worker.modelinfo import model_source
+    from worker.vision import is_vision_config, load_processor
 
     device = pick_device(settings.device)
-    source = packaged_model_dir(settings.model_cache_dir) if settings.model == PACKAGED_MODEL else settings.model
+    source = model_source(settings)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     # A worker that owns several GPUs (CUDA_VISIBLE_DEVICES=0,1) shards the model across them.
     device_map = "auto" if device == "cuda" and torch.cuda.device_count() > 1 else device
-    tokenizer = AutoTokenizer.from_pretrained(source)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, device_map=device_map,
-                                                 attn_implementation=settings.attn_implementation)
+    options = {"dtype": dtype, "device_map": device_map, "attn_implementation": settings.attn_implementation}
+    config = AutoConfig.from_pretrained(source)
+    if is_vision_config(config):
+        processor = load_processor(str(source), config)
+        model = AutoModelForImageTextToText.from_pretrained(source, **options)
+        tokenizer = processor.tokenizer  # the same object: the processor then pads left too
+    else:
+        processor = None
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source, **options)
     model.eval()
-    return LoadedModel(settings.model, model, prepare_tokenizer(tokenizer), device)
+    return LoadedModel(settings.model, model, prepare_tokenizer(tokenizer), device, processor)
 
 
 def prepare_tokenizer(tokenizer: Any) -> Any:

@@ -28,6 +28,12 @@ class ModelInfo:
         return math.ceil(width / side) * math.ceil(height / side) + 2  # + vision start/end markers
 
 
+def context_tokens(config: Any) -> int:
+    """The context length; a vision-language config keeps its language model's in `text_config`."""
+    text_config = getattr(config, "text_config", None) or config
+    return int(getattr(text_config, "max_position_embeddings", 0) or 4096)
+
+
 def model_source(settings: Settings) -> str:
     """Where the weights live: the converted packaged model's folder, or the configured id or folder."""
     from worker.model import packaged_model_dir
@@ -44,9 +50,7 @@ def model_info(settings: Settings) -> ModelInfo:
 
     source = model_source(settings)
     config = AutoConfig.from_pretrained(source)
-    text_config = getattr(config, "text_config", None) or config
-    context = int(getattr(text_config, "max_position_embeddings", 0) or 4096)
-    return ModelInfo(is_vision_config(config), context, AutoTokenizer.from_pretrained(source))
+    return ModelInfo(is_vision_config(config), context_tokens(config), AutoTokenizer.from_pretrained(source))
 
 
 def input_budget(settings: Settings, context_tokens: int) -> int:
