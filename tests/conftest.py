@@ -34,6 +34,14 @@ def small_model_dir(model_cache: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def vl_model_dir(small_model_dir: Path, tmp_path_factory) -> Path:
+    """A tiny random Qwen2.5-VL checkpoint laid out as on the hub: config, weights, tokenizer, processor."""
+    from tiny_models import write_tiny_qwen25_vl
+
+    return write_tiny_qwen25_vl(tmp_path_factory.mktemp("tiny-qwen2.5-vl"), small_model_dir)
+
+
+@pytest.fixture(scope="session")
 def small_model(small_model_dir: Path):
     from worker.model import load_model
 

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import io
 import os
+import subprocess
+import sys
 
 import pytest
 from rich.console import Console
@@ -104,3 +106,39 @@ def test_a_long_contract_is_chunked_mapped_and_reduced(worker_settings, running_
     # ... and progress counted the chunks as units of work
     assert store.unit_counts(batch.batch_id) == (1 + parent.num_chunks, 1 + parent.num_chunks)
     store.close()
+
+
+def test_a_vision_model_worker_reads_scans_as_images_not_ocr(settings, vl_model_dir, tmp_path):
+    # Given a worker whose model is a (tiny, random) Qwen2.5-VL, and a scan next to a text file
+    vl_settings = settings.model_copy(update={"model": str(vl_model_dir), "max_new_tokens": 4,
+                                              "database_url": f"sqlite:///{tmp_path / 'vl.sqlite3'}"})
+    folder = tmp_path / "vl"
+    folder.mkdir()
+    (folder / "scan.png").write_bytes(pdf_page_png())
+    (folder / "note.txt").write_text("Short note: rent is due on the first day of each month.")
+    log = open(tmp_path / "vl-worker.log", "wb")
+    worker = subprocess.Popen([sys.executable, "-m", "producer.cli", "worker", "--gpus", "cpu"],
+                              env={**os.environ, **vl_settings.to_env()}, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        store = Store(vl_settings.effective_database_url)
+        store.migrate()
+        # When both are submitted and run
+        batch = submit(vl_settings, store, make_celery(vl_settings), [folder], "summarize", console=QUIET).batch
+        status = wait_for_batch(store, batch.batch_id, console=QUIET, timeout_s=600,
+                                check_alive=lambda: worker.poll() is None or pytest.fail("worker died"))
+    finally:
+        worker.terminate()
+        worker.wait(60)
+        log.close()
+    # Then both are done, and the scan reached the model as an image (stored, never OCR'd)
+    assert (status.done, status.failed) == (2, 0)
+    rows = {item.name: job for item, job, _ in store.batch_rows(batch.batch_id)}
+    (page,) = store.load_pages(rows["vl/scan.png"].document_sha256)
+    assert (page.source, page.text) == ("image", "") and page.image_sha256
+    store.close()
+
+
+def pdf_page_png() -> bytes:
+    out = io.BytesIO()
+    text_image(["RENT INVOICE", "Amount: 2,000 EUR"], size=(560, 400)).save(out, format="PNG")
+    return out.getvalue()
