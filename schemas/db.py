@@ -1,6 +1,7 @@
 """Database connections: SQLite (WAL, busy timeout) by default, PostgreSQL by URL; schema by Alembic."""
 from __future__ import annotations
 
+import fcntl
 from pathlib import Path
 
 from alembic import command
@@ -34,12 +35,25 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
 
 
 def migrate(engine: Engine) -> None:
-    """Bring the schema to the newest Alembic revision (a no-op when it is there already)."""
+    """Bring the schema to the newest Alembic revision (a no-op when it is there already).
+
+    Several processes may start at once (a worker and a submit): they take turns, through a
+    PostgreSQL advisory lock or a lock file beside the SQLite database.
+    """
+    database = engine.url.database if engine.dialect.name == "sqlite" else None
+    if database and database != ":memory:":
+        with open(f"{database}.migrate-lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            _upgrade(engine)
+    else:
+        _upgrade(engine)
+
+
+def _upgrade(engine: Engine) -> None:
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS_DIR))
     with engine.begin() as connection:
         if connection.dialect.name == "postgresql":
-            # Several hosts may start at once: one migrates, the others wait and then find nothing to do.
             connection.exec_driver_sql("SELECT pg_advisory_xact_lock(727274)")
         config.attributes["connection"] = connection
         command.upgrade(config, "head")

@@ -62,7 +62,7 @@ def test_documents_run_batched_bad_files_fail_with_reasons_and_resubmit_adds_not
     assert rows["inbox/empty.txt"][0].error_code == "empty_file"
     # ... the Latin-1 file was read as the text it is
     latin1_sha = hashlib.sha256(LATIN1_TEXT.encode("latin-1")).hexdigest()
-    assert store.load_pages(latin1_sha) == [LATIN1_TEXT]
+    assert [page.text for page in store.load_pages(latin1_sha)] == [LATIN1_TEXT]
     # ... and the 25 documents ran in fewer generate calls than documents (batch sizes are on the jobs)
     done = [job for job, _ in rows.values() if job.state == JobState.DONE]
     assert all(job.worker.startswith("cpu@") and job.batch_size >= 1 and job.tokens_out >= 1 for job in done)
