@@ -29,7 +29,7 @@ from schemas.settings import Settings  # noqa: E402
 from worker.engine import GenerationOptions, ModelInput  # noqa: E402
 from worker.generation import HFGenerator  # noqa: E402
 from worker.model import load_model  # noqa: E402
-from worker.prompts import TASKS, build_prompt  # noqa: E402
+from worker.prompts import TASKS, build_text_prompt  # noqa: E402
 
 CLAUSE = ("Clause {k}. The Supplier shall deliver the goods listed in Schedule {k} to the Customer's site within "
           "{d} business days of each purchase order, and the Customer shall pay each undisputed invoice within "
@@ -54,7 +54,8 @@ def baseline(settings: Settings, folder: Path, count: int, new_tokens: int) -> d
     generator = HFGenerator(loaded.model, loaded.tokenizer)
     options = GenerationOptions(repetition_penalty=settings.repetition_penalty, ignore_eos=True)
     paths = sorted(folder.glob("*.txt"))[:count]
-    prompts = [build_prompt(loaded.tokenizer, TASKS["summarize"], p.read_text(), 100_000).model_input for p in paths]
+    instruction = TASKS["summarize"].instruction
+    prompts = [build_text_prompt(loaded.tokenizer, instruction, p.read_text(), 100_000).model_input for p in paths]
     generator([ModelInput(prompts[0].token_ids[:32])], [4], options)  # warm-up: CUDA context, kernels
     sync = torch.cuda.synchronize if loaded.device == "cuda" else (lambda: None)
     sync()
@@ -117,8 +118,8 @@ def main() -> None:
                         prepare_concurrency=min(8, os.cpu_count() or 2))
     from transformers import AutoTokenizer
 
-    from worker.model import PACKAGED_MODEL, packaged_model_dir
-    source = packaged_model_dir(settings.model_cache_dir) if args.model == PACKAGED_MODEL else args.model
+    from worker.modelinfo import model_source
+    source = model_source(settings)
     folder = args.out / "docs"
     write_documents(folder, args.docs, AutoTokenizer.from_pretrained(source), args.prompt_tokens)
 

@@ -52,7 +52,7 @@ class Settings(BaseSettings):
     max_stream_bytes: int = Field(64_000_000, ge=1, description="one PDF stream, decompressed")
     ocr_lang: str = Field("eng", description="Tesseract languages, e.g. eng+fra")
     prepare_timeout_s: int = Field(300, ge=1, description="extraction of one file, OCR included")
-    prepare_memory_mb: int = Field(4096, ge=256, description="address-space limit of a prepare process")
+    prepare_memory_mb: int = Field(2048, ge=256, description="memory a prepare process may map for one file")
     chunk_overlap_tokens: int = Field(128, ge=0, description="tokens repeated across a chunk boundary")
     max_attempts: int = Field(3, ge=1)
     job_timeout_s: int = Field(3600, ge=10, description="longest a job may run; older running jobs are stale")

@@ -16,6 +16,7 @@ from click.testing import CliRunner
 from rich.console import Console
 
 from producer.cli import main as cli
+from producer.export import batch_records
 from producer.progress import wait_for_batch
 from producer.submit import submit
 from schemas.states import JobState
@@ -149,9 +150,10 @@ def test_submit_wait_prints_the_batch_id_and_exits_1_when_a_job_failed(worker_se
                           env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 1, done.stderr[-3000:]
     batch_id = done.stdout.strip().splitlines()[0]
-    assert "escape.txt: symlink leaves the submitted folder" in done.stderr
+    assert "rejected mixed/escape.txt: symlink_escape: symlink leaves the submitted folder" in done.stderr
     store = Store(worker_settings.effective_database_url)
     assert store.get_batch(batch_id).label == "cli test"
-    states = {item.name: (job.state, job.error_code) for item, job, _ in store.batch_rows(batch_id)}
-    assert states == {"mixed/empty.txt": (JobState.FAILED, "empty_file"), "mixed/nda.md": (JobState.DONE, None)}
+    states = {r.name: (r.state, r.error_code) for r in batch_records(store, batch_id)}
+    assert states == {"mixed/empty.txt": (JobState.FAILED, "empty_file"), "mixed/nda.md": (JobState.DONE, None),
+                      "mixed/escape.txt": (JobState.FAILED, "symlink_escape")}
     store.close()

@@ -86,7 +86,7 @@ def test_every_kind_of_input_ends_as_expected_and_the_worker_survives(worker_set
 def test_a_long_contract_is_chunked_mapped_and_reduced(worker_settings, running_worker, tmp_path):
     # Given a 64-page contract and an input budget of 2,048 tokens
     settings = worker_settings
-    pages = ["\n\n".join(CLAUSE.format(n=p * 10 + k) for k in range(6)) for p in range(64)]
+    pages = ["\n\n".join(CLAUSE.format(n=p * 10 + k) for k in range(2)) for p in range(64)]
     folder = tmp_path / "long"
     folder.mkdir()
     (folder / "master_agreement.pdf").write_bytes(pdf(pages))
@@ -99,7 +99,7 @@ def test_a_long_contract_is_chunked_mapped_and_reduced(worker_settings, running_
     # Then the document job is done after a map over several chunks and a reduce over their answers
     assert (status.done, status.failed) == (1, 0)
     ((_, parent, result),) = store.batch_rows(batch.batch_id)
-    assert parent.num_chunks >= 4 and parent.chunk_level == 1
+    assert parent.num_chunks >= 3 and parent.chunk_level == 1
     assert [p["text"].split("\n")[0] for p in parent.input_parts] == [f"[part {i}]" for i in range(1, parent.num_chunks + 1)]
     assert len(store.chunk_outputs(parent.id, 1)) == parent.num_chunks
     assert result.data["text"] and parent.tokens_in < 2048

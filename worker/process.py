@@ -44,8 +44,11 @@ def start_engine(settings: Settings, name: str) -> runtime.Runtime:
 
 
 def _limit_memory(settings: Settings) -> None:
-    """Cap a prepare child's address space: a decompression bomb raises MemoryError, not an OOM kill."""
-    limit = settings.prepare_memory_mb * 1024 * 1024
+    """Cap a prepare child's address space at what it maps now plus `prepare_memory_mb`: a decompression
+    bomb then raises MemoryError in its own task instead of drawing the kernel's OOM killer."""
+    with open("/proc/self/statm") as statm:
+        mapped = int(statm.read().split()[0]) * resource.getpagesize()
+    limit = mapped + settings.prepare_memory_mb * 1024 * 1024
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
 
@@ -59,6 +62,9 @@ def main(role: str, name: str) -> None:
         runtime.install(start_engine(settings, name))
         pool = ["-Q", INFER_QUEUE, "-P", "threads", "-c", str(settings.effective_max_inflight)]
     elif role == "prepare":
+        from worker.modelinfo import model_info
+
+        model_info(settings)  # tokenizer and libraries loaded before the fork, outside the children's limit
         runtime.install(runtime.Runtime(settings, name))
         worker_process_init.connect(lambda **_: _limit_memory(settings), weak=False)
         pool = ["-Q", PREPARE_QUEUE, "-P", "prefork", "-c", str(settings.prepare_concurrency)]
