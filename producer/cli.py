@@ -198,9 +198,11 @@ def _report_submission(result) -> None:
 
 
 def _print_status(statuses: list[BatchStatus]) -> None:
-    table = Table("batch", "total", *[s.value for s in JobState])
+    """One row per batch; only the states some batch has jobs in get a column."""
+    states = [s.value for s in JobState if any(getattr(status, s.value) for status in statuses)]
+    table = Table("batch", "total", *states)
     for status in statuses:
-        table.add_row(status.batch, str(status.total), *[str(getattr(status, s.value)) for s in JobState])
+        table.add_row(status.batch, str(status.total), *[str(getattr(status, state)) for state in states])
     Console().print(table)
 
 

@@ -8,6 +8,7 @@ under a time limit, so a hostile file costs one failed job and at most one child
 from __future__ import annotations
 
 import logging
+import os
 import resource
 import sys
 
@@ -65,6 +66,9 @@ def main(role: str, name: str) -> None:
         from worker.modelinfo import model_info
 
         model_info(settings)  # tokenizer and libraries loaded before the fork, outside the children's limit
+        # Tesseract's own OpenMP threads cost 2.7x the CPU per page on 2 cores (docs/BENCHMARKS.md):
+        # parallelism comes from the prefork children instead.
+        os.environ.setdefault("OMP_THREAD_LIMIT", "1")
         runtime.install(runtime.Runtime(settings, name))
         worker_process_init.connect(lambda **_: _limit_memory(settings), weak=False)
         pool = ["-Q", PREPARE_QUEUE, "-P", "prefork", "-c", str(settings.prepare_concurrency)]

@@ -151,8 +151,7 @@ def infer(job_id: str) -> None:
         return
 
     def work() -> None:
-        parts = job.input_parts or document_parts(rt.store.load_pages(job.document_sha256) or [],
-                                                  rt.info.is_vision, rt.store)
+        parts = job.input_parts or document_parts(_pages(job), rt.info.is_vision, rt.store)
         instruction = instruction_for(TASKS[job.task], job.parent_id is not None, job.chunk_level, job.chunk_index,
                                       job.input_parts is not None)
         prompt = _build_prompt(instruction, parts)
@@ -171,6 +170,13 @@ def infer(job_id: str) -> None:
             advance_parent(job.parent_id, job.chunk_level)
 
     _fail_on_error(job, work)
+
+
+def _pages(job: Job) -> list[StoredPage]:
+    pages = runtime.current().store.load_pages(job.document_sha256)
+    if pages is None:
+        raise RuntimeError("job is ready but its document has no extracted pages")
+    return pages
 
 
 def _build_prompt(instruction: str, parts: list[Part]) -> Prompt:
