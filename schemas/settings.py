@@ -56,6 +56,7 @@ class Settings(BaseSettings):
     chunk_overlap_tokens: int = Field(128, ge=0, description="tokens repeated across a chunk boundary")
     max_attempts: int = Field(3, ge=1)
     job_timeout_s: int = Field(3600, ge=10, description="longest a job may run; older running jobs are stale")
+    reconcile_interval_s: int = Field(60, ge=1, description="how often lost or stuck jobs are looked for")
 
     @model_validator(mode="after")
     def _check(self) -> "Settings":

@@ -248,6 +248,27 @@ class Store:
         """Give a waiting parent its final input (the chunk answers to combine) and make it ready."""
         self._set(parent_id, JobState.RUNNING, state=JobState.READY, input_parts=parts)
 
+    # -- reconciling: SQL is the record, so lost or stuck work is found here ----------------------
+    def stale_jobs(self, state: JobState, older_than_s: float, limit: int = 500) -> list[Job]:
+        """Jobs left in `state` for longer than `older_than_s` (their message or their process was lost)."""
+        before = utcnow() - dt.timedelta(seconds=older_than_s)
+        with self._sessions() as session:
+            return list(session.scalars(select(Job).where(Job.state == state, Job.updated_at < before)
+                                        .order_by(Job.updated_at).limit(limit)))
+
+    def fail_stale(self, job_id: str, state: JobState, older_than_s: float, code: ErrorCode, message: str) -> bool:
+        """Fail a job still in `state` and still untouched for `older_than_s` (compare-and-set)."""
+        before = utcnow() - dt.timedelta(seconds=older_than_s)
+        with self._sessions.begin() as session:
+            return bool(session.execute(
+                update(Job).where(Job.id == job_id, Job.state == state, Job.updated_at < before)
+                .values(state=JobState.FAILED, error_code=code.value, error_message=message,
+                        finished_at=utcnow(), updated_at=utcnow())).rowcount)
+
+    def touch(self, job_id: str, state: JobState) -> None:
+        """Mark a job as looked at now, so the reconciler waits another period before it acts again."""
+        self._set(job_id, state)
+
     def _set(self, job_id: str, expected: JobState, **values: Any) -> None:
         with self._sessions.begin() as session:
             session.execute(update(Job).where(Job.id == job_id, Job.state == expected)

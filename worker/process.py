@@ -12,11 +12,12 @@ import os
 import resource
 import sys
 
-from celery.signals import worker_process_init
+from celery.signals import worker_process_init, worker_ready
 
 from schemas.settings import Settings
 from worker import runtime
 from worker.celery_app import INFER_QUEUE, PREPARE_QUEUE, make_celery
+from worker.reconcile import start_reconciler
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,8 @@ def main(role: str, name: str) -> None:
         # parallelism comes from the prefork children instead.
         os.environ.setdefault("OMP_THREAD_LIMIT", "1")
         runtime.install(runtime.Runtime(settings, name))
+        # Started once the pool's children are forked, so that no child inherits its locks mid-use.
+        worker_ready.connect(lambda **_: start_reconciler(settings), weak=False)
         worker_process_init.connect(lambda **_: _limit_memory(settings), weak=False)
         pool = ["-Q", PREPARE_QUEUE, "-P", "prefork", "-c", str(settings.prepare_concurrency)]
     else:

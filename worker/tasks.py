@@ -20,7 +20,7 @@ from schemas.models import Job
 from schemas.states import DocbatchError, ErrorCode, JobState
 from schemas.store import StoredPage
 from worker import runtime
-from worker.celery_app import INFER_QUEUE, INFER_TASK, PREPARE_TASK, broker_priority
+from worker.celery_app import INFER_QUEUE, INFER_TASK, PREPARE_QUEUE, PREPARE_TASK, broker_priority
 from worker.engine import GenerationOptions, RequestTooLarge
 from worker.extract import extract_pages
 from worker.inputs import Part, document_parts, materialise, plan_job_chunks, reduce_parts
@@ -52,8 +52,12 @@ def _fail_on_error(job: Job, work: Callable[[], None]) -> None:
                                                           f"failed: {code.value}: {message}")
 
 
-def _send_infer(job_id: str, priority: int) -> None:
+def send_infer(job_id: str, priority: int) -> None:
     infer.apply_async(args=[job_id], queue=INFER_QUEUE, priority=broker_priority(priority))
+
+
+def send_prepare(job_id: str, priority: int) -> None:
+    prepare.apply_async(args=[job_id], queue=PREPARE_QUEUE, priority=broker_priority(priority))
 
 
 @shared_task(name=PREPARE_TASK)
@@ -71,7 +75,7 @@ def prepare(job_id: str) -> None:
                                  rt.settings.chunk_overlap_tokens)
         if chunks is None:
             rt.store.mark_ready(job_id)
-            _send_infer(job_id, job.priority)
+            send_infer(job_id, job.priority)
         else:
             log.info("job %s: %d parts in %d chunks", job_id, len(parts), len(chunks))
             start_chunks(job, 1, chunks)
@@ -120,7 +124,7 @@ def start_chunks(parent: Job, level: int, chunks: list[list[Part]]) -> None:
     rt = runtime.current()
     pending, all_done = rt.store.create_chunks(parent.id, level, chunks)
     for chunk_id in pending:
-        _send_infer(chunk_id, parent.priority)
+        send_infer(chunk_id, parent.priority)
     if all_done:
         advance_parent(parent.id, level)
 
@@ -133,7 +137,7 @@ def advance_parent(parent_id: str, level: int) -> None:
     chunks = plan_job_chunks(parts, rt.info, rt.max_input_tokens - PROMPT_RESERVE_TOKENS, 0)
     if chunks is None:
         rt.store.set_reduce_input(parent_id, parts)
-        _send_infer(parent_id, parent.priority)
+        send_infer(parent_id, parent.priority)
     else:
         start_chunks(parent, level + 1, chunks)
 
