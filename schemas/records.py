@@ -25,6 +25,7 @@ class JobRecord(BaseModel):
     result: dict[str, Any] | None = None
     error_code: str | None = None
     error_message: str | None = None
+    raw_text: str | None = None  # a failed job's answer, when the answer was the problem (schema_invalid)
     worker: str | None = None
     batch_size: int | None = None
     tokens_in: int | None = None
@@ -40,8 +41,9 @@ class JobRecord(BaseModel):
     @classmethod
     def from_row(cls, item: BatchItem, job: Job, result: Result | None) -> "JobRecord":
         return cls(job_id=job.id, name=item.name, sha256=job.document_sha256, task=job.task, state=job.state,
-                   result=result.data if result else None, error_code=job.error_code,
-                   error_message=job.error_message, worker=job.worker, batch_size=job.batch_size,
+                   result=result.data if result and job.state == JobState.DONE else None,
+                   error_code=job.error_code, error_message=job.error_message,
+                   raw_text=result.raw_text if result and job.state == JobState.FAILED else None, worker=job.worker, batch_size=job.batch_size,
                    tokens_in=job.tokens_in, tokens_out=job.tokens_out, attempts=job.attempts, num_chunks=job.num_chunks,
                    created_at=job.created_at, started_at=job.started_at, finished_at=job.finished_at,
                    queue_s=_seconds(job.created_at, job.started_at), run_s=_seconds(job.started_at, job.finished_at))

@@ -40,6 +40,7 @@ class ErrorCode(str, enum.Enum):
     EXTRACT_MEMORY = "extract_memory"
     INPUT_TOO_LONG = "input_too_long"
     # infer stage
+    SCHEMA_INVALID = "schema_invalid"
     CHUNK_FAILED = "chunk_failed"
     OUT_OF_MEMORY = "out_of_memory"
     GENERATION_ERROR = "generation_error"
@@ -50,10 +51,11 @@ class ErrorCode(str, enum.Enum):
 class DocbatchError(Exception):
     """An expected failure of one job, with its reason code. Anything else is a bug (`internal_error`)."""
 
-    def __init__(self, code: ErrorCode, message: str) -> None:
+    def __init__(self, code: ErrorCode, message: str, raw_text: str | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.raw_text = raw_text  # what the model answered, kept when the answer itself was the problem
 
     def __str__(self) -> str:
         return f"{self.code.value}: {self.message}"

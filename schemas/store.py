@@ -194,12 +194,14 @@ class Store:
                 session.merge(Result(job_id=job_id, data=data, raw_text=raw_text, created_at=utcnow()))
             return bool(done)
 
-    def fail(self, job_id: str, code: ErrorCode, message: str) -> None:
-        """Mark a job failed with a reason, from any state but done."""
+    def fail(self, job_id: str, code: ErrorCode, message: str, raw_text: str | None = None) -> None:
+        """Mark a job failed with a reason, from any state but done; keep the model's answer if given."""
         with self._sessions.begin() as session:
-            session.execute(update(Job).where(Job.id == job_id, Job.state != JobState.DONE).values(
+            failed = session.execute(update(Job).where(Job.id == job_id, Job.state != JobState.DONE).values(
                 state=JobState.FAILED, error_code=code.value, error_message=message[:4000],
-                finished_at=utcnow(), updated_at=utcnow()))
+                finished_at=utcnow(), updated_at=utcnow())).rowcount
+            if failed and raw_text is not None:
+                session.merge(Result(job_id=job_id, data={}, raw_text=raw_text, created_at=utcnow()))
 
     # -- long documents: chunk jobs under a document's job ------------------------------------------
     def create_chunks(self, parent_id: str, level: int, inputs: list[list[dict[str, Any]]]) -> tuple[list[str], bool]:

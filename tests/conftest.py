@@ -92,7 +92,7 @@ def store(database_url: str) -> Store:
 def settings(tmp_path: Path, broker_url: str, small_model_dir: Path) -> Settings:
     """Settings for a local pipeline: SQLite under tmp_path, test Redis DB, the small model on CPU."""
     return Settings(home=tmp_path / "home", broker_url=broker_url, model=str(small_model_dir), device="cpu",
-                    max_new_tokens=12, max_batch_size=16, max_wait_ms=300, prepare_concurrency=2)
+                    max_new_tokens=320, max_batch_size=16, max_wait_ms=300, prepare_concurrency=2)
 
 
 @pytest.fixture

@@ -69,7 +69,7 @@ def test_documents_run_batched_bad_files_fail_with_reasons_and_resubmit_adds_not
     assert all(job.worker.startswith("cpu@") and job.batch_size >= 1 and job.tokens_out >= 1 for job in done)
     num_generate_calls = round(sum(1 / job.batch_size for job in done))
     assert num_generate_calls < len(done) and max(job.batch_size for job in done) > 1
-    assert all(result.data["text"] for job, result in rows.values() if job.state == JobState.DONE)
+    assert all(result.data["json"]["summary"] is not None for job, result in rows.values() if job.state == JobState.DONE)
 
     # When the same folder is submitted again
     second = submit(worker_settings, store, app, [folder], "summarize", console=QUIET)
@@ -123,7 +123,8 @@ def test_run_uses_an_embedded_redis_and_a_second_run_reuses_the_done_jobs(settin
     records = [[json.loads(line) for line in path.read_text().splitlines()] for path in exports]
     assert len(records) == 2 and all(len(r) == 3 for r in records)
     assert [r["job_id"] for r in records[0]] == [r["job_id"] for r in records[1]]
-    assert all(r["state"] == "done" and r["result"]["text"] for r in records[1])
+    assert all(r["state"] == "done" and set(r["result"]["json"]) >= {"company", "revenue", "segments"}
+               for r in records[1])
 
 
 def test_run_exits_1_when_a_job_failed(settings, tmp_path):

@@ -30,11 +30,13 @@ class GenerationOptions:
 
 @dataclass(frozen=True)
 class ModelInput:
-    """One prompt: its token ids, plus per-row tensors a vision model needs (e.g. `pixel_values`,
-    `image_grid_thw`), which the generator concatenates across the rows of a batch."""
+    """One prompt: its token ids, per-row tensors a vision model needs (e.g. `pixel_values`,
+    `image_grid_thw`), which the generator concatenates across the rows of a batch, and optionally
+    the JSON schema its answer must match (rows of one batch may have different schemas, or none)."""
 
     token_ids: list[int]
     extras: dict[str, Any] = field(default_factory=dict)
+    json_schema: str | None = None  # the answer must be JSON matching this schema (constrained decoding)
 
 
 # (prompts, max new tokens per prompt, options) -> generated token ids per prompt, EOS stripped

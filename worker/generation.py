@@ -6,6 +6,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from worker.engine import GenerationOptions, ModelInput
+from worker.grammar import GrammarCache, SchemaLogitsProcessor
 
 
 def collate(inputs: Sequence[ModelInput], pad_token_id: int,
@@ -51,6 +52,8 @@ class HFGenerator:
 
     def __init__(self, model: Any, tokenizer: Any) -> None:
         self.model = model
+        self.tokenizer = tokenizer
+        self._grammars: GrammarCache | None = None  # built on the first constrained request
         self.pad_token_id = tokenizer.pad_token_id
         self.mm_token_types = vision_token_types(model.config)
         eos = model.generation_config.eos_token_id or tokenizer.eos_token_id
@@ -68,13 +71,21 @@ class HFGenerator:
             batch["pixel_values"] = batch["pixel_values"].to(self.model.dtype)
         width = batch["input_ids"].shape[1]
         most_new = max(max_new_tokens)
+        processors = [self._schema_processor(inputs, width)] if any(i.json_schema for i in inputs) else []
         output = self.model.generate(
             **batch, max_new_tokens=most_new, min_new_tokens=most_new if options.ignore_eos else 0,
             do_sample=False, repetition_penalty=options.repetition_penalty, pad_token_id=self.pad_token_id,
             eos_token_id=None if options.ignore_eos else sorted(self.eos_token_ids),
-            temperature=None, top_p=None, top_k=None)
+            temperature=None, top_p=None, top_k=None, logits_processor=processors)
         generated = output[:, width:].tolist()  # [B, <= most_new]
         return [self._trim(row, limit, options.ignore_eos) for row, limit in zip(generated, max_new_tokens)]
+
+    def _schema_processor(self, inputs: Sequence[ModelInput], width: int) -> SchemaLogitsProcessor:
+        if self._grammars is None:
+            vocab_size = self.model.get_output_embeddings().weight.shape[0]
+            self._grammars = GrammarCache(self.tokenizer, vocab_size)
+        matchers = [self._grammars.matcher(i.json_schema) if i.json_schema else None for i in inputs]
+        return SchemaLogitsProcessor(matchers, width, self._grammars.vocab_size)
 
     def _trim(self, token_ids: list[int], limit: int, ignore_eos: bool) -> list[int]:
         token_ids = token_ids[:limit]

@@ -21,11 +21,12 @@ from schemas.states import DocbatchError, ErrorCode, JobState
 from schemas.store import StoredPage
 from worker import runtime
 from worker.celery_app import INFER_QUEUE, INFER_TASK, PREPARE_QUEUE, PREPARE_TASK, broker_priority
-from worker.engine import GenerationOptions, RequestTooLarge
+from worker.engine import Completion, GenerationOptions, ModelInput, RequestTooLarge
 from worker.extract import extract_pages
 from worker.inputs import Part, document_parts, materialise, plan_job_chunks, reduce_parts
 from worker.ocr import ocr_image
-from worker.prompts import PROMPT_RESERVE_TOKENS, TASKS, Prompt, build_text_prompt, instruction_for, parse_output
+from worker.prompts import (PROMPT_RESERVE_TOKENS, TASKS, Prompt, TaskSpec, build_text_prompt, constrained,
+                             instruction_for, parse_output)
 
 log = logging.getLogger(__name__)
 
@@ -33,12 +34,13 @@ log = logging.getLogger(__name__)
 def _fail_on_error(job: Job, work: Callable[[], None]) -> None:
     """Run `work`; turn its failure into the job's failed state (and its document's, for a chunk)."""
     store = runtime.current().store
+    raw_text = None
     try:
         work()
         return
     except DocbatchError as e:
         log.info("job %s failed: %s", job.id, e)
-        code, message = e.code, e.message
+        code, message, raw_text = e.code, e.message, e.raw_text
     except SoftTimeLimitExceeded:
         code, message = ErrorCode.EXTRACT_TIMEOUT, "extraction ran past prepare_timeout_s"
     except MemoryError:
@@ -46,7 +48,7 @@ def _fail_on_error(job: Job, work: Callable[[], None]) -> None:
     except Exception as e:  # noqa: BLE001 - a bug in one job must not stop the worker
         log.exception("job %s failed unexpectedly", job.id)
         code, message = ErrorCode.INTERNAL_ERROR, f"{type(e).__name__}: {e}"
-    store.fail(job.id, code, message)
+    store.fail(job.id, code, message, raw_text)
     if job.parent_id:
         store.fail(job.parent_id, ErrorCode.CHUNK_FAILED, f"chunk {job.chunk_index + 1} (level {job.chunk_level}) "
                                                           f"failed: {code.value}: {message}")
@@ -159,21 +161,47 @@ def infer(job_id: str) -> None:
         instruction = instruction_for(TASKS[job.task], job.parent_id is not None, job.chunk_level, job.chunk_index,
                                       job.input_parts is not None)
         prompt = _build_prompt(instruction, parts)
-        options = GenerationOptions(repetition_penalty=float(job.params["repetition_penalty"]),
-                                    ignore_eos=bool(job.params.get("ignore_eos", False)))
-        try:
-            future = rt.engine.submit(prompt.model_input, int(job.params["max_new_tokens"]), options)
-            completion = future.result(timeout=rt.settings.job_timeout_s)
-        except RequestTooLarge as e:
-            raise DocbatchError(ErrorCode.OUT_OF_MEMORY, str(e)) from e
-        text = rt.tokenizer.decode(completion.token_ids, skip_special_tokens=True)
-        finished = rt.store.finish(job_id, parse_output(text, prompt.is_truncated), text,
-                                   tokens_in=len(prompt.model_input.token_ids), tokens_out=len(completion.token_ids),
-                                   batch_size=completion.batch_size)
+        data, text, completion = _answer(TASKS[job.task], prompt, job.params)
+        finished = rt.store.finish(job_id, data, text, tokens_in=len(prompt.model_input.token_ids),
+                                   tokens_out=len(completion.token_ids), batch_size=completion.batch_size)
         if finished and job.parent_id and rt.store.chunk_finished(job.parent_id):
             advance_parent(job.parent_id, job.chunk_level)
 
     _fail_on_error(job, work)
+
+
+def _answer(task: TaskSpec, prompt: Prompt, params: dict) -> tuple[dict, str, Completion]:
+    """The task's validated answer to `prompt`, decoded under its JSON schema: (result, text, completion).
+
+    An invalid answer under constraints was cut off by max_new_tokens, so it gets twice the room, once;
+    then the job fails with `schema_invalid`, the answer kept."""
+    max_new_tokens = int(params["max_new_tokens"])
+    options = GenerationOptions(repetition_penalty=float(params["repetition_penalty"]),
+                                ignore_eos=bool(params.get("ignore_eos", False)))
+    if options.ignore_eos:  # benchmarks: free text of exactly max_new_tokens, neither constrained nor checked
+        text, completion = _generate(prompt.model_input, max_new_tokens, options)
+        return {"text": text, "input_truncated": prompt.is_truncated}, text, completion
+    model_input = constrained(prompt.model_input, task)
+    text, completion = _generate(model_input, max_new_tokens, options)
+    try:
+        return parse_output(task, text, prompt.is_truncated), text, completion
+    except DocbatchError:
+        log.info("answer cut off at %d tokens; once more with twice the room", max_new_tokens)
+    text, completion = _generate(model_input, 2 * max_new_tokens, options)
+    try:
+        return parse_output(task, text, prompt.is_truncated), text, completion
+    except DocbatchError as e:
+        raise DocbatchError(e.code, e.message, raw_text=text) from e
+
+
+def _generate(model_input: ModelInput, max_new_tokens: int, options: GenerationOptions) -> tuple[str, Completion]:
+    """Hand one prompt to the batching engine and wait for its answer."""
+    rt = runtime.current()
+    try:
+        completion = rt.engine.submit(model_input, max_new_tokens, options).result(timeout=rt.settings.job_timeout_s)
+    except RequestTooLarge as e:
+        raise DocbatchError(ErrorCode.OUT_OF_MEMORY, str(e)) from e
+    return rt.tokenizer.decode(completion.token_ids, skip_special_tokens=True), completion
 
 
 def _pages(job: Job) -> list[StoredPage]:
