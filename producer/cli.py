@@ -18,7 +18,7 @@ from worker.prompts import TASKS
 
 console = Console(stderr=True, soft_wrap=True)
 TASK_CHOICE = click.Choice(sorted(TASKS))
-DEMO_MAX_NEW_TOKENS = 160
+DEMO_MAX_NEW_TOKENS = 384
 
 
 def _settings(ctx: click.Context) -> Settings:
