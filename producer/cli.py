@@ -191,6 +191,7 @@ def _run_and_show(settings: Settings, paths: list[Path], task: str, gpus: str, o
 
 
 def _report_submission(result) -> None:
+    console.print(f"{result.num_files} files, {result.num_new_documents} new documents stored")
     for path in result.skipped:
         console.print(f"[dim]skipped hidden or symlinked folder {path}[/]")
     for reject in result.rejects:

@@ -43,7 +43,6 @@ class ErrorCode(str, enum.Enum):
     SCHEMA_INVALID = "schema_invalid"
     CHUNK_FAILED = "chunk_failed"
     OUT_OF_MEMORY = "out_of_memory"
-    GENERATION_ERROR = "generation_error"
     TOO_MANY_ATTEMPTS = "too_many_attempts"
     INTERNAL_ERROR = "internal_error"
 

@@ -59,7 +59,6 @@ class Request:
     max_new_tokens: int
     options: GenerationOptions
     future: Future = field(default_factory=Future)
-    enqueued_at: float = field(default_factory=time.monotonic)
 
 
 @dataclass

@@ -213,8 +213,12 @@ def _pages(job: Job) -> list[StoredPage]:
 
 def _build_prompt(instruction: str, parts: list[Part]) -> Prompt:
     rt = runtime.current()
-    if rt.processor is not None:
-        from worker.vision import build_vision_prompt
+    try:
+        if rt.processor is not None:
+            from worker.vision import build_vision_prompt
 
-        return build_vision_prompt(rt.processor, instruction, materialise(parts, rt.store), rt.max_input_tokens)
-    return build_text_prompt(rt.tokenizer, instruction, "\n\n".join(p["text"] for p in parts), rt.max_input_tokens)
+            return build_vision_prompt(rt.processor, instruction, materialise(parts, rt.store), rt.max_input_tokens)
+        return build_text_prompt(rt.tokenizer, instruction, "\n\n".join(p["text"] for p in parts),
+                                 rt.max_input_tokens)
+    except ValueError as e:  # the fixed part of the prompt (template, images) alone exceeds the budget
+        raise DocbatchError(ErrorCode.INPUT_TOO_LONG, str(e)) from e
