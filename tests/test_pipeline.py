@@ -6,7 +6,6 @@ import hashlib
 import io
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +15,7 @@ from click.testing import CliRunner
 from rich.console import Console
 
 from producer.cli import main as cli
+from producer.embedded import free_port
 from producer.export import batch_records
 from producer.progress import wait_for_batch
 from producer.submit import submit
@@ -94,19 +94,13 @@ def test_documents_run_batched_bad_files_fail_with_reasons_and_resubmit_adds_not
     store.close()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_run_uses_an_embedded_redis_and_a_second_run_reuses_the_done_jobs(settings, tmp_path):
     # Given no Redis at the configured URL, and a folder of three contracts
     folder = tmp_path / "contracts"
     write_documents(folder, 3)
     for name in ("broken.pdf", "empty.txt", "bail.txt"):
         (folder / name).unlink()
-    env = {**os.environ, **settings.to_env(), "DOCBATCH_BROKER_URL": f"redis://127.0.0.1:{_free_port()}/0"}
+    env = {**os.environ, **settings.to_env(), "DOCBATCH_BROKER_URL": f"redis://127.0.0.1:{free_port()}/0"}
     command = [sys.executable, "-m", "producer.cli", "run", str(folder), "--task", "extract",
                "--out-dir", str(tmp_path / "out")]
 

@@ -23,7 +23,6 @@ PACKAGED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 @dataclass
 class LoadedModel:
-    name: str
     model: Any  # a transformers PreTrainedModel
     tokenizer: Any  # a transformers tokenizer, left padding (a vision model's: its processor's tokenizer)
     device: str  # "cuda" or "cpu"
@@ -108,7 +107,7 @@ def load_model(settings: Settings) -> LoadedModel:
         tokenizer = AutoTokenizer.from_pretrained(source)
         model = AutoModelForCausalLM.from_pretrained(source, **options)
     model.eval()
-    return LoadedModel(settings.model, model, prepare_tokenizer(tokenizer), device, processor)
+    return LoadedModel(model, prepare_tokenizer(tokenizer), device, processor)
 
 
 def prepare_tokenizer(tokenizer: Any) -> Any:

@@ -22,7 +22,7 @@ from schemas.store import StoredPage
 from worker import runtime
 from worker.celery_app import INFER_QUEUE, INFER_TASK, PREPARE_QUEUE, PREPARE_TASK, broker_priority
 from worker.engine import Completion, GenerationOptions, ModelInput, RequestTooLarge
-from worker.extract import extract_pages
+from worker.extract import ExtractedPage, extract_pages
 from worker.inputs import Part, document_parts, materialise, plan_job_chunks, reduce_parts
 from worker.ocr import ocr_image
 from worker.prompts import (PROMPT_RESERVE_TOKENS, TASKS, Prompt, TaskSpec, build_text_prompt, constrained,
@@ -89,19 +89,30 @@ def ensure_pages(sha256: str) -> list[StoredPage]:
     """The document's pages, extracted once and stored; scans OCR'd when the model reads no images."""
     rt = runtime.current()
     pages = rt.store.load_pages(sha256)
-    changed = pages is None
     if pages is None:
         data, _ = rt.store.read_document(sha256)
-        pages = [StoredPage(page.text, page.source, _store_image(page.image) if page.image else None)
-                 for page in extract_pages(data, rt.limits)]
-    if not rt.info.is_vision and any(p.source == "image" for p in pages):
-        pages = [StoredPage(_ocr(p.image_sha256), "ocr", p.image_sha256) if p.source == "image" else p for p in pages]
-        changed = True
+        pages = [_stored(page) for page in extract_pages(data, rt.limits)]
+    elif not rt.info.is_vision and any(p.source == "image" for p in pages):
+        # Extracted earlier for a vision model: the text-only model needs the scans' text now.
+        pages = [StoredPage(_ocr(_load_image(p.image_sha256)), "ocr", p.image_sha256) if p.source == "image" else p
+                 for p in pages]
+    else:
+        return pages
     if not any(p.text.strip() or p.source == "image" for p in pages):
         raise DocbatchError(ErrorCode.NO_TEXT, "no text on any page (OCR found none either)")
-    if changed:
-        rt.store.save_pages(sha256, pages)
+    rt.store.save_pages(sha256, pages)
     return pages
+
+
+def _stored(page: ExtractedPage) -> StoredPage:
+    """A freshly extracted page as stored: its image kept by reference, read by OCR while still in memory
+    when the model reads no images."""
+    if page.image is None:
+        return StoredPage(page.text, page.source)
+    image_sha256 = _store_image(page.image)
+    if runtime.current().info.is_vision:
+        return StoredPage("", "image", image_sha256)
+    return StoredPage(_ocr(page.image), "ocr", image_sha256)
 
 
 def _store_image(image) -> str:
@@ -113,12 +124,15 @@ def _store_image(image) -> str:
     return sha
 
 
-def _ocr(image_sha256: str) -> str:
+def _load_image(image_sha256: str):
     from PIL import Image
 
-    rt = runtime.current()
-    with Image.open(io.BytesIO(rt.store.read_document(image_sha256)[0])) as image:
-        return ocr_image(image, lang=rt.settings.ocr_lang, timeout_s=rt.settings.prepare_timeout_s)
+    return Image.open(io.BytesIO(runtime.current().store.read_document(image_sha256)[0]))
+
+
+def _ocr(image) -> str:
+    settings = runtime.current().settings
+    return ocr_image(image, lang=settings.ocr_lang, timeout_s=settings.prepare_timeout_s)
 
 
 def start_chunks(parent: Job, level: int, chunks: list[list[Part]]) -> None:
