@@ -23,7 +23,8 @@ from worker.engine import GenerationOptions, ModelInput  # noqa: E402
 from worker.extract import extract_pages  # noqa: E402
 from worker.generation import HFGenerator  # noqa: E402
 from worker.model import load_model  # noqa: E402
-from worker.prompts import TASKS, build_text_prompt  # noqa: E402
+from schemas.tasks import builtin_task  # noqa: E402
+from worker.prompts import build_text_prompt  # noqa: E402
 
 
 def main() -> None:
@@ -39,15 +40,15 @@ def main() -> None:
     loaded = load_model(Settings(home=args.home, model=args.model))
     folder = importlib.resources.files("producer") / "samples" / "financials"
     texts = ["\n\n".join(p.text for p in extract_pages(f.read_bytes())) for f in sorted(folder.iterdir())]
-    task = TASKS["extract"]
-    prompts = [build_text_prompt(loaded.tokenizer, task.instruction, texts[i % len(texts)], 4096).model_input
+    task = builtin_task("extract", Settings(home=args.home, model=args.model))
+    prompts = [build_text_prompt(loaded.tokenizer, task.render, texts[i % len(texts)], 4096).model_input
                for i in range(args.rows)]
     generator = HFGenerator(loaded.model, loaded.tokenizer)
     options = GenerationOptions(repetition_penalty=1.1)
     sync = torch.cuda.synchronize if loaded.device == "cuda" else (lambda: None)
-    generator([ModelInput(prompts[0].token_ids, json_schema=task.json_schema)], [8], options)  # warm-up, compile
+    generator([ModelInput(prompts[0].token_ids, json_schema=task.schema_text)], [8], options)  # warm-up, compile
     rows = []
-    rounds = [("free", None), ("constrained", task.json_schema)] * args.repeats
+    rounds = [("free", None), ("constrained", task.schema_text)] * args.repeats
     for round_no, (mode, schema) in enumerate(rounds):
         inputs = [ModelInput(p.token_ids, json_schema=schema) for p in prompts]
         sync()

@@ -14,11 +14,12 @@ from schemas.records import BatchStatus, JobRecord
 from schemas.settings import Settings
 from schemas.states import JobState
 from schemas.store import Store
-from worker.prompts import TASKS
+from schemas.tasks import BUILTIN_TASKS, CHAT_TASK, TEMPLATE_VARIABLES, TaskDefinition, builtin_task, load_task_file
 
 console = Console(stderr=True, soft_wrap=True)
-TASK_CHOICE = click.Choice(sorted(TASKS))
 DEMO_MAX_NEW_TOKENS = 384
+TASK_FILE_HELP = ("\b\nA --task-file prompt is a Jinja2 template of the user's turn; its variables:\n"
+                  + "\n".join(f"  {{{{ {name} }}}}  {meaning}" for name, meaning in TEMPLATE_VARIABLES.items()))
 
 
 def _settings(ctx: click.Context) -> Settings:
@@ -43,6 +44,10 @@ def main(ctx: click.Context) -> None:
     On a cluster: `docbatch worker --gpus all` on each GPU host, then
       docbatch submit ./inbox --task extract --wait
       docbatch results BATCH --format csv --out results.csv
+    Your own task, or an OpenAI Batch file moved onto your GPUs:
+      docbatch submit ./inbox --task-file nda_review.toml
+      docbatch submit --openai-batch requests.jsonl --wait
+      docbatch results BATCH --format openai --out output.jsonl
 
     Configuration comes from DOCBATCH_* variables and ./docbatch.toml (see README):
     DOCBATCH_DATABASE_URL, DOCBATCH_BROKER_URL, DOCBATCH_MODEL, DOCBATCH_HOME, ...
@@ -53,30 +58,69 @@ def main(ctx: click.Context) -> None:
         raise click.ClickException(f"bad configuration: {e}") from e
 
 
-@main.command("submit")
-@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--task", type=TASK_CHOICE, required=True, help="summarize (contracts) or extract (financial JSON)")
+def _task_options(command):
+    """--task / --task-file / --openai-batch: what to do with the inputs (exactly one of them)."""
+    command = click.option("--openai-batch", type=click.Path(path_type=Path, exists=True, dir_okay=False),
+                           help="an OpenAI Batch input file (/v1/chat/completions lines) instead of PATHS")(command)
+    command = click.option("--task-file", type=click.Path(path_type=Path, exists=True, dir_okay=False),
+                           help="a custom task: TOML with name, prompt, optional json_schema and [generation]; "
+                                "see README")(command)
+    return click.option("--task", type=click.Choice(BUILTIN_TASKS),
+                        help="summarize (contract summary JSON) or extract (financial report JSON)")(command)
+
+
+def _resolve(settings: Settings, paths: tuple[Path, ...], task: str | None, task_file: Path | None,
+             openai_batch: Path | None):
+    """The inputs and the task definition the options name, or a usage error that says what to give."""
+    from producer.submit import Source
+
+    chosen = [name for name, value in (("--task", task), ("--task-file", task_file), ("--openai-batch", openai_batch))
+              if value is not None]
+    if len(chosen) != 1:
+        raise click.UsageError("give one of --task NAME, --task-file FILE or --openai-batch FILE"
+                               + (f" (not {' and '.join(chosen)})" if chosen else ""))
+    if openai_batch is not None:
+        if paths:
+            raise click.UsageError("--openai-batch takes its requests from the file; give no PATHS")
+        return Source(openai_batch=openai_batch), builtin_task(CHAT_TASK, settings)
+    if not paths:
+        raise click.UsageError("give the folders or files to process (PATHS)")
+    try:
+        definition = load_task_file(task_file, settings) if task_file else builtin_task(task, settings)
+    except ValueError as e:
+        raise click.ClickException(str(e)) from e
+    return Source(paths=paths), definition
+
+
+@main.command("submit", epilog=TASK_FILE_HELP)
+@click.argument("paths", nargs=-1, type=click.Path(path_type=Path))
+@_task_options
 @click.option("--wait", is_flag=True, help="show progress until the batch ends; exit 1 if any job failed")
 @click.option("--priority", type=click.IntRange(0, 9), default=5, show_default=True, help="9 runs first")
 @click.option("--label", help="free text stored with the batch")
 @click.pass_context
-def submit_command(ctx, paths, task, wait, priority, label) -> None:
-    """Queue every document under PATHS (folders are walked recursively).
+def submit_command(ctx, paths, task, task_file, openai_batch, wait, priority, label) -> None:
+    """Queue every document under PATHS (folders are walked recursively), or every request of an
+    OpenAI Batch file.
 
     Every regular file is taken; its type comes from its content (text in any common encoding, PDF,
     PNG, JPEG, TIFF). FIFOs, devices, symlinks out of the folder and files over max_file_bytes are
-    rejected with a reason code, without being opened. Documents already done for the same task and
-    model are listed in the new batch but not computed again. Prints the batch id on stdout.
+    rejected with a reason code, without being opened. Documents already done for the same task
+    definition and model are listed in the new batch but not computed again. Prints the batch id on stdout.
     """
     from producer.progress import wait_for_batch
     from producer.submit import submit
     from worker.celery_app import make_celery
 
     settings = _settings(ctx)
+    source, definition = _resolve(settings, paths, task, task_file, openai_batch)
     store = _store(settings)
-    result = submit(settings, store, make_celery(settings), list(paths), task, priority=priority, label=label,
-                    console=console)
-    _report_submission(result)
+    try:
+        result = submit(settings, store, make_celery(settings), source, definition, priority=priority, label=label,
+                        console=console)
+    except ValueError as e:
+        raise click.ClickException(str(e)) from e
+    _report_submission(result, definition)
     click.echo(result.batch.batch_id)
     if wait:
         status = wait_for_batch(store, result.batch.batch_id, console=console)
@@ -106,18 +150,19 @@ def status_command(ctx, batch, as_json) -> None:
 
 @main.command("results")
 @click.argument("batch")
-@click.option("--format", "fmt", type=click.Choice(["jsonl", "csv"]), default="jsonl", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["jsonl", "csv", "md", "openai"]), default="jsonl",
+              show_default=True, help="md: a readable report per document; openai: the OpenAI Batch output format")
 @click.option("--out", type=click.Path(path_type=Path), help="write to this file instead of stdout")
 @click.pass_context
 def results_command(ctx, batch, fmt, out) -> None:
-    """One record per job of BATCH: job_id, name, sha256, task, state, result or error, worker, batch_size,
-    tokens_in, tokens_out, timings."""
+    """One record per job of BATCH: job_id, name, sha256, task, state, result or error (with the
+    consistency checks' warnings), worker, batch_size, tokens_in, tokens_out, timings."""
     from producer.export import batch_records, render
 
     store = _store(_settings(ctx))
     if store.get_batch(batch) is None:
         raise click.ClickException(f"no batch {batch!r}")
-    text = render(batch_records(store, batch), fmt)
+    text = render(batch_records(store, batch), fmt, title=f"docbatch batch {batch}")
     if out:
         out.write_text(text, encoding="utf-8")
         console.print(f"wrote {out}")
@@ -148,16 +193,19 @@ def worker_command(ctx, gpus, max_batch_size, max_batch_tokens, max_wait_ms, no_
         raise click.ClickException(str(e)) from e
 
 
-@main.command("run")
-@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--task", type=TASK_CHOICE, required=True)
+@main.command("run", epilog=TASK_FILE_HELP)
+@click.argument("paths", nargs=-1, type=click.Path(path_type=Path))
+@_task_options
 @click.option("--gpus", default="auto", show_default=True, help="as for `docbatch worker`")
 @click.option("--out-dir", type=click.Path(path_type=Path), default=Path("docbatch-results"), show_default=True)
 @click.pass_context
-def run_command(ctx, paths, task, gpus, out_dir) -> None:
+def run_command(ctx, paths, task, task_file, openai_batch, gpus, out_dir) -> None:
     """Everything on this machine: Redis (embedded if none answers), a local worker, submit, progress,
-    results in OUT_DIR/BATCH.jsonl. Exit code 0 when every job is done, 1 when any failed."""
-    sys.exit(_run_and_show(_settings(ctx), list(paths), task, gpus, out_dir))
+    results in OUT_DIR/BATCH.jsonl (and OUT_DIR/BATCH.openai.jsonl for --openai-batch). Exit code 0 when
+    every job is done, 1 when any failed."""
+    settings = _settings(ctx)
+    source, definition = _resolve(settings, paths, task, task_file, openai_batch)
+    sys.exit(_run_and_show(settings, source, definition, gpus, out_dir))
 
 
 @main.command("demo")
@@ -168,6 +216,8 @@ def demo_command(ctx, gpus, out_dir) -> None:
     """`run` over the bundled sample documents: contracts summarized, financial reports extracted.
 
     Answers are capped at DEMO_MAX_NEW_TOKENS so that the demo takes a few minutes on a laptop CPU."""
+    from producer.submit import Source
+
     samples = importlib.resources.files("producer") / "samples"
     settings = _settings(ctx)
     if "max_new_tokens" not in settings.model_fields_set:
@@ -175,26 +225,34 @@ def demo_command(ctx, gpus, out_dir) -> None:
     code = 0
     for folder, task in (("contracts", "summarize"), ("financials", "extract")):
         console.rule(f"{task}: bundled {folder}")
-        code |= _run_and_show(settings, [Path(str(samples / folder))], task, gpus, out_dir)
+        code |= _run_and_show(settings, Source(paths=(Path(str(samples / folder)),)), builtin_task(task, settings),
+                              gpus, out_dir)
     sys.exit(code)
 
 
-def _run_and_show(settings: Settings, paths: list[Path], task: str, gpus: str, out_dir: Path) -> int:
+def _run_and_show(settings: Settings, source, definition: TaskDefinition, gpus: str, out_dir: Path) -> int:
     from producer.run import run
 
-    outcome = run(settings, paths, task, gpus=gpus, out_dir=out_dir, console=console)
-    _report_submission(outcome.submission)
+    try:
+        outcome = run(settings, source, definition, gpus=gpus, out_dir=out_dir, console=console)
+    except ValueError as e:
+        raise click.ClickException(str(e)) from e
+    _report_submission(outcome.submission, definition)
     _print_records(outcome.records)
     _print_status([outcome.status])
-    console.print(f"results: {outcome.results_path}")
+    console.print(f"results: {outcome.results_path}  (a readable report: docbatch results "
+                  f"{outcome.submission.batch.batch_id} --format md)")
     return 1 if outcome.status.failed else 0
 
 
-def _report_submission(result) -> None:
-    console.print(f"{result.num_files} files, {result.num_new_documents} new documents stored")
-    for path in result.skipped:
+def _report_submission(result, definition: TaskDefinition) -> None:
+    collected = result.collected
+    inputs = "requests" if definition.kind == "chat" else "files"
+    console.print(f"{collected.num_inputs} {inputs}, {collected.num_new_documents} new documents stored; "
+                  f"task {definition.name} ({definition.hash[:12]})")
+    for path in collected.skipped:
         console.print(f"[dim]skipped hidden or symlinked folder {path}[/]")
-    for reject in result.rejects:
+    for reject in collected.rejects:
         console.print(f"[yellow]rejected[/] {reject.name}: {reject.code.value}: {reject.message}")
 
 
@@ -216,6 +274,8 @@ def _print_records(records: list[JobRecord]) -> None:
         out.rule(header + "[/]", align="left")
         if record.result is not None:
             out.print(record.result.get("json") or record.result["text"], highlight=False)
+            for warning in record.result.get("warnings", []):
+                out.print(f"[yellow]warning[/] {warning['code']}: {warning['message']}")
         elif record.error_code:
             out.print(f"[red]{record.error_code}[/]: {record.error_message}")
 

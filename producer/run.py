@@ -1,7 +1,8 @@
 """`docbatch run`: the whole pipeline on one machine in one command.
 
 Uses the configured Redis when it answers, else an embedded one; starts a local worker (GPU if
-present, else CPU); submits; shows progress; writes `./docbatch-results/BATCH.jsonl`; stops what it started.
+present, else CPU); submits; shows progress; writes `./docbatch-results/BATCH.jsonl` (and, for an OpenAI
+Batch input, `BATCH.openai.jsonl` in its output format); stops what it started.
 """
 from __future__ import annotations
 
@@ -18,10 +19,11 @@ from rich.console import Console
 from producer.embedded import embedded_redis, is_reachable
 from producer.export import batch_records, render
 from producer.progress import wait_for_batch
-from producer.submit import Submission, submit
+from producer.submit import Source, Submission, submit
 from schemas.records import BatchStatus, JobRecord
 from schemas.settings import Settings
 from schemas.store import Store
+from schemas.tasks import TaskDefinition
 from worker.celery_app import make_celery
 
 WORKER_STOP_TIMEOUT_S = 60
@@ -71,9 +73,10 @@ def local_worker(settings: Settings, gpus: str) -> Iterator[LocalWorker]:
         worker.stop()
 
 
-def run(settings: Settings, paths: list[Path], task: str, *, gpus: str = "auto", out_dir: Path = Path("docbatch-results"),
-        label: str | None = None, console: Console | None = None) -> RunOutcome:
-    """Run `task` over `paths` end to end on this machine and export the results."""
+def run(settings: Settings, source: Source, task: TaskDefinition, *, gpus: str = "auto",
+        out_dir: Path = Path("docbatch-results"), label: str | None = None,
+        console: Console | None = None) -> RunOutcome:
+    """Run `task` over the inputs of `source` end to end on this machine and export the results."""
     console = console or Console(stderr=True)
     store = Store(settings.effective_database_url, settings.blob_dir)
     store.migrate()
@@ -86,7 +89,7 @@ def run(settings: Settings, paths: list[Path], task: str, *, gpus: str = "auto",
             settings = settings.model_copy(update={"broker_url": url})
         worker = stack.enter_context(local_worker(settings, gpus))
         console.print(f"started a local worker (model {settings.model}); its log: {worker.log_path}")
-        submission = submit(settings, store, make_celery(settings), paths, task, label=label, console=console)
+        submission = submit(settings, store, make_celery(settings), source, task, label=label, console=console)
         batch = submission.batch
         console.print(f"batch {batch.batch_id}: {batch.num_jobs} jobs, {batch.num_reused_done} already done, "
                       f"{len(batch.to_enqueue)} queued")
@@ -95,5 +98,8 @@ def run(settings: Settings, paths: list[Path], task: str, *, gpus: str = "auto",
     out_dir.mkdir(parents=True, exist_ok=True)
     results_path = out_dir / f"{batch.batch_id}.jsonl"
     results_path.write_text(render(records, "jsonl"), encoding="utf-8")
+    if source.openai_batch is not None:
+        results_path = out_dir / f"{batch.batch_id}.openai.jsonl"
+        results_path.write_text(render(records, "openai"), encoding="utf-8")
     store.close()
     return RunOutcome(submission, status, records, results_path)

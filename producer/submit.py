@@ -1,42 +1,61 @@
-"""`docbatch submit`: hash and store documents, make one batch and its jobs, enqueue the job ids."""
+"""`docbatch submit`: store the inputs, make one batch of jobs for a task, enqueue the job ids.
+
+Inputs are folders and files (every regular file a document) or an OpenAI Batch file (every request
+line a document). Documents are content-addressed and jobs keyed by document, task definition and
+model, so resubmitting makes no new jobs for work already done.
+"""
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from celery import Celery
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from producer.openai_batch import store_requests
 from producer.walk import walk
 from schemas.settings import Settings
 from schemas.states import ErrorCode
 from schemas.store import NewBatch, Reject, Store
+from schemas.tasks import TaskDefinition
 from worker.celery_app import PREPARE_QUEUE, PREPARE_TASK, broker_priority
 from worker.extract import sniff
-from worker.prompts import TASKS, task_params
+
+
+@dataclass(frozen=True)
+class Collected:
+    """Inputs stored as documents, ready to become a batch."""
+
+    items: list[tuple[str, str]]  # (name in the batch, document sha256)
+    rejects: list[Reject]
+    num_inputs: int  # files found, or request lines
+    num_new_documents: int
+    skipped: list[Path] = field(default_factory=list)  # hidden files and folders passed over
+
+
+@dataclass(frozen=True)
+class Source:
+    """What to submit: folders and files, or an OpenAI Batch input file."""
+
+    paths: tuple[Path, ...] = ()
+    openai_batch: Path | None = None
+
+    def collect(self, settings: Settings, store: Store, console: Console) -> Collected:
+        if self.openai_batch is not None:
+            items, rejects, num_new = store_requests(store, self.openai_batch)
+            return Collected(items, rejects, len(items) + len(rejects), num_new)
+        return _collect_files(settings, store, list(self.paths), console)
 
 
 @dataclass(frozen=True)
 class Submission:
     batch: NewBatch
-    rejects: list[Reject]
-    skipped: list[Path]
-    num_files: int
-    num_new_documents: int
+    collected: Collected
 
 
-def submit(settings: Settings, store: Store, app: Celery, paths: list[Path], task: str, *,
-           priority: int = 5, label: str | None = None, console: Console | None = None) -> Submission:
-    """Store every accepted file under `paths` and enqueue the batch's unfinished jobs.
-
-    Documents are content-addressed, and jobs keyed by document, task, params and model, so
-    resubmitting a folder makes no new jobs for work already done.
-    """
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; expected one of {', '.join(TASKS)}")
-    console = console or Console(stderr=True)
+def _collect_files(settings: Settings, store: Store, paths: list[Path], console: Console) -> Collected:
     found = walk(paths)
     rejects = list(found.rejects)
     items: list[tuple[str, str]] = []
@@ -56,8 +75,17 @@ def submit(settings: Settings, store: Store, app: Celery, paths: list[Path], tas
             sha = hashlib.sha256(data).hexdigest()
             num_new += store.put_document(sha, data, sniff(data))
             items.append((doc.name, sha))
-    batch = store.create_batch(task, task_params(settings), settings.model, items, label=label,
-                               priority=priority, stale_after_s=settings.job_timeout_s, rejects=rejects)
+    return Collected(items, rejects, len(found.found), num_new, list(found.skipped))
+
+
+def submit(settings: Settings, store: Store, app: Celery, source: Source, task: TaskDefinition, *,
+           priority: int = 5, label: str | None = None, console: Console | None = None) -> Submission:
+    """Store the inputs of `source`, record the task definition, make the batch, enqueue its unfinished jobs."""
+    collected = source.collect(settings, store, console or Console(stderr=True))
+    store.put_task(task.hash, task.name, task.model_dump(mode="json"))
+    batch = store.create_batch(task.name, {"task": task.hash}, settings.model, collected.items, label=label,
+                               priority=priority, stale_after_s=settings.job_timeout_s, rejects=collected.rejects,
+                               task_hash=task.hash, key_by_name=task.uses_filename)
     for job_id in batch.to_enqueue:
         app.send_task(PREPARE_TASK, args=[job_id], queue=PREPARE_QUEUE, priority=broker_priority(priority))
-    return Submission(batch, rejects, found.skipped, len(found.found), num_new)
+    return Submission(batch, collected)

@@ -52,11 +52,26 @@ def migrate(engine: Engine) -> None:
 def _upgrade(engine: Engine) -> None:
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS_DIR))
-    with engine.begin() as connection:
-        if connection.dialect.name == "postgresql":
-            connection.exec_driver_sql("SELECT pg_advisory_xact_lock(727274)")
-        config.attributes["connection"] = connection
-        command.upgrade(config, "head")
+    is_sqlite = engine.dialect.name == "sqlite"
+    with engine.connect() as connection:
+        if is_sqlite:
+            # SQLite alters a table by copying it; with foreign keys on, dropping the old copy would cascade
+            # into every table that refers to it. The pragma only takes effect outside a transaction.
+            _pragma(connection, "foreign_keys=OFF")
+        try:
+            with connection.begin():
+                if connection.dialect.name == "postgresql":
+                    connection.exec_driver_sql("SELECT pg_advisory_xact_lock(727274)")
+                config.attributes["connection"] = connection
+                command.upgrade(config, "head")
+        finally:
+            if is_sqlite:
+                _pragma(connection, "foreign_keys=ON")
+
+
+def _pragma(connection, pragma: str) -> None:
+    connection.exec_driver_sql(f"PRAGMA {pragma}")
+    connection.commit()
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:

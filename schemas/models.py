@@ -52,12 +52,25 @@ class Page(Base):
     image_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
 
 
+class TaskDef(Base):
+    """A task definition (`schemas.tasks.TaskDefinition`) as a batch ran it, keyed by its hash. Kept as JSON
+    text, not JSONB: a schema's property order is the order the model writes the answer in."""
+
+    __tablename__ = "task_defs"
+    hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    name: Mapped[str] = mapped_column(String(100))
+    definition: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
 class Batch(Base):
     """One `submit`: the jobs it lists, including ones an earlier batch already ran."""
 
     __tablename__ = "batches"
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
     task: Mapped[str] = mapped_column(String(100))
+    task_hash: Mapped[str | None] = mapped_column(ForeignKey("task_defs.hash", name="fk_batches_task_hash"),
+                                                  nullable=True)
     model: Mapped[str] = mapped_column(Text)
     label: Mapped[str | None] = mapped_column(Text, nullable=True)
     priority: Mapped[int] = mapped_column(Integer, default=0)
@@ -76,12 +89,14 @@ class BatchReject(Base):
 
 
 class BatchItem(Base):
-    """A job as one batch lists it, under the file name it was submitted with."""
+    """A job as one batch lists it, under the name it was submitted with (a file name, or an OpenAI
+    request's `custom_id`). Two names with the same content share one job."""
 
     __tablename__ = "batch_items"
+    __table_args__ = (Index("ix_batch_items_job_id", "job_id"),)
     batch_id: Mapped[str] = mapped_column(ForeignKey("batches.id", ondelete="CASCADE"), primary_key=True)
-    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
-    name: Mapped[str] = mapped_column(Text)
+    name: Mapped[str] = mapped_column(Text, primary_key=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
     batch: Mapped[Batch] = relationship(back_populates="items")
     job: Mapped["Job"] = relationship()
 

@@ -21,6 +21,7 @@ class JobRecord(BaseModel):
     name: str
     sha256: str | None
     task: str
+    model: str | None = None
     state: JobState
     result: dict[str, Any] | None = None
     error_code: str | None = None
@@ -40,18 +41,19 @@ class JobRecord(BaseModel):
 
     @classmethod
     def from_row(cls, item: BatchItem, job: Job, result: Result | None) -> "JobRecord":
-        return cls(job_id=job.id, name=item.name, sha256=job.document_sha256, task=job.task, state=job.state,
+        return cls(job_id=job.id, name=item.name, sha256=job.document_sha256, task=job.task, model=job.model,
+                   state=job.state,
                    result=result.data if result and job.state == JobState.DONE else None,
                    error_code=job.error_code, error_message=job.error_message,
-                   raw_text=result.raw_text if result and job.state == JobState.FAILED else None, worker=job.worker, batch_size=job.batch_size,
+                   raw_text=result.raw_text if result and job.state == JobState.FAILED else None,
+                   worker=job.worker, batch_size=job.batch_size,
                    tokens_in=job.tokens_in, tokens_out=job.tokens_out, attempts=job.attempts, num_chunks=job.num_chunks,
                    created_at=job.created_at, started_at=job.started_at, finished_at=job.finished_at,
                    queue_s=_seconds(job.created_at, job.started_at), run_s=_seconds(job.started_at, job.finished_at))
 
-
     @classmethod
-    def from_reject(cls, reject: BatchReject, task: str) -> "JobRecord":
-        return cls(job_id=None, name=reject.name, sha256=None, task=task, state=JobState.FAILED,
+    def from_reject(cls, reject: BatchReject, task: str, model: str) -> "JobRecord":
+        return cls(job_id=None, name=reject.name, sha256=None, task=task, model=model, state=JobState.FAILED,
                    error_code=reject.error_code, error_message=reject.error_message)
 
 

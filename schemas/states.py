@@ -26,6 +26,7 @@ class ErrorCode(str, enum.Enum):
     SYMLINK_ESCAPE = "symlink_escape"
     FILE_TOO_LARGE = "file_too_large"
     UNREADABLE = "unreadable"
+    INVALID_REQUEST = "invalid_request"  # an OpenAI Batch line docbatch cannot run (the message says why)
     # prepare stage
     EMPTY_FILE = "empty_file"
     UNSUPPORTED_TYPE = "unsupported_type"

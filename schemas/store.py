@@ -17,7 +17,7 @@ from sqlalchemy import Engine, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from schemas.db import make_engine, make_sessionmaker, migrate
-from schemas.models import Batch, BatchItem, BatchReject, Document, Job, Page, Result, new_id, utcnow
+from schemas.models import Batch, BatchItem, BatchReject, Document, Job, Page, Result, TaskDef, new_id, utcnow
 from schemas.states import ErrorCode, JobState
 
 
@@ -111,34 +111,63 @@ class Store:
                                    .where(Page.document_sha256 == sha256).order_by(Page.page_no)).all()
         return [StoredPage(*row) for row in rows] or None
 
+    def document_meta(self, sha256: str) -> dict[str, Any]:
+        """What a prompt template may say of a document besides its text: media type and page count."""
+        with self._sessions() as session:
+            media_type = session.scalar(select(Document.media_type).where(Document.sha256 == sha256))
+            num_pages = session.scalar(select(func.count()).select_from(Page).where(Page.document_sha256 == sha256))
+        return {"media_type": media_type, "num_pages": num_pages, "sha256": sha256}
+
+    # -- task definitions ----------------------------------------------------------------------
+    def put_task(self, task_hash: str, name: str, definition: dict[str, Any]) -> None:
+        """Keep a task definition under its hash (once: the hash covers all of it)."""
+        with self._sessions.begin() as session:
+            stmt = _insert(session.bind.dialect.name, TaskDef).values(
+                hash=task_hash, name=name, definition=json.dumps(definition, ensure_ascii=False), created_at=utcnow())
+            session.execute(stmt.on_conflict_do_nothing(index_elements=["hash"]))
+
+    def get_task(self, task_hash: str) -> dict[str, Any]:
+        with self._sessions() as session:
+            definition = session.scalar(select(TaskDef.definition).where(TaskDef.hash == task_hash))
+        if definition is None:
+            raise KeyError(f"no task definition {task_hash}")
+        return json.loads(definition)
+
     # -- batches -------------------------------------------------------------------------------
     def create_batch(self, task: str, params: dict[str, Any], model: str, items: Iterable[tuple[str, str]],
                      label: str | None = None, priority: int = 0, stale_after_s: int = 3600,
-                     rejects: Iterable[Reject] = ()) -> NewBatch:
-        """Make a batch over `items` (file name, document sha256), reusing any job that already exists.
+                     rejects: Iterable[Reject] = (), task_hash: str | None = None,
+                     key_by_name: bool = False) -> NewBatch:
+        """Make a batch over `items` (name, document sha256), reusing any job that already exists.
 
+        Names are unique in a batch; several names with the same content share one job, unless
+        `key_by_name` (the task's prompt uses the name): then the name is one of the job's params.
         Failed jobs and jobs stuck longer than `stale_after_s` go back to `queued`; every queued job of the
         batch is returned for (re-)enqueueing, since a message in a lost broker must not strand its job.
         """
-        names_by_key: dict[str, tuple[str, str]] = {}
+        keys_by_name: dict[str, str] = {}
+        new_jobs: dict[str, tuple[str, dict[str, Any]]] = {}  # key -> (sha, params)
         for name, sha in items:
-            names_by_key.setdefault(idempotency_key(sha, task, params, model), (name, sha))
+            job_params = {**params, "filename": name} if key_by_name else params
+            key = idempotency_key(sha, task, job_params, model)
+            keys_by_name.setdefault(name, key)
+            new_jobs.setdefault(key, (sha, job_params))
         now = utcnow()
         with self._sessions.begin() as session:
-            if names_by_key:
+            if new_jobs:
                 insert_rows = [dict(id=new_id(), idempotency_key=key, document_sha256=sha, task=task,
-                                    params=params, model=model, state=JobState.QUEUED, priority=priority,
+                                    params=job_params, model=model, state=JobState.QUEUED, priority=priority,
                                     attempts=0, created_at=now, updated_at=now)
-                               for key, (_, sha) in names_by_key.items()]
+                               for key, (sha, job_params) in new_jobs.items()]
                 stmt = _insert(session.bind.dialect.name, Job).values(insert_rows)
                 session.execute(stmt.on_conflict_do_nothing(index_elements=["idempotency_key"]))
             jobs = {job.idempotency_key: job for job in session.scalars(
-                select(Job).where(Job.idempotency_key.in_(list(names_by_key))))} if names_by_key else {}
-            batch = Batch(task=task, model=model, label=label, priority=priority, created_at=now)
+                select(Job).where(Job.idempotency_key.in_(list(new_jobs))))} if new_jobs else {}
+            batch = Batch(task=task, task_hash=task_hash, model=model, label=label, priority=priority, created_at=now)
             session.add(batch)
             session.flush()
             session.add_all(BatchItem(batch_id=batch.id, job_id=jobs[key].id, name=name)
-                            for key, (name, _) in names_by_key.items())
+                            for name, key in keys_by_name.items())
             session.add_all(BatchReject(batch_id=batch.id, name=r.name, error_code=r.code.value, error_message=r.message)
                             for r in {r.name: r for r in rejects}.values())
             stale_before = now - dt.timedelta(seconds=stale_after_s)
@@ -182,8 +211,8 @@ class Store:
     def mark_ready(self, job_id: str) -> None:
         self._set(job_id, JobState.PREPARING, state=JobState.READY, prepared_at=utcnow())
 
-    def finish(self, job_id: str, data: dict[str, Any], raw_text: str, *, tokens_in: int, tokens_out: int,
-               batch_size: int) -> bool:
+    def finish(self, job_id: str, data: dict[str, Any], raw_text: str, *, tokens_in: int | None,
+               tokens_out: int | None, batch_size: int | None) -> bool:
         """Record a result and mark the job done, if it is still running (not cancelled meanwhile)."""
         with self._sessions.begin() as session:
             done = session.execute(
@@ -239,11 +268,11 @@ class Store:
                 .returning(Job.chunks_done, Job.num_chunks)).one()
             return done == total
 
-    def chunk_outputs(self, parent_id: str, level: int) -> list[str]:
-        """The answers of a parent's chunks at `level`, in chunk order."""
+    def chunk_outputs(self, parent_id: str, level: int) -> list[dict[str, Any]]:
+        """The results of a parent's chunks at `level` (as `finish` stored them), in chunk order."""
         with self._sessions() as session:
             return list(session.scalars(
-                select(Result.raw_text).join(Job, Job.id == Result.job_id)
+                select(Result.data).join(Job, Job.id == Result.job_id)
                 .where(Job.parent_id == parent_id, Job.chunk_level == level).order_by(Job.chunk_index)))
 
     def set_reduce_input(self, parent_id: str, parts: list[dict[str, Any]]) -> None:

@@ -18,9 +18,10 @@ from producer.cli import main as cli
 from producer.embedded import free_port
 from producer.export import batch_records
 from producer.progress import wait_for_batch
-from producer.submit import submit
+from producer.submit import Source, submit
 from schemas.states import JobState
 from schemas.store import Store
+from schemas.tasks import builtin_task
 from worker.celery_app import make_celery
 
 pytestmark = pytest.mark.slow
@@ -52,7 +53,8 @@ def test_documents_run_batched_bad_files_fail_with_reasons_and_resubmit_adds_not
     app = make_celery(worker_settings)
 
     # When the folder is submitted and the batch runs to its end
-    first = submit(worker_settings, store, app, [folder], "summarize", console=QUIET)
+    first = submit(worker_settings, store, app,
+                   Source(paths=(folder,)), builtin_task("summarize", worker_settings), console=QUIET)
     status = wait_for_batch(store, first.batch.batch_id, console=QUIET, timeout_s=600,
                             check_alive=lambda: running_worker.poll() is None or pytest.fail("worker died"))
 
@@ -72,7 +74,8 @@ def test_documents_run_batched_bad_files_fail_with_reasons_and_resubmit_adds_not
     assert all(result.data["json"]["summary"] is not None for job, result in rows.values() if job.state == JobState.DONE)
 
     # When the same folder is submitted again
-    second = submit(worker_settings, store, app, [folder], "summarize", console=QUIET)
+    second = submit(worker_settings, store, app,
+                    Source(paths=(folder,)), builtin_task("summarize", worker_settings), console=QUIET)
     # Then no new job is made: the done ones are reused, only the two failed ones are retried
     job_ids = lambda batch_id: {job.id for _, job, _ in store.batch_rows(batch_id)}
     assert job_ids(second.batch.batch_id) == job_ids(first.batch.batch_id)
@@ -90,7 +93,7 @@ def test_documents_run_batched_bad_files_fail_with_reasons_and_resubmit_adds_not
                                               "failed": 2, "cancelled": 0}
     result = CliRunner().invoke(cli, ["results", second.batch.batch_id, "--format", "csv"], env=env)
     lines = result.stdout.strip().splitlines()
-    assert len(lines) == 28 and lines[0].startswith("job_id,name,sha256,task,state,result,error_code")
+    assert len(lines) == 28 and lines[0].startswith("job_id,name,sha256,task,model,state,result,error_code")
     store.close()
 
 

@@ -12,8 +12,9 @@ from rich.console import Console
 from documents import (encrypted_pdf, multipage_tiff, pdf, pixel_bomb_png, rotated_jpeg, stream_bomb_pdf,
                        text_image)
 from producer.progress import wait_for_batch
-from producer.submit import submit
+from producer.submit import Source, submit
 from schemas.store import Store
+from schemas.tasks import builtin_task
 from worker.celery_app import make_celery
 
 pytestmark = pytest.mark.slow
@@ -66,7 +67,8 @@ def test_every_kind_of_input_ends_as_expected_and_the_worker_survives(worker_set
     store = Store(worker_settings.effective_database_url)
     store.migrate()
     # When it is submitted and run by a real worker (text-only model: scans go through Tesseract)
-    batch = submit(worker_settings, store, make_celery(worker_settings), [tmp_path / "inbox"], "summarize",
+    batch = submit(worker_settings, store, make_celery(worker_settings),
+                   Source(paths=(tmp_path / "inbox",)), builtin_task("summarize", worker_settings),
                    console=QUIET).batch
     status = wait_for_batch(store, batch.batch_id, console=QUIET, timeout_s=600,
                             check_alive=lambda: running_worker.poll() is None or pytest.fail("worker died"))
@@ -93,16 +95,20 @@ def test_a_long_contract_is_chunked_mapped_and_reduced(worker_settings, running_
     store = Store(settings.effective_database_url)
     store.migrate()
     # When it runs
-    batch = submit(settings, store, make_celery(settings), [folder], "summarize", console=QUIET).batch
+    batch = submit(settings, store, make_celery(settings),
+                   Source(paths=(folder,)), builtin_task("summarize", settings), console=QUIET).batch
     status = wait_for_batch(store, batch.batch_id, console=QUIET, timeout_s=900,
                             check_alive=lambda: running_worker.poll() is None or pytest.fail("worker died"))
-    # Then the document job is done after a map over several chunks and a reduce over their answers
+    # Then the document job is done after a map over several chunks and a reduce over their answers:
+    # merged by the schema's rules, the model asked only about what the chunks disagree on (their summaries)
     assert (status.done, status.failed) == (1, 0)
     ((_, parent, result),) = store.batch_rows(batch.batch_id)
     assert parent.num_chunks >= 3 and parent.chunk_level == 1
-    assert [p["text"].split("\n")[0] for p in parent.input_parts] == [f"[part {i}]" for i in range(1, parent.num_chunks + 1)]
     assert len(store.chunk_outputs(parent.id, 1)) == parent.num_chunks
+    (reduce_input,) = parent.input_parts
+    assert reduce_input["text"].startswith("Merged answer:\n{") and "\n- summary: [" in reduce_input["text"]
     assert result.data["json"]["summary"] is not None and parent.tokens_in < 2048
+    assert "warnings" in result.data
     # ... and progress counted the chunks as units of work
     assert store.unit_counts(batch.batch_id) == (1 + parent.num_chunks, 1 + parent.num_chunks)
     store.close()
@@ -124,7 +130,8 @@ def test_a_vision_model_worker_reads_scans_as_images_not_ocr(settings, vl_model_
         store = Store(vl_settings.effective_database_url)
         store.migrate()
         # When both are submitted and run
-        batch = submit(vl_settings, store, make_celery(vl_settings), [folder], "summarize", console=QUIET).batch
+        batch = submit(vl_settings, store, make_celery(vl_settings),
+                       Source(paths=(folder,)), builtin_task("summarize", vl_settings), console=QUIET).batch
         status = wait_for_batch(store, batch.batch_id, console=QUIET, timeout_s=600,
                                 check_alive=lambda: worker.poll() is None or pytest.fail("worker died"))
     finally:

@@ -68,10 +68,27 @@ def test_a_second_batch_over_the_same_documents_reuses_the_jobs(store):
     assert len(other.to_enqueue) == 1
 
 
-def test_the_same_content_under_two_names_is_one_job(store):
+def test_the_same_content_under_two_names_is_one_job_listed_under_both(store):
     sha = _doc(store, "same bytes")
     batch = store.create_batch("summarize", PARAMS, "m", [("a.txt", sha), ("copy/a.txt", sha)])
     assert batch.num_jobs == 1
+    rows = store.batch_rows(batch.batch_id)
+    assert [item.name for item, _, _ in rows] == ["a.txt", "copy/a.txt"] and rows[0][1].id == rows[1][1].id
+
+
+def test_a_task_that_reads_the_file_name_makes_a_job_per_name(store):
+    sha = _doc(store, "same bytes")
+    batch = store.create_batch("nda", PARAMS, "m", [("a.txt", sha), ("copy/a.txt", sha)], key_by_name=True)
+    assert batch.num_jobs == 2
+    assert sorted(job.params["filename"] for _, job, _ in store.batch_rows(batch.batch_id)) == ["a.txt", "copy/a.txt"]
+
+
+def test_task_definitions_are_kept_once_under_their_hash_with_the_batch(store):
+    store.put_task("h" * 64, "nda", {"name": "nda", "prompt": "{{ text }}"})
+    store.put_task("h" * 64, "nda", {"name": "nda", "prompt": "{{ text }}"})
+    assert store.get_task("h" * 64) == {"name": "nda", "prompt": "{{ text }}"}
+    batch = store.create_batch("nda", {"task": "h" * 64}, "m", [("a.txt", _doc(store, "a"))], task_hash="h" * 64)
+    assert store.get_batch(batch.batch_id).task_hash == "h" * 64
 
 
 def test_claims_are_compare_and_set(store):
@@ -160,10 +177,47 @@ def test_chunk_jobs_count_down_to_their_parent_and_are_reused(store):
         store.finish(chunk_id, {"text": f"answer {i}"}, f"answer {i}", tokens_in=1, tokens_out=1, batch_size=3)
         finished.append(store.chunk_finished(parent_id))
     assert finished == [False, False, True]
-    assert store.chunk_outputs(parent_id, 1) == ["answer 0", "answer 1", "answer 2"]
+    assert store.chunk_outputs(parent_id, 1) == [{"text": f"answer {i}"} for i in range(3)]
     # Then the parent gets its reduce input and is ready for inference
     store.set_reduce_input(parent_id, [{"text": "combined"}])
     parent = store.get_job(parent_id)
     assert (parent.state, parent.input_parts) == (JobState.READY, [{"text": "combined"}])
     # And making the same chunks again (a retried document) reuses them, all done
     assert store.create_chunks(parent_id, 1, inputs) == ([], True)
+
+
+def test_upgrading_an_older_database_keeps_every_row(database_url):
+    # Given a database at revision 0002 holding a batch, its job, its item and a result
+    from alembic import command
+    from alembic.config import Config
+    from sqlalchemy import text
+
+    from schemas.db import MIGRATIONS_DIR, make_engine, migrate
+
+    engine = make_engine(database_url)
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    with engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.upgrade(config, "0002")
+    now = "2026-11-01 00:00:00"
+    with engine.begin() as connection:
+        connection.execute(text("INSERT INTO documents (sha256, size_bytes, media_type, created_at) "
+                                "VALUES ('d', 1, 'text/plain', :now)"), {"now": now})
+        connection.execute(text("INSERT INTO jobs (id, idempotency_key, document_sha256, task, params, model, state, "
+                                "priority, attempts, created_at, updated_at, chunks_done) VALUES ('j', 'k', 'd', "
+                                "'summarize', '{}', 'm', 'done', 0, 1, :now, :now, 0)"), {"now": now})
+        connection.execute(text("INSERT INTO results (job_id, data, raw_text, created_at) "
+                                "VALUES ('j', '{}', 'ok', :now)"), {"now": now})
+        connection.execute(text("INSERT INTO batches (id, task, model, priority, created_at) "
+                                "VALUES ('b', 'summarize', 'm', 0, :now)"), {"now": now})
+        connection.execute(text("INSERT INTO batch_items (batch_id, job_id, name) VALUES ('b', 'j', 'a.txt')"))
+    # When it is brought to the newest revision (SQLite copies tables to change them)
+    migrate(engine)
+    # Then nothing is lost, and a batch may now list one job under two names
+    with engine.begin() as connection:
+        assert connection.execute(text("SELECT count(*) FROM results")).scalar() == 1
+        connection.execute(text("INSERT INTO batch_items (batch_id, job_id, name) VALUES ('b', 'j', 'copy/a.txt')"))
+        assert connection.execute(text("SELECT name FROM batch_items ORDER BY name")).scalars().all() == [
+            "a.txt", "copy/a.txt"]
+    engine.dispose()

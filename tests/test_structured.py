@@ -9,16 +9,19 @@ import pytest
 from pydantic import ValidationError
 
 from schemas.outputs import ContractSummary, FinancialReport
+from schemas.settings import Settings
 from schemas.states import DocbatchError, ErrorCode
+from schemas.tasks import builtin_task
 from worker.engine import GenerationOptions, ModelInput
 from worker.extract import extract_pages
 from worker.generation import HFGenerator
 from worker.grammar import GrammarCache
-from worker.prompts import TASKS, build_text_prompt, parse_output
+from worker.prompts import build_text_prompt, parse_output
 
 pytestmark = pytest.mark.slow
 SAMPLES = importlib.resources.files("producer") / "samples"
 OPTIONS = GenerationOptions(repetition_penalty=1.1)
+TASKS = {name: builtin_task(name, Settings(max_new_tokens=400)) for name in ("summarize", "extract")}
 
 
 def _document(folder: str, name: str) -> str:
@@ -26,8 +29,7 @@ def _document(folder: str, name: str) -> str:
 
 
 def _prompts(tokenizer, task: str, texts: list[str]) -> list[ModelInput]:
-    instruction = TASKS[task].instruction
-    return [build_text_prompt(tokenizer, instruction, text, 4096).model_input for text in texts]
+    return [build_text_prompt(tokenizer, TASKS[task].render, text, 4096).model_input for text in texts]
 
 
 FINANCIALS = ["q3_2024_earnings_release.txt", "fy2024_annual_report_excerpt.md", "h1_2024_interim_statement.pdf"]
@@ -47,8 +49,8 @@ def test_constrained_answers_all_validate_and_mixed_schemas_share_a_batch(small_
     reports = _prompts(tokenizer, "extract", [_document("financials", n) for n in FINANCIALS])
     contract = _prompts(tokenizer, "summarize", [_document("contracts", "mutual_nda.md")])[0]
     free = ModelInput(tokenizer("Name one planet:", add_special_tokens=False)["input_ids"])
-    inputs = [ModelInput(p.token_ids, json_schema=TASKS["extract"].json_schema) for p in reports]
-    inputs += [ModelInput(contract.token_ids, json_schema=TASKS["summarize"].json_schema), free]
+    inputs = [ModelInput(p.token_ids, json_schema=TASKS["extract"].schema_text) for p in reports]
+    inputs += [ModelInput(contract.token_ids, json_schema=TASKS["summarize"].schema_text), free]
     # When generated together under their own constraints
     outputs = HFGenerator(small_model.model, tokenizer)(inputs, [400] * len(inputs), OPTIONS)
     texts = [tokenizer.decode(o, skip_special_tokens=True) for o in outputs]
@@ -56,7 +58,7 @@ def test_constrained_answers_all_validate_and_mixed_schemas_share_a_batch(small_
     assert all(_valid(FinancialReport, t) for t in texts[:3]), texts[:3]
     assert _valid(ContractSummary, texts[3]), texts[3]
     assert not texts[4].lstrip().startswith("{")
-    assert parse_output(TASKS["extract"], texts[0], False)["json"].keys() == FinancialReport.model_fields.keys()
+    assert parse_output(TASKS["extract"], texts[0])["json"].keys() == FinancialReport.model_fields.keys()
 
 
 def test_without_the_constraint_the_same_prompts_give_invalid_json(small_model):
@@ -69,7 +71,7 @@ def test_without_the_constraint_the_same_prompts_give_invalid_json(small_model):
 
 def test_each_schema_is_compiled_once(small_model):
     cache = GrammarCache(small_model.tokenizer, small_model.model.get_output_embeddings().weight.shape[0])
-    first, second = (cache.matcher(TASKS["extract"].json_schema) for _ in range(2))
+    first, second = (cache.matcher(TASKS["extract"].schema_text) for _ in range(2))
     assert first is not second and len(cache._compiled) == 1
     with pytest.raises(ValueError, match="cannot compile"):
         cache.matcher(json.dumps({"type": "object", "properties": {"x": {"type": "no-such-type"}}}))
@@ -77,5 +79,5 @@ def test_each_schema_is_compiled_once(small_model):
 
 def test_a_cut_off_answer_is_schema_invalid():
     with pytest.raises(DocbatchError) as info:
-        parse_output(TASKS["extract"], '{"company": "Acme", "report_ty', False)
+        parse_output(TASKS["extract"], '{"company": "Acme", "report_ty')
     assert info.value.code == ErrorCode.SCHEMA_INVALID

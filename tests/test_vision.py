@@ -21,6 +21,7 @@ from worker.model import load_model
 from worker.vision import build_vision_prompt, is_vision_config
 
 INSTRUCTION = "Summarize this document."
+AROUND = ("", "\n\n" + INSTRUCTION)  # the task prompt around the document: nothing before, this after
 
 
 @pytest.fixture(scope="session")
@@ -57,7 +58,7 @@ def test_an_image_becomes_one_placeholder_per_merged_patch_before_the_text_and_i
     # Given a page image followed by its text layer
     processor = vl_model.processor
     # When the prompt is built
-    prompt = build_vision_prompt(processor, INSTRUCTION, [page_image(), "Invoice 42 from ACME"], 1000)
+    prompt = build_vision_prompt(processor, AROUND, [page_image(), "Invoice 42 from ACME"], 1000)
     # Then the image pad token appears as often as the processor's grid says, and the tensors ride along
     grid = prompt.model_input.extras["image_grid_thw"]
     patches = int(grid.prod())
@@ -70,7 +71,7 @@ def test_an_image_becomes_one_placeholder_per_merged_patch_before_the_text_and_i
 
 
 def test_a_text_only_prompt_has_no_extras(vl_model):
-    prompt = build_vision_prompt(vl_model.processor, INSTRUCTION, ["only text"], 1000)
+    prompt = build_vision_prompt(vl_model.processor, AROUND, ["only text"], 1000)
     assert prompt.model_input.extras == {}
     assert image_pad_id(vl_model) not in prompt.model_input.token_ids
 
@@ -78,8 +79,8 @@ def test_a_text_only_prompt_has_no_extras(vl_model):
 def test_image_and_text_requests_share_a_batch_and_the_vision_encoder_sees_the_page(vl_model):
     # Given an image request and a text-only request, and a hook counting what the vision encoder receives
     processor = vl_model.processor
-    image_prompt = build_vision_prompt(processor, INSTRUCTION, [page_image(), "Invoice 42"], 512).model_input
-    text_prompt = build_vision_prompt(processor, INSTRUCTION, ["only text"], 512).model_input
+    image_prompt = build_vision_prompt(processor, AROUND, [page_image(), "Invoice 42"], 512).model_input
+    text_prompt = build_vision_prompt(processor, AROUND, ["only text"], 512).model_input
     patches_seen: list[int] = []
 
     def record(module, args, kwargs, output):
@@ -130,8 +131,8 @@ def test_a_left_padded_image_row_gets_the_logits_of_the_processors_own_encoding(
     text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
                                          tokenize=False)
     encoding = processor(text=[text], images=[page_image()], return_tensors="pt")
-    image_prompt = build_vision_prompt(processor, INSTRUCTION, [page_image(), "Invoice 42"], 512).model_input
-    longer_text = build_vision_prompt(processor, INSTRUCTION, ["a much longer text-only request " * 12],
+    image_prompt = build_vision_prompt(processor, AROUND, [page_image(), "Invoice 42"], 512).model_input
+    longer_text = build_vision_prompt(processor, AROUND, ["a much longer text-only request " * 12],
                                       512).model_input
     assert image_prompt.token_ids == encoding["input_ids"][0].tolist()
     # When the image row is collated behind a longer text row, so that it is left-padded
@@ -151,10 +152,10 @@ def test_a_long_text_is_cut_from_the_end_and_the_image_kept(vl_model):
     processor = vl_model.processor
     long_text = " ".join(f"clause {i} the tenant pays rent monthly." for i in range(200))
     parts = ["Cover letter.", page_image(), long_text]
-    full = build_vision_prompt(processor, INSTRUCTION, parts, 100_000)
+    full = build_vision_prompt(processor, AROUND, parts, 100_000)
     budget = len(full.model_input.token_ids) // 10
     # When the prompt is built under that budget
-    cut = build_vision_prompt(processor, INSTRUCTION, parts, budget)
+    cut = build_vision_prompt(processor, AROUND, parts, budget)
     # Then it fits, says it was cut, keeps the whole image and the first text, and loses the long text's end
     assert cut.is_truncated and not full.is_truncated
     assert len(cut.model_input.token_ids) <= budget
@@ -169,8 +170,8 @@ def test_a_long_text_is_cut_from_the_end_and_the_image_kept(vl_model):
 def test_images_alone_over_the_budget_are_refused(vl_model):
     # Given a budget smaller than the image placeholders themselves
     processor = vl_model.processor
-    image_only = build_vision_prompt(processor, INSTRUCTION, [page_image()], 100_000)
+    image_only = build_vision_prompt(processor, AROUND, [page_image()], 100_000)
     # When / Then building the prompt with some text fails with a clear message instead of cutting the image
     with pytest.raises(ValueError, match="over the input budget"):
-        build_vision_prompt(processor, INSTRUCTION, [page_image(), "some text"],
+        build_vision_prompt(processor, AROUND, [page_image(), "some text"],
                             len(image_only.model_input.token_ids) - 1)

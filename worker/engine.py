@@ -25,6 +25,8 @@ class GenerationOptions:
     """Decoding settings one generate call shares; requests with different options never share a batch."""
 
     repetition_penalty: float = 1.0
+    temperature: float = 0.0  # 0: greedy; above: sampled
+    top_p: float = 1.0
     ignore_eos: bool = False  # benchmarks: every answer runs to its max_new_tokens
 
 

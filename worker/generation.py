@@ -1,4 +1,4 @@
-"""Batched generation with Hugging Face `generate`: left padding, greedy decoding, per-row stop."""
+"""Batched generation with Hugging Face `generate`: left padding, greedy or sampled decoding, per-row stop."""
 from __future__ import annotations
 
 from typing import Any, Mapping, Sequence
@@ -71,12 +71,15 @@ class HFGenerator:
             batch["pixel_values"] = batch["pixel_values"].to(self.model.dtype)
         width = batch["input_ids"].shape[1]
         most_new = max(max_new_tokens)
+        # The schema mask runs before temperature and top-p, so sampling only ever sees allowed tokens.
         processors = [self._schema_processor(inputs, width)] if any(i.json_schema for i in inputs) else []
+        sample = options.temperature > 0
         output = self.model.generate(
             **batch, max_new_tokens=most_new, min_new_tokens=most_new if options.ignore_eos else 0,
-            do_sample=False, repetition_penalty=options.repetition_penalty, pad_token_id=self.pad_token_id,
+            do_sample=sample, repetition_penalty=options.repetition_penalty, pad_token_id=self.pad_token_id,
             eos_token_id=None if options.ignore_eos else sorted(self.eos_token_ids),
-            temperature=None, top_p=None, top_k=None, logits_processor=processors)
+            temperature=options.temperature if sample else None, top_p=options.top_p if sample else None,
+            top_k=None, logits_processor=processors)
         generated = output[:, width:].tolist()  # [B, <= most_new]
         return [self._trim(row, limit, options.ignore_eos) for row, limit in zip(generated, max_new_tokens)]
 

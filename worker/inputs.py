@@ -4,6 +4,7 @@ document too long for one request. Parts are what chunk jobs store: `{"text": ..
 from __future__ import annotations
 
 import io
+import json
 from typing import Any
 
 from PIL import Image
@@ -51,9 +52,10 @@ def plan_job_chunks(parts: list[Part], info: ModelInfo, budget: int, overlap_tok
     return [[pieces[i] for i in group] for group in groups]
 
 
-def reduce_parts(outputs: list[str]) -> list[Part]:
-    """The answers for consecutive parts, labelled, as the input of a reduce step."""
-    return [{"text": f"[part {i}]\n{output.strip()}"} for i, output in enumerate(outputs, start=1)]
+def reduce_parts(outputs: list[dict[str, Any]]) -> list[Part]:
+    """The answers for consecutive parts (stored results: JSON or text), labelled, as a reduce step's input."""
+    texts = [json.dumps(o["json"], ensure_ascii=False) if "json" in o else o["text"].strip() for o in outputs]
+    return [{"text": f"[part {i}]\n{text}"} for i, text in enumerate(texts, start=1)]
 
 
 def materialise(parts: list[Part], store: Store) -> list[str | Image.Image]:

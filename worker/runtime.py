@@ -6,7 +6,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from schemas.settings import Settings
+from schemas.states import DocbatchError, ErrorCode
 from schemas.store import Store
+from schemas.tasks import TaskDefinition
 from worker.extract import ExtractLimits
 from worker.modelinfo import ModelInfo, input_budget, model_info
 
@@ -20,6 +22,7 @@ class Runtime:
     processor: Any = None  # vision models only
     loaded_info: ModelInfo | None = None  # infer workers: from the loaded model
     _stores: dict[int, Store] = field(default_factory=dict)
+    _tasks: dict[str, TaskDefinition] = field(default_factory=dict)
 
     @property
     def store(self) -> Store:
@@ -28,6 +31,15 @@ class Runtime:
         if pid not in self._stores:
             self._stores[pid] = Store(self.settings.effective_database_url, self.settings.blob_dir)
         return self._stores[pid]
+
+    def task(self, task_hash: str | None) -> TaskDefinition:
+        """A job's task definition (read once: a hash names one definition forever)."""
+        if task_hash is None:
+            raise DocbatchError(ErrorCode.INTERNAL_ERROR, "the job has no task definition (made by an older "
+                                                          "docbatch); submit its document again")
+        if task_hash not in self._tasks:
+            self._tasks[task_hash] = TaskDefinition.model_validate(self.store.get_task(task_hash))
+        return self._tasks[task_hash]
 
     @property
     def info(self) -> ModelInfo:

@@ -2,31 +2,41 @@
 
 prepare (CPU pool):  queued -> preparing -> ready: pages extracted (OCR for text-only models), stored;
                      a document too long for one request becomes chunk jobs (map) and its job waits.
+                     An OpenAI chat request has nothing to extract and goes straight on.
 infer (GPU thread):  ready -> running -> done, via the in-process engine that batches across threads;
-                     the last chunk of a level to finish moves its document on (reduce).
+                     the answer is decoded under the task's JSON schema, validated and checked;
+                     the last chunk of a level to finish moves its document on (reduce: the chunks'
+                     answers merged by the schema's rules, the model asked only about conflicts).
 A failure of one document becomes that job's failed state with a reason code; the worker goes on.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
+import json
 import logging
-from typing import Callable
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Callable
 
 from celery import shared_task
 from celery.exceptions import SoftTimeLimitExceeded
 
 from schemas.models import Job
+from schemas.openai import ChatRequest
 from schemas.states import DocbatchError, ErrorCode, JobState
 from schemas.store import StoredPage
+from schemas.tasks import Generation, TaskDefinition
 from worker import runtime
 from worker.celery_app import INFER_QUEUE, INFER_TASK, PREPARE_QUEUE, PREPARE_TASK, broker_priority
+from worker.checks import check_answer
 from worker.engine import Completion, GenerationOptions, ModelInput, RequestTooLarge
 from worker.extract import ExtractedPage, extract_pages
 from worker.inputs import Part, document_parts, materialise, plan_job_chunks, reduce_parts
+from worker.merge import conflict_prompt_text, merge_answers
 from worker.ocr import ocr_image
-from worker.prompts import (PROMPT_RESERVE_TOKENS, TASKS, Prompt, TaskSpec, build_text_prompt, constrained,
-                             instruction_for, parse_output)
+from worker.prompts import Prompt, build_text_prompt, chat_tokens, prompt_reserve, validate_json
 
 log = logging.getLogger(__name__)
 
@@ -71,10 +81,14 @@ def prepare(job_id: str) -> None:
         return
 
     def work() -> None:
+        task = rt.task(job.params.get("task"))
+        if task.kind == "chat":
+            rt.store.mark_ready(job_id)
+            send_infer(job_id, job.priority)
+            return
         pages = ensure_pages(job.document_sha256)
         parts = document_parts(pages, rt.info.is_vision, rt.store)
-        chunks = plan_job_chunks(parts, rt.info, rt.max_input_tokens - PROMPT_RESERVE_TOKENS,
-                                 rt.settings.chunk_overlap_tokens)
+        chunks = plan_job_chunks(parts, rt.info, _chunk_budget(task), rt.settings.chunk_overlap_tokens)
         if chunks is None:
             rt.store.mark_ready(job_id)
             send_infer(job_id, job.priority)
@@ -145,17 +159,45 @@ def start_chunks(parent: Job, level: int, chunks: list[list[Part]]) -> None:
         advance_parent(parent.id, level)
 
 
+def _chunk_budget(task: TaskDefinition) -> int:
+    rt = runtime.current()
+    return rt.max_input_tokens - prompt_reserve(task, rt.info.count_tokens)
+
+
 def advance_parent(parent_id: str, level: int) -> None:
-    """Every chunk of `level` is done: reduce their answers in the parent, or in another level."""
+    """Every chunk of `level` is done: merge their answers by the task's schema; when they agree, that is
+    the document's answer. Otherwise the model resolves the conflicts (or, without a schema, combines the
+    answers) in the parent, or in another level when that input is still too long."""
     rt = runtime.current()
     parent = rt.store.get_job(parent_id)
-    parts = reduce_parts(rt.store.chunk_outputs(parent_id, level))
-    chunks = plan_job_chunks(parts, rt.info, rt.max_input_tokens - PROMPT_RESERVE_TOKENS, 0)
+    task = rt.task(parent.params.get("task"))
+    outputs = rt.store.chunk_outputs(parent_id, level)
+    if task.schema_text is not None and all("json" in output for output in outputs):
+        merged = merge_answers(task.json_schema, [output["json"] for output in outputs])
+        if not merged.conflicts and _finish_merged(parent_id, task, merged.value):
+            return
+        parts: list[Part] = [{"text": conflict_prompt_text(merged)}]
+    else:
+        parts = reduce_parts(outputs)
+    chunks = plan_job_chunks(parts, rt.info, _chunk_budget(task), 0)
     if chunks is None:
         rt.store.set_reduce_input(parent_id, parts)
         send_infer(parent_id, parent.priority)
     else:
         start_chunks(parent, level + 1, chunks)
+
+
+def _finish_merged(parent_id: str, task: TaskDefinition, value: dict[str, Any]) -> bool:
+    """Record the merged answer as the document's; False when it does not validate (the model reduces then)."""
+    text = json.dumps(value, ensure_ascii=False)
+    try:
+        answer = validate_json(task.schema_text, text)
+    except DocbatchError as e:
+        log.warning("job %s: the merged answer is invalid (%s); the model combines the parts", parent_id, e.message)
+        return False
+    result = {"json": answer, "reduced_by": "merge", **_checked(task, answer)}
+    runtime.current().store.finish(parent_id, result, text, tokens_in=None, tokens_out=None, batch_size=None)
+    return True
 
 
 @shared_task(name=INFER_TASK)
@@ -171,41 +213,103 @@ def infer(job_id: str) -> None:
         return
 
     def work() -> None:
-        parts = job.input_parts or document_parts(_pages(job), rt.info.is_vision, rt.store)
-        instruction = instruction_for(TASKS[job.task], job.parent_id is not None, job.chunk_level, job.chunk_index,
-                                      job.input_parts is not None)
-        prompt = _build_prompt(instruction, parts)
-        data, text, completion = _answer(TASKS[job.task], prompt, job.params)
-        finished = rt.store.finish(job_id, data, text, tokens_in=len(prompt.model_input.token_ids),
-                                   tokens_out=len(completion.token_ids), batch_size=completion.batch_size)
+        task = rt.task(job.params.get("task"))
+        if task.kind == "chat":
+            request = ChatRequest.model_validate_json(rt.store.read_document(job.document_sha256)[0])
+            prompt, generation, schema = _chat_prompt(request, task.generation)
+        else:
+            prompt, generation, schema = _document_prompt(job, task), task.generation, task.json_schema
+        answer = _answer(prompt.model_input, generation, schema, repair=task.kind != "chat")
+        result: dict[str, Any] = {"text": answer.text} if answer.value is None or task.kind == "chat" else {}
+        if answer.value is not None:
+            result["json"] = answer.value
+            if job.parent_id is None:
+                result.update(_checked(task, answer.value))
+        result.update(input_truncated=prompt.is_truncated, finish_reason=answer.finish_reason)
+        finished = rt.store.finish(job_id, result, answer.text, tokens_in=len(prompt.model_input.token_ids),
+                                   tokens_out=len(answer.completion.token_ids),
+                                   batch_size=answer.completion.batch_size)
         if finished and job.parent_id and rt.store.chunk_finished(job.parent_id):
             advance_parent(job.parent_id, job.chunk_level)
 
     _fail_on_error(job, work)
 
 
-def _answer(task: TaskSpec, prompt: Prompt, params: dict) -> tuple[dict, str, Completion]:
-    """The task's validated answer to `prompt`, decoded under its JSON schema: (result, text, completion).
+def _checked(task: TaskDefinition, answer: Any) -> dict[str, Any]:
+    """The task's consistency checks on a document's final answer, as the result's `warnings`."""
+    if task.checks is None:
+        return {}
+    return {"warnings": [warning.as_dict() for warning in check_answer(task.checks, answer)]}
 
-    An invalid answer under constraints was cut off by max_new_tokens, so it gets twice the room, once;
-    then the job fails with `schema_invalid`, the answer kept."""
-    max_new_tokens = int(params["max_new_tokens"])
-    options = GenerationOptions(repetition_penalty=float(params["repetition_penalty"]),
-                                ignore_eos=bool(params.get("ignore_eos", False)))
-    if options.ignore_eos:  # benchmarks: free text of exactly max_new_tokens, neither constrained nor checked
-        text, completion = _generate(prompt.model_input, max_new_tokens, options)
-        return {"text": text, "input_truncated": prompt.is_truncated}, text, completion
-    model_input = constrained(prompt.model_input, task)
-    text, completion = _generate(model_input, max_new_tokens, options)
-    try:
-        return parse_output(task, text, prompt.is_truncated), text, completion
-    except DocbatchError:
-        log.info("answer cut off at %d tokens; once more with twice the room", max_new_tokens)
-    text, completion = _generate(model_input, 2 * max_new_tokens, options)
-    try:
-        return parse_output(task, text, prompt.is_truncated), text, completion
-    except DocbatchError as e:
-        raise DocbatchError(e.code, e.message, raw_text=text) from e
+
+def _document_prompt(job: Job, task: TaskDefinition) -> Prompt:
+    """A document (or part) under the task's prompt; the parts' answers under its reduce prompt."""
+    rt = runtime.current()
+    if job.input_parts is not None and (job.parent_id is None or job.chunk_level > 1):
+        return _build_prompt(task, job.input_parts, reduce=True, metadata={})
+    metadata = {**rt.store.document_meta(job.document_sha256), "filename": job.params.get("filename")}
+    if job.parent_id is None:
+        parts = document_parts(_pages(job), rt.info.is_vision, rt.store)
+    else:
+        parts = [{"text": f"[part {job.chunk_index + 1} of a longer document]"}, *job.input_parts]
+    return _build_prompt(task, parts, reduce=False, metadata=metadata)
+
+
+def _chat_prompt(request: ChatRequest, defaults: Generation) -> tuple[Prompt, Generation, dict[str, Any] | None]:
+    """An OpenAI chat request as the model's prompt, its decoding settings and its answer's schema."""
+    rt = runtime.current()
+    token_ids = chat_tokens(rt.tokenizer, request.chat_messages())
+    room = min(rt.max_input_tokens, rt.info.context_tokens - 1) - len(token_ids)
+    if room < 0:
+        raise DocbatchError(ErrorCode.INPUT_TOO_LONG, f"the messages take {len(token_ids)} tokens, over the input "
+                                                      f"budget of {rt.max_input_tokens}")
+    requested = request.max_completion_tokens or request.max_tokens or defaults.max_new_tokens
+    generation = defaults.model_copy(update={
+        "max_new_tokens": max(1, min(requested, rt.info.context_tokens - len(token_ids))),
+        "temperature": defaults.temperature if request.temperature is None else request.temperature,
+        "top_p": defaults.top_p if request.top_p is None else request.top_p})
+    return Prompt(ModelInput(token_ids), is_truncated=False), generation, request.answer_schema()
+
+
+@dataclass(frozen=True)
+class Answer:
+    value: Any  # the validated JSON, or None for a free-text answer
+    text: str
+    completion: Completion
+    finish_reason: str  # "stop" (end of answer) or "length" (max_new_tokens reached), as OpenAI says
+
+
+def _answer(model_input: ModelInput, generation: Generation, schema: dict[str, Any] | None, *,
+            repair: bool) -> Answer:
+    """The answer to one prompt, decoded under `schema` and validated when there is one.
+
+    An invalid answer under constraints was cut off by max_new_tokens. With `repair` it gets twice the
+    room, once; then the job fails with `schema_invalid`, the answer kept. Without (an OpenAI request,
+    whose max_tokens is the caller's limit) the cut answer is returned as OpenAI does: finish_reason
+    `length`, the text as far as it got."""
+    options = GenerationOptions(repetition_penalty=generation.repetition_penalty, temperature=generation.temperature,
+                                top_p=generation.top_p, ignore_eos=generation.ignore_eos)
+    limit = generation.max_new_tokens
+    if schema is None or generation.ignore_eos:  # ignore_eos: benchmarks, free text of exactly max_new_tokens
+        text, completion = _generate(model_input, limit, options)
+        return Answer(None, text, completion, _finish_reason(completion, limit))
+    schema_text = json.dumps(schema, sort_keys=True)
+    model_input = dataclasses.replace(model_input, json_schema=schema_text)
+    for room in (limit, 2 * limit) if repair else (limit,):
+        text, completion = _generate(model_input, room, options)
+        reason = _finish_reason(completion, room)
+        try:
+            return Answer(validate_json(schema_text, text), text, completion, reason)
+        except DocbatchError as e:
+            error = DocbatchError(e.code, e.message, raw_text=text)
+            log.info("answer invalid after %d tokens (%s): %s", len(completion.token_ids), reason, e.message)
+    if not repair and reason == "length":
+        return Answer(None, text, completion, reason)
+    raise error
+
+
+def _finish_reason(completion: Completion, limit: int) -> str:
+    return "length" if len(completion.token_ids) >= limit else "stop"
 
 
 def _generate(model_input: ModelInput, max_new_tokens: int, options: GenerationOptions) -> tuple[str, Completion]:
@@ -225,14 +329,15 @@ def _pages(job: Job) -> list[StoredPage]:
     return pages
 
 
-def _build_prompt(instruction: str, parts: list[Part]) -> Prompt:
+def _build_prompt(task: TaskDefinition, parts: list[Part], *, reduce: bool, metadata: dict[str, Any]) -> Prompt:
     rt = runtime.current()
     try:
         if rt.processor is not None:
             from worker.vision import build_vision_prompt
 
-            return build_vision_prompt(rt.processor, instruction, materialise(parts, rt.store), rt.max_input_tokens)
-        return build_text_prompt(rt.tokenizer, instruction, "\n\n".join(p["text"] for p in parts),
-                                 rt.max_input_tokens)
+            return build_vision_prompt(rt.processor, task.around_text(reduce=reduce, **metadata),
+                                       materialise(parts, rt.store), rt.max_input_tokens)
+        render: Callable[[str], str] = task.render_reduce if reduce else partial(task.render, **metadata)
+        return build_text_prompt(rt.tokenizer, render, "\n\n".join(p["text"] for p in parts), rt.max_input_tokens)
     except ValueError as e:  # the fixed part of the prompt (template, images) alone exceeds the budget
         raise DocbatchError(ErrorCode.INPUT_TOO_LONG, str(e)) from e

@@ -42,9 +42,10 @@ def load_processor(source: str, config: Any) -> Any:
     return ImageOnlyProcessor.from_pretrained(source)
 
 
-def build_vision_prompt(processor: Any, instruction: str, parts: list[str | Image.Image],
+def build_vision_prompt(processor: Any, around: tuple[str, str], parts: list[str | Image.Image],
                         max_input_tokens: int) -> Prompt:
-    """One user turn holding `parts` in order (text and page images), then `instruction` as the last text.
+    """One user turn holding `parts` in order (text and page images) between the task prompt's text before
+    and after the document (`around`).
 
     The result fits `max_input_tokens`: text is cut from the end of the text parts first (the last part
     first) and `is_truncated` is set; images are never cut. Raises ValueError when the images, the
@@ -59,13 +60,13 @@ def build_vision_prompt(processor: Any, instruction: str, parts: list[str | Imag
     kept_texts = list(texts)
     is_truncated = False
     while True:
-        encoded = _encode(processor, instruction, parts, kept_texts, images)
+        encoded = _encode(processor, around, parts, kept_texts, images)
         token_ids = encoded["input_ids"][0].tolist()
         excess = len(token_ids) - max_input_tokens
         if excess <= 0:
             break
         if not any(kept_ids):
-            raise ValueError(f"{len(images)} page image(s) with the instruction take {len(token_ids)} tokens, "
+            raise ValueError(f"{len(images)} page image(s) with the task prompt take {len(token_ids)} tokens, "
                              f"over the input budget of {max_input_tokens}; lower the processor's max_pixels")
         is_truncated = True
         for index in reversed(range(len(kept_ids))):
@@ -80,19 +81,20 @@ def build_vision_prompt(processor: Any, instruction: str, parts: list[str | Imag
     return Prompt(ModelInput(token_ids, extras), is_truncated=is_truncated)
 
 
-def _encode(processor: Any, instruction: str, parts: list[str | Image.Image], texts: list[str],
+def _encode(processor: Any, around: tuple[str, str], parts: list[str | Image.Image], texts: list[str],
             images: list[Image.Image]) -> Any:
-    """Chat-template the parts (with `texts` standing in for the text parts, in order) and run the processor."""
-    content: list[dict[str, str]] = []
+    """Chat-template the parts (with `texts` standing in for the text parts, in order) between the text
+    `around` them, and run the processor. Qwen's template joins content parts with nothing between them."""
+    before, after = around
+    content: list[dict[str, str]] = [{"type": "text", "text": before}] if before else []
     remaining = iter(texts)
     for part in parts:
         if isinstance(part, Image.Image):
             content.append({"type": "image"})
         elif text := next(remaining):
             content.append({"type": "text", "text": text})
-    # Qwen's template joins parts with nothing between them: keep the document's last words off the instruction.
-    separator = "\n\n" if content and content[-1]["type"] == "text" else ""
-    content.append({"type": "text", "text": separator + instruction})
+    if after:
+        content.append({"type": "text", "text": after})
     prompt = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
                                            tokenize=False)
     return processor(text=[prompt], images=images or None, return_tensors="pt")
