@@ -2,6 +2,7 @@
 packaged SmolLM2-135M-Instruct (converted once per test session)."""
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -100,13 +101,20 @@ def worker_settings(settings: Settings, database_url: str) -> Settings:
     return settings.model_copy(update={"database_url": database_url})
 
 
+@contextlib.contextmanager
+def worker_process(settings: Settings, log_path: Path):
+    """`docbatch worker --gpus cpu` as its own process tree, stopped (warm shutdown) afterwards."""
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen([sys.executable, "-m", "producer.cli", "worker", "--gpus", "cpu"],
+                                   env={**os.environ, **settings.to_env()}, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            yield process
+        finally:
+            process.terminate()
+            process.wait(60)
+
+
 @pytest.fixture
 def running_worker(worker_settings: Settings, tmp_path: Path):
-    """`docbatch worker --gpus cpu` as its own process tree, stopped (warm shutdown) afterwards."""
-    log = open(tmp_path / "worker.log", "wb")
-    process = subprocess.Popen([sys.executable, "-m", "producer.cli", "worker", "--gpus", "cpu"],
-                               env={**os.environ, **worker_settings.to_env()}, stdout=log, stderr=subprocess.STDOUT)
-    yield process
-    process.terminate()
-    process.wait(60)
-    log.close()
+    with worker_process(worker_settings, tmp_path / "worker.log") as process:
+        yield process

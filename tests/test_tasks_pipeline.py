@@ -18,7 +18,7 @@ import redis
 from click.testing import CliRunner
 from rich.console import Console
 
-from conftest import REDIS_URL
+from conftest import REDIS_URL, worker_process
 from producer.cli import main as cli
 from producer.submit import Source, submit
 from schemas.outputs import FinancialReport
@@ -49,13 +49,8 @@ def module_settings(tmp_path_factory, small_model_dir):
 
 @pytest.fixture(scope="module")
 def module_worker(module_settings, tmp_path_factory):
-    log = open(tmp_path_factory.mktemp("logs") / "worker.log", "wb")
-    process = subprocess.Popen([sys.executable, "-m", "producer.cli", "worker", "--gpus", "cpu"],
-                               env={**os.environ, **module_settings.to_env()}, stdout=log, stderr=subprocess.STDOUT)
-    yield process
-    process.terminate()
-    process.wait(60)
-    log.close()
+    with worker_process(module_settings, tmp_path_factory.mktemp("logs") / "worker.log") as process:
+        yield process
 
 
 def _cli(settings, *args: str):
