@@ -3,12 +3,11 @@ from __future__ import annotations
 
 import io
 import os
-import subprocess
-import sys
 
 import pytest
 from rich.console import Console
 
+from conftest import worker_process
 from documents import (encrypted_pdf, multipage_tiff, pdf, pixel_bomb_png, rotated_jpeg, stream_bomb_pdf,
                        text_image)
 from producer.progress import wait_for_batch
@@ -123,10 +122,7 @@ def test_a_vision_model_worker_reads_scans_as_images_not_ocr(settings, vl_model_
     folder.mkdir()
     (folder / "scan.png").write_bytes(pdf_page_png())
     (folder / "note.txt").write_text("Short note: rent is due on the first day of each month.")
-    log = open(tmp_path / "vl-worker.log", "wb")
-    worker = subprocess.Popen([sys.executable, "-m", "producer.cli", "worker", "--gpus", "cpu"],
-                              env={**os.environ, **vl_settings.to_env()}, stdout=log, stderr=subprocess.STDOUT)
-    try:
+    with worker_process(vl_settings, tmp_path / "vl-worker.log") as worker:
         store = Store(vl_settings.effective_database_url)
         store.migrate()
         # When both are submitted and run
@@ -134,10 +130,6 @@ def test_a_vision_model_worker_reads_scans_as_images_not_ocr(settings, vl_model_
                        Source(paths=(folder,)), builtin_task("summarize", vl_settings), console=QUIET).batch
         status = wait_for_batch(store, batch.batch_id, console=QUIET, timeout_s=600,
                                 check_alive=lambda: worker.poll() is None or pytest.fail("worker died"))
-    finally:
-        worker.terminate()
-        worker.wait(60)
-        log.close()
     # Then both are done, and the scan reached the model as an image (stored, never OCR'd)
     assert (status.done, status.failed) == (2, 0)
     rows = {item.name: job for item, job, _ in store.batch_rows(batch.batch_id)}

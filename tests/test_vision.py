@@ -70,6 +70,17 @@ def test_an_image_becomes_one_placeholder_per_merged_patch_before_the_text_and_i
     assert text.index("<|vision_start|>") < text.index("Invoice 42 from ACME") < text.index(INSTRUCTION)
 
 
+def test_a_task_prompt_with_text_before_the_document_keeps_its_order(vl_model):
+    # Given a custom task whose template puts text before and after the document
+    around = ("File: scan.png\n\n", "\n\nAnswer as JSON.")
+    # When the prompt is built for a page image and its text layer
+    prompt = build_vision_prompt(vl_model.processor, around, [page_image(), "Invoice 42"], 1000)
+    # Then the template's text, the image, the page text and the closing text come in that order
+    text = vl_model.processor.tokenizer.decode(prompt.model_input.token_ids)
+    assert (text.index("File: scan.png") < text.index("<|vision_start|>") < text.index("Invoice 42")
+            < text.index("Answer as JSON."))
+
+
 def test_a_text_only_prompt_has_no_extras(vl_model):
     prompt = build_vision_prompt(vl_model.processor, AROUND, ["only text"], 1000)
     assert prompt.model_input.extras == {}
