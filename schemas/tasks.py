@@ -64,7 +64,8 @@ class TaskDefinition(BaseModel):
     prompt: str = ""
     reduce_prompt: str = DEFAULT_REDUCE_PROMPT
     json_schema: dict[str, Any] | None = None  # the answer is JSON matching it, enforced while decoding
-    checks: Literal["summarize", "extract"] | None = None  # consistency checks run on the answer (built-ins)
+    # built-ins: the answer's pydantic model (validated after the schema) and its consistency checks
+    checks: Literal["summarize", "extract"] | None = None
     generation: Generation
 
     @model_validator(mode="after")
@@ -85,6 +86,10 @@ class TaskDefinition(BaseModel):
     @cached_property
     def schema_text(self) -> str | None:
         return json.dumps(self.json_schema, sort_keys=True) if self.json_schema is not None else None
+
+    @property
+    def output_model(self) -> type[BaseModel] | None:
+        return {"summarize": ContractSummary, "extract": FinancialReport}.get(self.checks or "")
 
     @cached_property
     def uses_filename(self) -> bool:

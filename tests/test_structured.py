@@ -16,7 +16,7 @@ from worker.engine import GenerationOptions, ModelInput
 from worker.extract import extract_pages
 from worker.generation import HFGenerator
 from worker.grammar import GrammarCache
-from worker.prompts import build_text_prompt, parse_output
+from worker.prompts import build_text_prompt, validate_json
 
 pytestmark = pytest.mark.slow
 SAMPLES = importlib.resources.files("producer") / "samples"
@@ -58,7 +58,9 @@ def test_constrained_answers_all_validate_and_mixed_schemas_share_a_batch(small_
     assert all(_valid(FinancialReport, t) for t in texts[:3]), texts[:3]
     assert _valid(ContractSummary, texts[3]), texts[3]
     assert not texts[4].lstrip().startswith("{")
-    assert parse_output(TASKS["extract"], texts[0])["json"].keys() == FinancialReport.model_fields.keys()
+    extract = TASKS["extract"]
+    answer = validate_json(extract.schema_text, texts[0], extract.output_model)
+    assert answer.keys() == FinancialReport.model_fields.keys()
 
 
 def test_without_the_constraint_the_same_prompts_give_invalid_json(small_model):
@@ -79,5 +81,13 @@ def test_each_schema_is_compiled_once(small_model):
 
 def test_a_cut_off_answer_is_schema_invalid():
     with pytest.raises(DocbatchError) as info:
-        parse_output(TASKS["extract"], '{"company": "Acme", "report_ty')
+        validate_json(TASKS["extract"].schema_text, '{"company": "Acme", "report_ty')
     assert info.value.code == ErrorCode.SCHEMA_INVALID
+
+
+def test_a_built_in_answer_is_also_validated_by_its_pydantic_model():
+    extract = TASKS["extract"]
+    answer = {**{field: None for field in FinancialReport.model_fields}, "segments": [], "revenue": 1200}
+    validated = validate_json(extract.schema_text, json.dumps(answer), extract.output_model)
+    assert validated["revenue"] == 1200.0 and isinstance(validated["revenue"], float)  # the model's own JSON form
+    assert validate_json(extract.schema_text, json.dumps(answer))["revenue"] == 1200  # a schema alone keeps it

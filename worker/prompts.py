@@ -7,6 +7,7 @@ from functools import lru_cache
 from typing import Any, Callable
 
 import jsonschema
+from pydantic import BaseModel, ValidationError
 
 from schemas.states import DocbatchError, ErrorCode
 from schemas.tasks import TaskDefinition
@@ -57,8 +58,9 @@ def _validator(schema_text: str) -> jsonschema.protocols.Validator:
     return cls(schema, format_checker=cls.FORMAT_CHECKER)
 
 
-def validate_json(schema_text: str, text: str) -> Any:
-    """The answer parsed and checked against the schema (formats such as `date` included).
+def validate_json(schema_text: str, text: str, model: type[BaseModel] | None = None) -> Any:
+    """The answer parsed and checked against the schema (formats such as `date` included), then, for a
+    built-in task, validated by its pydantic `model` (and dumped in that model's JSON form).
 
     Raises `DocbatchError(schema_invalid)`; constrained decoding makes that rare (an answer cut off by
     `max_new_tokens`)."""
@@ -70,11 +72,10 @@ def validate_json(schema_text: str, text: str) -> Any:
     if errors:
         where = "/".join(str(p) for p in errors[0].absolute_path) or "the answer"
         raise DocbatchError(ErrorCode.SCHEMA_INVALID, f"{where}: {errors[0].message} ({len(errors)} errors)")
-    return answer
-
-
-def parse_output(task: TaskDefinition, text: str) -> dict[str, Any]:
-    """A job's answer as stored: `{"json": ...}` validated against the task's schema, or `{"text": ...}`."""
-    if task.schema_text is None or task.generation.ignore_eos:
-        return {"text": text}
-    return {"json": validate_json(task.schema_text, text)}
+    if model is None:
+        return answer
+    try:
+        return model.model_validate(answer).model_dump(mode="json")
+    except ValidationError as e:
+        raise DocbatchError(ErrorCode.SCHEMA_INVALID, f"not a valid {model.__name__}: {e.errors()[0]['msg']} "
+                                                      f"({e.error_count()} errors)") from e

@@ -22,6 +22,7 @@ from typing import Any, Callable
 
 from celery import shared_task
 from celery.exceptions import SoftTimeLimitExceeded
+from pydantic import BaseModel
 
 from schemas.models import Job
 from schemas.openai import ChatRequest
@@ -191,7 +192,7 @@ def _finish_merged(parent_id: str, task: TaskDefinition, value: dict[str, Any]) 
     """Record the merged answer as the document's; False when it does not validate (the model reduces then)."""
     text = json.dumps(value, ensure_ascii=False)
     try:
-        answer = validate_json(task.schema_text, text)
+        answer = validate_json(task.schema_text, text, task.output_model)
     except DocbatchError as e:
         log.warning("job %s: the merged answer is invalid (%s); the model combines the parts", parent_id, e.message)
         return False
@@ -219,7 +220,7 @@ def infer(job_id: str) -> None:
             prompt, generation, schema = _chat_prompt(request, task.generation)
         else:
             prompt, generation, schema = _document_prompt(job, task), task.generation, task.json_schema
-        answer = _answer(prompt.model_input, generation, schema, repair=task.kind != "chat")
+        answer = _answer(prompt.model_input, generation, schema, task.output_model, repair=task.kind != "chat")
         result: dict[str, Any] = {"text": answer.text} if answer.value is None or task.kind == "chat" else {}
         if answer.value is not None:
             result["json"] = answer.value
@@ -279,9 +280,10 @@ class Answer:
     finish_reason: str  # "stop" (end of answer) or "length" (max_new_tokens reached), as OpenAI says
 
 
-def _answer(model_input: ModelInput, generation: Generation, schema: dict[str, Any] | None, *,
-            repair: bool) -> Answer:
-    """The answer to one prompt, decoded under `schema` and validated when there is one.
+def _answer(model_input: ModelInput, generation: Generation, schema: dict[str, Any] | None,
+            output_model: type[BaseModel] | None, *, repair: bool) -> Answer:
+    """The answer to one prompt, decoded under `schema` and validated when there is one (and by the
+    built-in task's pydantic `output_model`).
 
     An invalid answer under constraints was cut off by max_new_tokens. With `repair` it gets twice the
     room, once; then the job fails with `schema_invalid`, the answer kept. Without (an OpenAI request,
@@ -299,7 +301,7 @@ def _answer(model_input: ModelInput, generation: Generation, schema: dict[str, A
         text, completion = _generate(model_input, room, options)
         reason = _finish_reason(completion, room)
         try:
-            return Answer(validate_json(schema_text, text), text, completion, reason)
+            return Answer(validate_json(schema_text, text, output_model), text, completion, reason)
         except DocbatchError as e:
             error = DocbatchError(e.code, e.message, raw_text=text)
             log.info("answer invalid after %d tokens (%s): %s", len(completion.token_ids), reason, e.message)
