@@ -36,7 +36,7 @@ from schemas.settings import Settings  # noqa: E402
 from worker.engine import GenerationOptions, ModelInput  # noqa: E402
 from worker.generation import HFGenerator  # noqa: E402
 from worker.model import load_model  # noqa: E402
-from schemas.tasks import builtin_task  # noqa: E402
+from schemas.tasks import builtin_task, schema_text  # noqa: E402
 from worker.prompts import build_text_prompt, chat_tokens  # noqa: E402
 
 CLAUSE = ("Clause {k}. The Supplier shall deliver the goods listed in Schedule {k} to the Customer's site within "
@@ -86,7 +86,7 @@ def request_prompts(tokenizer, requests: Path, count: int) -> list[ModelInput]:
         body = json.loads(line)["body"]
         schema = body.get("response_format", {}).get("json_schema", {}).get("schema")
         prompts.append(ModelInput(chat_tokens(tokenizer, body["messages"]),
-                                  json_schema=json.dumps(schema, sort_keys=True) if schema else None))
+                                  json_schema=schema_text(schema) if schema else None))
     return prompts
 
 

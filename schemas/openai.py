@@ -86,7 +86,8 @@ class ChatRequest(BaseModel):
         return [{"role": "system" if m.role == "developer" else m.role, "content": m.content} for m in self.messages]
 
     def canonical_bytes(self) -> bytes:
-        return json.dumps(self.model_dump(mode="json", by_alias=True, exclude_defaults=True), sort_keys=True,
+        # Fields in the model's order; a response schema keeps its own order (the order of the answer).
+        return json.dumps(self.model_dump(mode="json", by_alias=True, exclude_defaults=True),
                           separators=(",", ":"), ensure_ascii=False).encode()
 
 

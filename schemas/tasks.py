@@ -80,12 +80,13 @@ class TaskDefinition(BaseModel):
 
     @cached_property
     def hash(self) -> str:
-        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        # Not sorted: a schema's property order is part of the task (it is the order the answer is written in).
+        canonical = json.dumps(self.model_dump(mode="json"), separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
 
     @cached_property
     def schema_text(self) -> str | None:
-        return json.dumps(self.json_schema, sort_keys=True) if self.json_schema is not None else None
+        return schema_text(self.json_schema) if self.json_schema is not None else None
 
     @property
     def output_model(self) -> type[BaseModel] | None:
@@ -125,6 +126,12 @@ def _check_template(field: str, template: str, allowed: set[str]) -> None:
     rendered = _ENV.from_string(template).render(text=_SENTINEL, **{n: "x" for n in names - {"text"}})
     if rendered.count(_SENTINEL) != 1:
         raise ValueError(f"{field}: must use {{{{ text }}}} exactly once (found {rendered.count(_SENTINEL)})")
+
+
+def schema_text(schema: dict[str, Any]) -> str:
+    """A JSON schema as constrained decoding gets it: keys in their given order, which llguidance keeps
+    for the properties of the answer (sorting them would make the model write the fields alphabetically)."""
+    return json.dumps(schema, ensure_ascii=False)
 
 
 def schema_error(schema: dict[str, Any]) -> str:

@@ -28,7 +28,7 @@ from schemas.models import Job
 from schemas.openai import ChatRequest
 from schemas.states import DocbatchError, ErrorCode, JobState
 from schemas.store import StoredPage
-from schemas.tasks import Generation, TaskDefinition
+from schemas.tasks import Generation, TaskDefinition, schema_text
 from worker import runtime
 from worker.celery_app import INFER_QUEUE, INFER_TASK, PREPARE_QUEUE, PREPARE_TASK, broker_priority
 from worker.checks import check_answer
@@ -219,7 +219,7 @@ def infer(job_id: str) -> None:
             request = ChatRequest.model_validate_json(rt.store.read_document(job.document_sha256)[0])
             prompt, generation, schema = _chat_prompt(request, task.generation)
         else:
-            prompt, generation, schema = _document_prompt(job, task), task.generation, task.json_schema
+            prompt, generation, schema = _document_prompt(job, task), task.generation, task.schema_text
         answer = _answer(prompt.model_input, generation, schema, task.output_model, repair=task.kind != "chat")
         result: dict[str, Any] = {"text": answer.text} if answer.value is None or task.kind == "chat" else {}
         if answer.value is not None:
@@ -256,8 +256,8 @@ def _document_prompt(job: Job, task: TaskDefinition) -> Prompt:
     return _build_prompt(task, parts, reduce=False, metadata=metadata)
 
 
-def _chat_prompt(request: ChatRequest, defaults: Generation) -> tuple[Prompt, Generation, dict[str, Any] | None]:
-    """An OpenAI chat request as the model's prompt, its decoding settings and its answer's schema."""
+def _chat_prompt(request: ChatRequest, defaults: Generation) -> tuple[Prompt, Generation, str | None]:
+    """An OpenAI chat request as the model's prompt, its decoding settings and its answer's schema (text)."""
     rt = runtime.current()
     token_ids = chat_tokens(rt.tokenizer, request.chat_messages())
     room = min(rt.max_input_tokens, rt.info.context_tokens - 1) - len(token_ids)
@@ -269,7 +269,8 @@ def _chat_prompt(request: ChatRequest, defaults: Generation) -> tuple[Prompt, Ge
         "max_new_tokens": max(1, min(requested, rt.info.context_tokens - len(token_ids))),
         "temperature": defaults.temperature if request.temperature is None else request.temperature,
         "top_p": defaults.top_p if request.top_p is None else request.top_p})
-    return Prompt(ModelInput(token_ids), is_truncated=False), generation, request.answer_schema()
+    schema = request.answer_schema()
+    return Prompt(ModelInput(token_ids), is_truncated=False), generation, schema_text(schema) if schema else None
 
 
 @dataclass(frozen=True)
@@ -280,9 +281,10 @@ class Answer:
     finish_reason: str  # "stop" (end of answer) or "length" (max_new_tokens reached), as OpenAI says
 
 
-def _answer(model_input: ModelInput, generation: Generation, schema: dict[str, Any] | None,
+def _answer(model_input: ModelInput, generation: Generation, schema: str | None,
             output_model: type[BaseModel] | None, *, repair: bool) -> Answer:
-    """The answer to one prompt, decoded under `schema` and validated when there is one (and by the
+    """The answer to one prompt, decoded under the JSON `schema` (its text) and validated when there is
+    one (and by the
     built-in task's pydantic `output_model`).
 
     An invalid answer under constraints was cut off by max_new_tokens. With `repair` it gets twice the
@@ -295,13 +297,12 @@ def _answer(model_input: ModelInput, generation: Generation, schema: dict[str, A
     if schema is None or generation.ignore_eos:  # ignore_eos: benchmarks, free text of exactly max_new_tokens
         text, completion = _generate(model_input, limit, options)
         return Answer(None, text, completion, _finish_reason(completion, limit))
-    schema_text = json.dumps(schema, sort_keys=True)
-    model_input = dataclasses.replace(model_input, json_schema=schema_text)
+    model_input = dataclasses.replace(model_input, json_schema=schema)
     for room in (limit, 2 * limit) if repair else (limit,):
         text, completion = _generate(model_input, room, options)
         reason = _finish_reason(completion, room)
         try:
-            return Answer(validate_json(schema_text, text, output_model), text, completion, reason)
+            return Answer(validate_json(schema, text, output_model), text, completion, reason)
         except DocbatchError as e:
             error = DocbatchError(e.code, e.message, raw_text=text)
             log.info("answer invalid after %d tokens (%s): %s", len(completion.token_ids), reason, e.message)
