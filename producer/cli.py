@@ -10,6 +10,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from producer.export import FORMATS
 from schemas.records import BatchStatus, JobRecord
 from schemas.settings import Settings
 from schemas.states import JobState
@@ -150,7 +151,7 @@ def status_command(ctx, batch, as_json) -> None:
 
 @main.command("results")
 @click.argument("batch")
-@click.option("--format", "fmt", type=click.Choice(["jsonl", "csv", "md", "openai"]), default="jsonl",
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default="jsonl",
               show_default=True, help="md: a readable report per document; openai: the OpenAI Batch output format")
 @click.option("--out", type=click.Path(path_type=Path), help="write to this file instead of stdout")
 @click.pass_context

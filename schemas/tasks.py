@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import tomllib
-from functools import cached_property
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
@@ -96,6 +96,11 @@ class TaskDefinition(BaseModel):
     def uses_filename(self) -> bool:
         return "filename" in _variables(self.prompt)
 
+    @cached_property
+    def uses_stored_metadata(self) -> bool:
+        """Whether the prompt reads what the store knows of a document (type, pages, hash)."""
+        return bool(_variables(self.prompt) & {"media_type", "num_pages", "sha256"})
+
     def render(self, text: str, **metadata: Any) -> str:
         """The user's turn for one document (or one part of it)."""
         return _ENV.from_string(self.prompt).render(text=text, **metadata)
@@ -136,14 +141,21 @@ def schema_text(schema: dict[str, Any]) -> str:
 
 def schema_error(schema: dict[str, Any]) -> str:
     """Why `schema` cannot constrain decoding (not a JSON schema, or not one llguidance compiles); '' if it can."""
+    return _schema_error(schema_text(schema))
+
+
+@lru_cache(maxsize=256)
+def _schema_error(text: str) -> str:
+    """`schema_error` once per distinct schema: a batch file repeats the same schema on many lines."""
     import jsonschema
     from llguidance import LLMatcher
 
+    schema = json.loads(text)
     try:
         jsonschema.validators.validator_for(schema).check_schema(schema)
     except jsonschema.SchemaError as e:
         return f"not a valid JSON schema: {e.message}"
-    grammar = LLMatcher.grammar_from_json_schema(json.dumps(schema), overrides={"whitespace_flexible": False})
+    grammar = LLMatcher.grammar_from_json_schema(text, overrides={"whitespace_flexible": False})
     return LLMatcher.validate_grammar(grammar)
 
 

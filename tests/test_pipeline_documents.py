@@ -60,17 +60,22 @@ def _fixtures(folder, outside):
     return expected
 
 
+def _summarize(store: Store, settings, folder, worker, timeout_s: int):
+    """Submit `folder` for summaries and wait while `worker` runs them: (the new batch, its final status)."""
+    batch = submit(settings, store, make_celery(settings), Source(paths=(folder,)), builtin_task("summarize", settings),
+                   console=QUIET).batch
+    status = wait_for_batch(store, batch.batch_id, console=QUIET, timeout_s=timeout_s,
+                            check_alive=lambda: worker.poll() is None or pytest.fail("worker died"))
+    return batch, status
+
+
 def test_every_kind_of_input_ends_as_expected_and_the_worker_survives(worker_settings, running_worker, tmp_path):
     # Given a folder with good, scanned and hostile files, a symlink out of it and a FIFO
     expected = _fixtures(tmp_path / "inbox", tmp_path / "outside.txt")
     store = Store(worker_settings.effective_database_url)
     store.migrate()
     # When it is submitted and run by a real worker (text-only model: scans go through Tesseract)
-    batch = submit(worker_settings, store, make_celery(worker_settings),
-                   Source(paths=(tmp_path / "inbox",)), builtin_task("summarize", worker_settings),
-                   console=QUIET).batch
-    status = wait_for_batch(store, batch.batch_id, console=QUIET, timeout_s=600,
-                            check_alive=lambda: running_worker.poll() is None or pytest.fail("worker died"))
+    batch, status = _summarize(store, worker_settings, tmp_path / "inbox", running_worker, timeout_s=600)
     # Then each file ends as expected, with its reason code, and nothing is left running
     from producer.export import batch_records
 
@@ -94,10 +99,7 @@ def test_a_long_contract_is_chunked_mapped_and_reduced(worker_settings, running_
     store = Store(settings.effective_database_url)
     store.migrate()
     # When it runs
-    batch = submit(settings, store, make_celery(settings),
-                   Source(paths=(folder,)), builtin_task("summarize", settings), console=QUIET).batch
-    status = wait_for_batch(store, batch.batch_id, console=QUIET, timeout_s=900,
-                            check_alive=lambda: running_worker.poll() is None or pytest.fail("worker died"))
+    batch, status = _summarize(store, settings, folder, running_worker, timeout_s=900)
     # Then the document job is done after a map over several chunks and a reduce over their answers:
     # merged by the schema's rules, the model asked only about what the chunks disagree on (their summaries)
     assert (status.done, status.failed) == (1, 0)
@@ -126,10 +128,7 @@ def test_a_vision_model_worker_reads_scans_as_images_not_ocr(settings, vl_model_
         store = Store(vl_settings.effective_database_url)
         store.migrate()
         # When both are submitted and run
-        batch = submit(vl_settings, store, make_celery(vl_settings),
-                       Source(paths=(folder,)), builtin_task("summarize", vl_settings), console=QUIET).batch
-        status = wait_for_batch(store, batch.batch_id, console=QUIET, timeout_s=600,
-                                check_alive=lambda: worker.poll() is None or pytest.fail("worker died"))
+        batch, status = _summarize(store, vl_settings, folder, worker, timeout_s=600)
     # Then both are done, and the scan reached the model as an image (stored, never OCR'd)
     assert (status.done, status.failed) == (2, 0)
     rows = {item.name: job for item, job, _ in store.batch_rows(batch.batch_id)}

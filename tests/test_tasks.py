@@ -29,7 +29,9 @@ def test_the_sample_task_file_loads_with_its_schema_and_generation():
     # generation: the file's own keys, the rest from the settings
     assert (task.generation.max_new_tokens, task.generation.temperature, task.generation.repetition_penalty) == (
         200, 0.0, 1.05)
-    assert task.uses_filename
+    assert task.uses_filename and not task.uses_stored_metadata
+    counted = task.model_copy(update={"prompt": "{{ num_pages }} pages:\n{{ text }}"})
+    assert TaskDefinition.model_validate(counted.model_dump()).uses_stored_metadata
     prompt = task.render("THE TEXT", **METADATA)
     assert prompt.startswith("Agreement file: inbox/a.pdf\n\nTHE TEXT\n\nReview this agreement as JSON")
 

@@ -248,7 +248,9 @@ def _document_prompt(job: Job, task: TaskDefinition) -> Prompt:
     rt = runtime.current()
     if job.input_parts is not None and (job.parent_id is None or job.chunk_level > 1):
         return _build_prompt(task, job.input_parts, reduce=True, metadata={})
-    metadata = {**rt.store.document_meta(job.document_sha256), "filename": job.params.get("filename")}
+    metadata = {"filename": job.params.get("filename")}
+    if task.uses_stored_metadata:
+        metadata.update(rt.store.document_meta(job.document_sha256))
     if job.parent_id is None:
         parts = document_parts(_pages(job), rt.info.is_vision, rt.store)
     else:
