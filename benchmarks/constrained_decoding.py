@@ -21,7 +21,7 @@ from schemas.outputs import FinancialReport  # noqa: E402
 from schemas.settings import Settings  # noqa: E402
 from worker.engine import GenerationOptions, ModelInput  # noqa: E402
 from worker.extract import extract_pages  # noqa: E402
-from worker.generation import HFGenerator  # noqa: E402
+from worker.engine.hf_generator import HFGenerator  # noqa: E402
 from worker.model import load_model  # noqa: E402
 from schemas.tasks import builtin_task  # noqa: E402
 from worker.prompts import build_text_prompt  # noqa: E402

@@ -32,11 +32,19 @@ class Settings(BaseSettings):
 
     model: str = Field(PACKAGED_MODEL, description="hub id, local folder, or the packaged small model")
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    attn_implementation: str = "sdpa"
+    engine: Literal["auto", "paged", "hf"] = Field(
+        "auto", description="paged: continuous batching over a paged KV cache; hf: static batches through "
+                            "transformers' generate; auto: paged wherever it runs the model")
+    attn_implementation: str = Field("sdpa", description="hf engine: transformers' attention implementation")
 
-    max_batch_size: int = Field(32, ge=1)
-    max_batch_tokens: int = Field(32768, ge=64, description="padded tokens (prompt + new) in one batch")
-    max_wait_ms: int = Field(50, ge=0, description="how long the engine waits for more requests")
+    max_batch_size: int = Field(256, ge=1, description="sequences in one step (paged) or one generate call (hf)")
+    max_step_tokens: int = Field(8192, ge=16, description="paged: tokens one step computes (prompt chunks + decodes)")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="paged: share of the GPU's memory it may use")
+    kv_cache_gb: float = Field(0, ge=0, description="paged: KV cache size; 0 sizes it from free GPU memory (1 GiB on a CPU)")
+    kv_block_tokens: int = Field(16, ge=1, description="paged: tokens per KV cache block")
+    cuda_graphs: bool = Field(True, description="paged: replay decode steps from CUDA graphs")
+    max_batch_tokens: int = Field(32768, ge=64, description="hf: padded tokens (prompt + new) in one generate call")
+    max_wait_ms: int = Field(50, ge=0, description="hf: how long the engine waits for a batch to fill")
     max_new_tokens: int = Field(256, ge=1)
     repetition_penalty: float = Field(1.1, ge=1.0, description="greedy decoding of small models loops without it")
     ignore_eos: bool = Field(False, description="benchmarks: every answer runs to max_new_tokens")

@@ -1,7 +1,7 @@
 """The batch plan is a pure function: every request lands in exactly one batch within the caps."""
 import pytest
 
-from worker.batching import PlanItem, padded_cost, plan_batches
+from worker.engine.batching import PlanItem, padded_cost, plan_batches
 
 
 def test_every_item_is_planned_once_and_batches_respect_both_caps():

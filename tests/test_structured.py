@@ -14,8 +14,8 @@ from schemas.states import DocbatchError, ErrorCode
 from schemas.tasks import builtin_task
 from worker.engine import GenerationOptions, ModelInput
 from worker.extract import extract_pages
-from worker.generation import HFGenerator
-from worker.grammar import GrammarCache
+from worker.engine.grammar import GrammarCache
+from worker.engine.hf_generator import HFGenerator
 from worker.prompts import build_text_prompt, validate_json
 
 pytestmark = pytest.mark.slow

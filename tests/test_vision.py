@@ -15,8 +15,9 @@ from PIL import Image, ImageDraw
 
 from schemas.settings import Settings
 from tiny_models import CONTEXT_TOKENS
-from worker.engine import Engine, GenerationOptions
-from worker.generation import HFGenerator, collate, vision_token_types
+from worker.engine import GenerationOptions
+from worker.engine.hf_generator import HFGenerator, collate, vision_token_types
+from worker.engine.static_engine import StaticEngine
 from worker.model import load_model
 from worker.vision import build_vision_prompt, is_vision_config
 
@@ -98,7 +99,7 @@ def test_image_and_text_requests_share_a_batch_and_the_vision_encoder_sees_the_p
         patches_seen.append((args[0] if args else kwargs["hidden_states"]).shape[0])
 
     hook = vl_model.model.model.visual.register_forward_hook(record, with_kwargs=True)
-    engine = Engine(HFGenerator(vl_model.model, vl_model.tokenizer), max_batch_size=2, max_batch_tokens=4096,
+    engine = StaticEngine(HFGenerator(vl_model.model, vl_model.tokenizer), max_batch_size=2, max_batch_tokens=4096,
                     max_wait_ms=5000).start()
     options, max_new = GenerationOptions(ignore_eos=True), 6
     futures: dict[str, object] = {}
@@ -120,7 +121,7 @@ def test_image_and_text_requests_share_a_batch_and_the_vision_encoder_sees_the_p
         engine.stop()
         hook.remove()
     # Then they ran as one batch of two, each got its full answer, and the encoder ran once on the page's patches
-    assert engine.stats.batch_sizes == [2]
+    assert engine.stats.num_steps == 1 and engine.stats.last_step_seqs == 2
     assert [c.batch_size for c in completions.values()] == [2, 2]
     assert [len(c.token_ids) for c in completions.values()] == [max_new, max_new]
     assert patches_seen == [int(image_prompt.extras["image_grid_thw"].prod())]

@@ -110,6 +110,12 @@ def load_model(settings: Settings) -> LoadedModel:
     return LoadedModel(model, prepare_tokenizer(tokenizer), device, processor)
 
 
+def eos_token_ids(model: Any, tokenizer: Any) -> frozenset[int]:
+    """The tokens that end an answer: the generation config's, else the tokenizer's EOS."""
+    eos = model.generation_config.eos_token_id or tokenizer.eos_token_id
+    return frozenset(eos if isinstance(eos, list) else [eos]) if eos is not None else frozenset()
+
+
 def prepare_tokenizer(tokenizer: Any) -> Any:
     """Left padding (generation continues from the right edge) and a pad token where the model has none."""
     tokenizer.padding_side = "left"

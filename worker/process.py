@@ -11,12 +11,14 @@ import logging
 import os
 import resource
 import sys
+import time
 
 from celery.signals import worker_process_init, worker_ready
 
 from schemas.settings import Settings
 from worker import runtime
 from worker.celery_app import INFER_QUEUE, PREPARE_QUEUE, make_celery
+from worker.engine import build_engine
 from worker.reconcile import start_reconciler
 
 log = logging.getLogger(__name__)
@@ -25,19 +27,13 @@ log = logging.getLogger(__name__)
 def start_engine(settings: Settings, name: str) -> runtime.Runtime:
     """Load the model and start its engine (the expensive part, done once per process): the runtime
     every infer task of this process shares."""
-    import torch
-
-    from worker.engine import Engine, ModelInput
-    from worker.generation import HFGenerator
     from worker.model import load_model
     from worker.modelinfo import ModelInfo, input_budget
 
+    started = time.perf_counter()
     loaded = load_model(settings)
-    generator = HFGenerator(loaded.model, loaded.tokenizer)
-    generator([ModelInput([loaded.tokenizer.pad_token_id] * 8)], [2])  # warm-up: CUDA context and kernels
-    on_oom = torch.cuda.empty_cache if loaded.device == "cuda" else (lambda: None)
-    engine = Engine(generator, max_batch_size=settings.max_batch_size, max_batch_tokens=settings.max_batch_tokens,
-                    max_wait_ms=settings.max_wait_ms, on_oom=on_oom).start()
+    engine = build_engine(settings, loaded)
+    engine.stats.model_load_s = time.perf_counter() - started
     info = ModelInfo(loaded.is_vision, loaded.context_tokens, loaded.tokenizer)
     log.info("model %s on %s (%s), context %d tokens, input budget %d", settings.model, loaded.device,
              "vision" if loaded.is_vision else "text", loaded.context_tokens,

@@ -2,7 +2,7 @@
 
 A prompt is built here, once per job, into a `ModelInput`: token ids with every image already expanded
 into its `<|image_pad|>` placeholders, plus the image tensors as `extras` (`pixel_values`
-[patches, C*T*P*P], `image_grid_thw` [images, 3]). `worker.generation.collate` concatenates those
+[patches, C*T*P*P], `image_grid_thw` [images, 3]). `worker.engine.hf_generator.collate` concatenates those
 along dim 0 across a batch and rebuilds the per-token `mm_token_type_ids` the 3D rope needs.
 """
 from __future__ import annotations

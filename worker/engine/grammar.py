@@ -1,8 +1,9 @@
 """Schema-constrained decoding with llguidance: generation can only produce JSON matching the schema.
 
-A JSON schema is compiled into a matcher once (`GrammarCache`) and deep-copied for each request. In a
-batch, each row has its own matcher or none (`SchemaLogitsProcessor`), so rows with different schemas,
-and free-text rows, share one `generate` call.
+A JSON schema is compiled into a matcher once (`GrammarCache`) and deep-copied for each request. Each
+row of a batch has its own matcher or none, so rows with different schemas, and free-text rows, share a
+step: the paged engine fills every constrained row's mask at once on llguidance's threads while the GPU
+runs the forward pass (`TokenMasks`); the static engine masks inside `generate` (`SchemaLogitsProcessor`).
 """
 from __future__ import annotations
 
@@ -40,9 +41,41 @@ class GrammarCache:
         return compiled.deep_copy()
 
 
+class TokenMasks:
+    """The next-token masks of a step's rows, and the step's tokens fed back to their matchers, each done
+    for all constrained rows at once on llguidance's thread pool."""
+
+    def __init__(self, max_rows: int, vocab_size: int) -> None:
+        import llguidance
+        import llguidance.torch
+
+        self.vocab_size = vocab_size
+        self._executor = llguidance.LLExecutor()
+        self._bitmask = llguidance.torch.allocate_token_bitmask(max_rows, vocab_size)  # pinned when CUDA is up
+        self._fill = llguidance.torch.fill_next_token_bitmask_par
+        self._consume = llguidance.torch.consume_token_par
+
+    def allowed(self, matchers: Sequence[Any | None], device: torch.device) -> torch.Tensor | None:
+        """[rows, vocab] bool on `device`, True where a row may go next (every token for a free row); None
+        when no row is constrained."""
+        pairs = [(matcher, row) for row, matcher in enumerate(matchers) if matcher is not None]
+        if not pairs:
+            return None
+        bitmask = self._bitmask[:len(matchers)]
+        bitmask.fill_(-1)
+        self._fill(self._executor, pairs, self._bitmask)
+        return _unpack(bitmask.to(device, non_blocking=True), self.vocab_size)
+
+    def advance(self, matchers: Sequence[Any | None], tokens: Sequence[int]) -> None:
+        """Feed each constrained row its sampled token (a matcher left in error says why on its own)."""
+        pairs = [(matcher, token) for matcher, token in zip(matchers, tokens) if matcher is not None]
+        if pairs:
+            self._consume(self._executor, pairs)
+
+
 def _unpack(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """[B, ceil(V/32)] int32 words -> [B, V] bool, bit i of word j allowing token 32*j + i."""
-    shifts = torch.arange(32, dtype=torch.int32)
+    shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)
     bits = (bitmask.unsqueeze(-1) >> shifts) & 1  # [B, W, 32]
     return bits.reshape(bitmask.shape[0], -1)[:, :vocab_size].bool()
 

@@ -1,8 +1,10 @@
-"""The in-process engine: dynamic batching across concurrently running tasks.
+"""The static-batch (`hf`) engine: requests gathered into batches, each one transformers `generate` call.
 
-Celery task threads call `Engine.submit` and wait on the returned future. One engine thread loops:
-gather waiting requests (up to the batch caps, waiting at most `max_wait_ms` for more), plan batches
-by length, run each through the generator, resolve the futures. The engine knows nothing of Celery.
+Celery task threads call `submit` and wait on the returned future. One engine thread loops: gather
+waiting requests (up to the batch caps, waiting at most `max_wait_ms` for more), plan batches by length,
+run each through the generator, resolve the futures. Every row of a batch waits for its longest one. It
+runs what the paged engine does not (image-text models, models sharded over GPUs) and is the reference
+the paged engine's tests compare with. The engine knows nothing of Celery.
 """
 from __future__ import annotations
 
@@ -12,47 +14,17 @@ import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
-from worker.batching import PlanItem, padded_cost, plan_batches
+from worker.engine.batching import PlanItem, padded_cost, plan_batches
+from worker.engine.request import Completion, EngineStats, GenerationOptions, ModelInput, RequestTooLarge
 
 log = logging.getLogger(__name__)
 
 
 
-@dataclass(frozen=True)
-class GenerationOptions:
-    """Decoding settings one generate call shares; requests with different options never share a batch."""
-
-    repetition_penalty: float = 1.0
-    temperature: float = 0.0  # 0: greedy; above: sampled
-    top_p: float = 1.0
-    ignore_eos: bool = False  # benchmarks: every answer runs to its max_new_tokens
-
-
-@dataclass(frozen=True)
-class ModelInput:
-    """One prompt: its token ids, per-row tensors a vision model needs (e.g. `pixel_values`,
-    `image_grid_thw`), which the generator concatenates across the rows of a batch, and optionally
-    the JSON schema its answer must match (rows of one batch may have different schemas, or none)."""
-
-    token_ids: list[int]
-    extras: dict[str, Any] = field(default_factory=dict)
-    json_schema: str | None = None  # the answer must be JSON matching this schema (constrained decoding)
-
-
 # (prompts, max new tokens per prompt, options) -> generated token ids per prompt, EOS stripped
 Generator = Callable[[Sequence[ModelInput], Sequence[int], GenerationOptions], list[list[int]]]
-
-
-class RequestTooLarge(RuntimeError):
-    """A single request does not fit on the device even alone."""
-
-
-@dataclass(frozen=True)
-class Completion:
-    token_ids: list[int]
-    batch_size: int  # rows in the generate call this request ran in
 
 
 @dataclass
@@ -63,15 +35,6 @@ class Request:
     future: Future = field(default_factory=Future)
 
 
-@dataclass
-class EngineStats:
-    num_batches: int = 0
-    num_requests: int = 0
-    num_oom_splits: int = 0
-    tokens_out: int = 0
-    batch_sizes: list[int] = field(default_factory=list)
-
-
 def _is_oom(error: BaseException) -> bool:
     try:
         import torch
@@ -80,7 +43,7 @@ def _is_oom(error: BaseException) -> bool:
     return isinstance(error, torch.cuda.OutOfMemoryError)
 
 
-class Engine:
+class StaticEngine:
     """Gathers requests from many threads into batched generate calls."""
 
     def __init__(self, generate: Generator, *, max_batch_size: int, max_batch_tokens: int, max_wait_ms: int,
@@ -95,7 +58,7 @@ class Engine:
         self._thread = threading.Thread(target=self._loop, name="docbatch-engine", daemon=True)
         self.stats = EngineStats()
 
-    def start(self) -> "Engine":
+    def start(self) -> "StaticEngine":
         self._thread.start()
         return self
 
@@ -163,9 +126,9 @@ class Engine:
             self._run(batch[:middle])
             self._run(batch[middle:])
             return
-        self.stats.num_batches += 1
-        self.stats.num_requests += len(batch)
-        self.stats.batch_sizes.append(len(batch))
+        self.stats.num_steps += 1
+        self.stats.num_requests_finished += len(batch)
+        self.stats.last_step_seqs = len(batch)
         for request, token_ids in zip(batch, outputs):
             self.stats.tokens_out += len(token_ids)
             request.future.set_result(Completion(token_ids, len(batch)))

@@ -5,8 +5,9 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from worker.engine import GenerationOptions, ModelInput
-from worker.grammar import GrammarCache, SchemaLogitsProcessor
+from worker.engine.grammar import GrammarCache, SchemaLogitsProcessor
+from worker.engine.request import GenerationOptions, ModelInput
+from worker.model import eos_token_ids
 
 
 def collate(inputs: Sequence[ModelInput], pad_token_id: int,
@@ -56,8 +57,7 @@ class HFGenerator:
         self._grammars: GrammarCache | None = None  # built on the first constrained request
         self.pad_token_id = tokenizer.pad_token_id
         self.mm_token_types = vision_token_types(model.config)
-        eos = model.generation_config.eos_token_id or tokenizer.eos_token_id
-        self.eos_token_ids = set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()
+        self.eos_token_ids = eos_token_ids(model, tokenizer)
 
     @property
     def device(self) -> torch.device:

@@ -1,4 +1,4 @@
-"""The engine batches requests from many threads, splits a batch on OOM, and isolates a bad request.
+"""The static (hf) engine batches requests from many threads, splits a batch on OOM, and isolates a bad request.
 
 The OOM is injected: this machine has no GPU, so a generator raises torch's real CUDA OOM error
 type for batches above a size; everything else (threads, futures, planning) is the real engine.
@@ -11,8 +11,9 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from worker.engine import Engine, GenerationOptions, ModelInput, RequestTooLarge
-from worker.generation import HFGenerator
+from worker.engine import GenerationOptions, ModelInput, RequestTooLarge
+from worker.engine.hf_generator import HFGenerator
+from worker.engine.static_engine import StaticEngine
 
 
 class EchoGenerator:
@@ -35,7 +36,7 @@ class EchoGenerator:
         return [[p[-1]] * n for p, n in zip(prompts, max_new_tokens)]
 
 
-def _submit_concurrently(engine: Engine, prompts: list[list[int]], max_new: int = 3):
+def _submit_concurrently(engine: StaticEngine, prompts: list[list[int]], max_new: int = 3):
     with ThreadPoolExecutor(max_workers=len(prompts)) as pool:
         futures = list(pool.map(lambda p: engine.submit(ModelInput(p), max_new), prompts))
     return futures
@@ -43,7 +44,7 @@ def _submit_concurrently(engine: Engine, prompts: list[list[int]], max_new: int 
 
 def test_concurrent_requests_are_batched_and_each_gets_its_own_answer():
     generator = EchoGenerator()
-    engine = Engine(generator, max_batch_size=8, max_batch_tokens=10_000, max_wait_ms=200).start()
+    engine = StaticEngine(generator, max_batch_size=8, max_batch_tokens=10_000, max_wait_ms=200).start()
     try:
         futures = _submit_concurrently(engine, [[1, 2, i] for i in range(20)])
         completions = [f.result(timeout=10) for f in futures]
@@ -61,7 +62,7 @@ def test_requests_with_different_decoding_options_never_share_a_batch():
         seen.append(options.repetition_penalty)
         return [[0]] * len(prompts)
 
-    engine = Engine(generator, max_batch_size=16, max_batch_tokens=10_000, max_wait_ms=300).start()
+    engine = StaticEngine(generator, max_batch_size=16, max_batch_tokens=10_000, max_wait_ms=300).start()
     try:
         with ThreadPoolExecutor(max_workers=8) as pool:
             futures = list(pool.map(lambda i: engine.submit(ModelInput([i]), 1, GenerationOptions(1.0 + i % 2)), range(8)))
@@ -74,7 +75,7 @@ def test_requests_with_different_decoding_options_never_share_a_batch():
 
 def test_out_of_memory_splits_the_batch_until_it_fits():
     generator = EchoGenerator(max_rows_that_fit=2)
-    engine = Engine(generator, max_batch_size=8, max_batch_tokens=10_000, max_wait_ms=200).start()
+    engine = StaticEngine(generator, max_batch_size=8, max_batch_tokens=10_000, max_wait_ms=200).start()
     try:
         futures = _submit_concurrently(engine, [[i] for i in range(8)])
         completions = [f.result(timeout=10) for f in futures]
@@ -87,7 +88,7 @@ def test_out_of_memory_splits_the_batch_until_it_fits():
 
 def test_a_request_that_never_fits_fails_alone_with_request_too_large():
     generator = EchoGenerator(max_rows_that_fit=0)
-    engine = Engine(generator, max_batch_size=4, max_batch_tokens=10_000, max_wait_ms=10).start()
+    engine = StaticEngine(generator, max_batch_size=4, max_batch_tokens=10_000, max_wait_ms=10).start()
     try:
         with pytest.raises(RequestTooLarge):
             engine.submit(ModelInput([1, 2]), 3).result(timeout=10)
@@ -97,7 +98,7 @@ def test_a_request_that_never_fits_fails_alone_with_request_too_large():
 
 def test_one_bad_request_does_not_sink_the_others():
     generator = EchoGenerator(poison=666)
-    engine = Engine(generator, max_batch_size=8, max_batch_tokens=10_000, max_wait_ms=200).start()
+    engine = StaticEngine(generator, max_batch_size=8, max_batch_tokens=10_000, max_wait_ms=200).start()
     try:
         futures = _submit_concurrently(engine, [[1], [2], [666], [4], [5]])
         outcomes = [f.exception(timeout=10) or f.result() for f in futures]

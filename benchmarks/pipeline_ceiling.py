@@ -1,0 +1,125 @@
+"""How many documents per second the pipeline around the engine sustains, with a model that answers at once.
+
+    python benchmarks/pipeline_ceiling.py --docs 2000 --new-tokens 16 --out /tmp/ceiling
+
+Everything is the product's own (embedded Redis, SQLite, `docbatch worker` processes: prepare, then infer
+with Celery's threads, claims, prompts, the paged engine's scheduler, blocks and futures, answer handling,
+results written to SQL) except the model: the infer worker's engine runs a runner that returns a token
+for every sampling row at once. Documents are small text files under the summarize task with EOS ignored,
+so every answer is exactly --new-tokens free-text tokens. The figure to compare with is what one GPU needs:
+at 10,000 output tokens/s and 256-token answers, 40 documents/s.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from schemas.settings import Settings  # noqa: E402
+
+
+class InstantRunner:
+    """Stands in for the model runner: one token per sampling row, no computation."""
+
+    def __init__(self, model, token_id: int) -> None:
+        self.model = model
+        self.token_id = token_id
+
+    def run(self, step):
+        return [self.token_id if step.samples(i) else None for i in range(len(step.seqs))]
+
+
+def instant_engine(settings: Settings, loaded):
+    """The real paged engine around `InstantRunner` (the small model's config gives its vocabulary)."""
+    from worker.engine.block_manager import BlockManager
+    from worker.engine.paged_engine import PagedEngine
+    from worker.engine.scheduler import Scheduler
+    from worker.model import eos_token_ids
+
+    class Model:  # what the engine reads of a model
+        vocab_size = loaded.model.config.vocab_size
+        max_model_len = loaded.model.config.max_position_embeddings
+
+    scheduler = Scheduler(BlockManager(65536, settings.kv_block_tokens), max_num_seqs=settings.max_batch_size,
+                          max_step_tokens=settings.max_step_tokens, max_model_len=Model.max_model_len)
+    token = loaded.tokenizer("ok", add_special_tokens=False)["input_ids"][0]
+    return PagedEngine(InstantRunner(Model, token), scheduler, eos_token_ids=eos_token_ids(loaded.model, loaded.tokenizer),
+                       grammars=lambda: None).start()
+
+
+def serve_infer(name: str) -> None:
+    """This file as an infer worker process whose engine answers at once."""
+    import worker.process
+
+    worker.process.build_engine = instant_engine
+    worker.process.main("infer", name)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--docs", type=int, default=2000)
+    parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--max-inflight", type=int, default=0, help="infer tasks in flight (0: the default)")
+    parser.add_argument("--out", type=Path, default=Path("ceiling-out"))
+    parser.add_argument("--infer-worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.infer_worker:
+        serve_infer(args.infer_worker)
+        return
+    from producer.embedded import embedded_redis
+
+    folder = args.out / "docs"
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(args.docs):
+        (folder / f"c{i:05d}.txt").write_text(f"Agreement {i} between Alpha {i} Ltd and Beta plc. "
+                                              f"Term: {1 + i % 5} years. Governed by the laws of England.\n")
+    with embedded_redis() as broker:
+        settings = Settings(home=args.out / "home", broker_url=broker, ignore_eos=True, max_new_tokens=args.new_tokens,
+                            max_inflight=args.max_inflight)
+        env = {**os.environ, **settings.to_env()}
+        logs = args.out / "logs"
+        logs.mkdir(exist_ok=True)
+        workers = [subprocess.Popen([sys.executable, "-m", "worker.process", "prepare", "prepare@bench"],
+                                    env=env, stdout=open(logs / "prepare.log", "wb"), stderr=subprocess.STDOUT),
+                   subprocess.Popen([sys.executable, __file__, "--infer-worker", "instant@bench"], env=env,
+                                    stdout=open(logs / "infer.log", "wb"), stderr=subprocess.STDOUT)]
+        try:
+            started = time.perf_counter()
+            submitted = subprocess.run([sys.executable, "-m", "producer.cli", "submit", str(folder), "--task",
+                                        "summarize", "--wait"], env=env, check=False, capture_output=True, text=True)
+            wall = time.perf_counter() - started
+            batch = submitted.stdout.split()[0]
+            export = subprocess.run([sys.executable, "-m", "producer.cli", "results", batch], env=env,
+                                    capture_output=True, text=True, check=True).stdout
+        finally:
+            for process in workers:
+                process.terminate()
+            for process in workers:
+                process.wait(60)
+    records = [json.loads(line) for line in export.splitlines()]
+    print(json.dumps(summarise(records, wall, args), indent=1))
+
+
+def summarise(records: list[dict], wall: float, args) -> dict:
+    stamp = lambda s: dt.datetime.fromisoformat(s).timestamp()  # noqa: E731
+    done = [r for r in records if r["state"] == "done"]
+    first_created = min(stamp(r["created_at"]) for r in records)
+    infer_start = min(stamp(r["started_at"]) for r in done)
+    last_finish = max(stamp(r["finished_at"]) for r in done)
+    return {"docs": len(records), "done": len(done), "new_tokens": args.new_tokens, "cores": os.cpu_count(),
+            "submit_to_last_done_s": round(last_finish - first_created, 2),
+            "docs_per_s_end_to_end": round(len(done) / (last_finish - first_created), 1),
+            "docs_per_s_infer_stage": round(len(done) / (last_finish - infer_start), 1),
+            "output_tokens_per_s_infer_stage": round(len(done) * args.new_tokens / (last_finish - infer_start)),
+            "batch_size_max": max(r["batch_size"] or 0 for r in done), "command_s": round(wall, 1)}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,137 @@
+"""A compact forward pass of Llama-family decoders (Llama, Qwen2, Qwen2.5) over packed tokens.
+
+Why a forward of our own rather than transformers' modules with our attention plugged in: a step's
+tokens arrive packed without padding ([N], every sequence's new tokens one after the other); q/k/v
+and gate/up run as one matrix product each; logits are computed only for the rows that sample (a
+152 k vocabulary over a 8 k-token prefill chunk would be 5 GB of float32); and nothing reads back to the
+CPU, so a decode step can be captured in a CUDA graph. The weights are the checkpoint's: they are taken
+from the transformers model `worker.model.load_model` loaded (hub id, local folder, packaged GGUF), and
+the norms, embeddings and rotary frequencies are transformers' own, so the numbers match its `generate`.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from worker.engine.attention import Attend, HeadShape
+
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
+# Rope variants whose frequencies do not depend on the sequence's length: one table serves every step.
+STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+
+
+def unsupported_reason(config: Any) -> str | None:
+    """Why the paged engine cannot run a model of this config, or None when it can."""
+    if config.model_type not in SUPPORTED_MODEL_TYPES:
+        return f"model type {config.model_type!r} (the paged engine runs {', '.join(SUPPORTED_MODEL_TYPES)})"
+    if getattr(config, "hidden_act", "silu") != "silu":
+        return f"activation {config.hidden_act!r}"
+    rope_type = (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
+    if rope_type not in STATIC_ROPE_TYPES:
+        return f"rope type {rope_type!r}"
+    if getattr(config, "use_sliding_window", False):
+        return "sliding-window attention"
+    return None
+
+
+def _fuse(linears: list[nn.Linear]) -> nn.Linear:
+    """One linear layer computing the given ones side by side (their outputs concatenated)."""
+    first = linears[0]
+    fused = nn.Linear(first.in_features, sum(l.out_features for l in linears), bias=first.bias is not None,
+                      device=first.weight.device, dtype=first.weight.dtype)
+    with torch.no_grad():
+        fused.weight.copy_(torch.cat([l.weight for l in linears]))
+        if first.bias is not None:
+            fused.bias.copy_(torch.cat([l.bias for l in linears]))
+    return fused
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, hf_layer: nn.Module, heads: HeadShape, index: int) -> None:
+        super().__init__()
+        attention, mlp = hf_layer.self_attn, hf_layer.mlp
+        self.index = index
+        self.heads = heads
+        self.qkv_proj = _fuse([attention.q_proj, attention.k_proj, attention.v_proj])
+        self.o_proj = attention.o_proj
+        self.gate_up_proj = _fuse([mlp.gate_proj, mlp.up_proj])
+        self.down_proj = mlp.down_proj
+        self.input_layernorm = hf_layer.input_layernorm
+        self.post_attention_layernorm = hf_layer.post_attention_layernorm
+        # The fused copies replace the originals: drop those now, so loading peaks one layer above the model.
+        attention.q_proj = attention.k_proj = attention.v_proj = mlp.gate_proj = mlp.up_proj = None
+        self._splits = [heads.num_heads * heads.head_dim] + [heads.num_kv_heads * heads.head_dim] * 2
+
+    def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: Attend) -> torch.Tensor:
+        """hidden [N, D] -> [N, D]; cos, sin [N, 1, head_dim]."""
+        q, k, v = self.qkv_proj(self.input_layernorm(hidden)).split(self._splits, dim=-1)
+        q = q.view(-1, self.heads.num_heads, self.heads.head_dim)
+        k = k.view(-1, self.heads.num_kv_heads, self.heads.head_dim)
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        out = attend(self.index, q, k, v.view(-1, self.heads.num_kv_heads, self.heads.head_dim))
+        hidden = hidden + self.o_proj(out.reshape(-1, self.heads.num_heads * self.heads.head_dim))
+        gate, up = self.gate_up_proj(self.post_attention_layernorm(hidden)).chunk(2, dim=-1)
+        return hidden + self.down_proj(F.silu(gate) * up)
+
+
+class DecoderModel(nn.Module):
+    """Built from a loaded transformers `LlamaForCausalLM` / `Qwen2ForCausalLM`, whose layers it takes over."""
+
+    def __init__(self, hf_model: nn.Module) -> None:
+        super().__init__()
+        config = hf_model.config
+        reason = unsupported_reason(config)
+        if reason is not None:
+            raise ValueError(f"the paged engine cannot run this model: {reason}")
+        base = hf_model.model
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.heads = HeadShape(config.num_attention_heads, config.num_key_value_heads, head_dim)
+        self.embed_tokens = base.embed_tokens
+        self.layers = nn.ModuleList(DecoderLayer(layer, self.heads, i) for i, layer in enumerate(base.layers))
+        self.norm = base.norm
+        self.lm_head = hf_model.lm_head
+        self.max_model_len = int(config.max_position_embeddings)
+        self.vocab_size = self.lm_head.weight.shape[0]
+        cos, sin = _rope_table(base.rotary_emb, self.max_model_len, self.lm_head.weight.dtype)
+        self.register_buffer("cos", cos, persistent=False)
+        self.register_buffer("sin", sin, persistent=False)
+        # Inference only: without this, a forward outside inference mode (a CUDA graph's capture) would keep
+        # every activation alive for a backward pass that never comes.
+        self.requires_grad_(False)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attend: Attend) -> torch.Tensor:
+        """input_ids, positions [N] -> hidden states [N, D] before the final norm."""
+        hidden = self.embed_tokens(input_ids)
+        cos, sin = self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+        for layer in self.layers:
+            hidden = layer(hidden, cos, sin, attend)
+        return hidden
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [S, D] of the sampled rows -> float32 logits [S, vocab]."""
+        return self.lm_head(self.norm(hidden)).float()
+
+
+def _rope_table(rotary: nn.Module, length: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin [length, head_dim] computed as transformers' rotary embedding computes them per step."""
+    inv_freq = rotary.inv_freq.float()
+    freqs = torch.arange(length, device=inv_freq.device).float()[:, None] * inv_freq[None, :]
+    angles = torch.cat((freqs, freqs), dim=-1)
+    return (angles.cos() * rotary.attention_scaling).to(dtype), (angles.sin() * rotary.attention_scaling).to(dtype)
