@@ -1,4 +1,5 @@
-"""The `docbatch` command line: submit, status, results, worker, run, demo."""
+"""The `docbatch` command line: submit, status, results, worker, run, demo; the service commands (beat,
+inbox, flower, top, up) are in `producer.service_cli`."""
 from __future__ import annotations
 
 import importlib.resources
@@ -11,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from producer.export import FORMATS
+from producer.service_cli import COMMANDS as SERVICE_COMMANDS
 from schemas.records import BatchStatus, JobRecord
 from schemas.settings import Settings
 from schemas.states import JobState
@@ -34,6 +36,7 @@ def _store(settings: Settings) -> Store:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="docbatch", message="%(prog)s %(version)s")
 @click.pass_context
 def main(ctx: click.Context) -> None:
     """docbatch: run an LLM over folders of contracts and financial reports, batched on your GPUs.
@@ -49,6 +52,8 @@ def main(ctx: click.Context) -> None:
       docbatch submit ./inbox --task-file nda_review.toml
       docbatch submit --openai-batch requests.jsonl --wait
       docbatch results BATCH --format openai --out output.jsonl
+    As a service: inboxes scanned on a schedule, a dashboard, a live view, all of it locally:
+      docbatch beat        docbatch flower        docbatch top        docbatch up
 
     Configuration comes from DOCBATCH_* variables and ./docbatch.toml (see README):
     DOCBATCH_DATABASE_URL, DOCBATCH_BROKER_URL, DOCBATCH_MODEL, DOCBATCH_HOME, ...
@@ -280,6 +285,9 @@ def _print_records(records: list[JobRecord]) -> None:
         elif record.error_code:
             out.print(f"[red]{record.error_code}[/]: {record.error_message}")
 
+
+for _command in SERVICE_COMMANDS:
+    main.add_command(_command)
 
 if __name__ == "__main__":
     main()

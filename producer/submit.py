@@ -20,7 +20,7 @@ from schemas.settings import Settings
 from schemas.states import ErrorCode
 from schemas.store import NewBatch, Reject, Store
 from schemas.tasks import TaskDefinition
-from worker.celery_app import PREPARE_QUEUE, PREPARE_TASK, broker_priority
+from worker.celery_app import PREPARE_QUEUE, PREPARE_TASK, broker_priority, display_name
 from worker.extract import sniff
 
 
@@ -87,5 +87,6 @@ def submit(settings: Settings, store: Store, app: Celery, source: Source, task: 
                                priority=priority, stale_after_s=settings.job_timeout_s, rejects=collected.rejects,
                                task_hash=task.hash, key_by_name=task.uses_filename)
     for job_id in batch.to_enqueue:
-        app.send_task(PREPARE_TASK, args=[job_id], queue=PREPARE_QUEUE, priority=broker_priority(priority))
+        app.send_task(PREPARE_TASK, args=[job_id], kwargs=display_name(batch.names.get(job_id)), queue=PREPARE_QUEUE,
+                      priority=broker_priority(priority))
     return Submission(batch, collected)
