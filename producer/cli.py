@@ -178,7 +178,8 @@ def results_command(ctx, batch, fmt, out) -> None:
 
 @main.command("worker")
 @click.option("--gpus", default="auto", show_default=True,
-              help="auto, all, cpu, or GPU indices: 0,1 (a process each) or 0+1 (one process, model sharded)")
+              help="auto, all, cpu, none (prepare only), or GPU indices: 0,1 (a process each) or 0+1 (one "
+                   "process, model sharded)")
 @click.option("--max-batch-size", type=click.IntRange(min=1), help="rows in one generate call")
 @click.option("--max-batch-tokens", type=click.IntRange(min=64), help="padded prompt+new tokens in one batch")
 @click.option("--max-wait-ms", type=click.IntRange(min=0), help="how long to wait for a batch to fill")

@@ -168,8 +168,18 @@ def up_command(settings: Settings, gpus: str, no_flower: bool, insecure_local: b
                           insecure_local=insecure_local)
         except FlowerRefused as e:
             raise click.ClickException(f"{e} (or --no-flower)") from e
-    Store(settings.effective_database_url, settings.blob_dir).migrate()
+    store, _ = _open(settings)
+    store.close()
     sys.exit(up(settings, gpus=gpus, with_flower=not no_flower, insecure_local=insecure_local, console=Console()))
 
 
-COMMANDS = [beat_command, inbox_group, flower_command, top_command, up_command]
+@click.command("migrate")
+@click.pass_obj
+def migrate_command(settings: Settings) -> None:
+    """Bring the database schema to the newest version, then exit (compose runs it before the workers;
+    every command also does it on first use, under a lock, so hosts may start together)."""
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    Store(settings.effective_database_url, settings.blob_dir).migrate()
+
+
+COMMANDS = [beat_command, inbox_group, flower_command, top_command, up_command, migrate_command]

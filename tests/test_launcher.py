@@ -16,6 +16,12 @@ def test_listed_gpus_get_a_process_each_and_a_group_shares_one():
     assert (group.name, group.cuda_visible_devices) == ("gpu0+1@h", "0,1")
 
 
+def test_none_starts_the_prepare_worker_alone():
+    assert plan_workers("none", 2, "h") == [WorkerSpec("prepare", "prepare@h", "")]
+    with pytest.raises(ValueError, match="no worker to start"):
+        plan_workers("none", 2, "h", with_prepare=False)
+
+
 @pytest.mark.parametrize("spec, num_gpus, message", [
     ("all", 0, "no GPU found"), ("2", 2, "GPU 2 does not exist"), ("0,,1", 2, "expected all, cpu"),
     ("x", 1, "GPU x does not exist")])

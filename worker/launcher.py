@@ -36,10 +36,15 @@ def count_gpus() -> int:
 
 def plan_workers(gpus: str, num_gpus: int, host: str, with_prepare: bool = True) -> list[WorkerSpec]:
     """Worker processes for `--gpus`: `auto` (every GPU, else CPU), `all`, `cpu`, `0,1` (one process
-    each), or `0+1` (one process owning both GPUs, the model sharded across them)."""
+    each), `0+1` (one process owning both GPUs, the model sharded across them), or `none` (no inference:
+    the prepare worker alone)."""
     if gpus == "auto":
         gpus = "all" if num_gpus else "cpu"
-    if gpus == "cpu":
+    if gpus == "none":
+        if not with_prepare:
+            raise ValueError("--gpus none --no-prepare leaves no worker to start")
+        specs = []
+    elif gpus == "cpu":
         specs = [WorkerSpec("infer", f"cpu@{host}", "")]
     else:
         groups = [str(i) for i in range(num_gpus)] if gpus == "all" else [g.strip() for g in gpus.split(",")]

@@ -48,25 +48,31 @@ class JobOutcome:
 
 
 def job_outcome(job: Job | None, stage: str, worker_name: str, task_started: float, task_ended: float) -> JobOutcome:
-    """Classify what the task that ran from `task_started` to `task_ended` (epoch seconds) did to `job`."""
+    """Classify what the task that ran from `task_started` to `task_ended` (epoch seconds) did to `job`.
+
+    A job counts as done or failed where this worker ended it during the task; as prepared where the task
+    made it ready (by then an infer worker may own it already)."""
     run_s = task_ended - task_started
-    if job is None or job.worker != worker_name:
+    if job is None:
         return JobOutcome(stage, "none", None, None, run_s)
-    ended_here = job.finished_at is not None and _epoch(job.finished_at) >= task_started - 1
-    if job.state == JobState.DONE and ended_here:
-        outcome = "done"
-    elif job.state == JobState.FAILED and ended_here:
-        outcome = "failed"
-    elif stage == "prepare" and job.state in (JobState.READY, JobState.RUNNING):
-        outcome = "prepared"  # ready, or a long document waiting on its chunks
+    ended_here = job.worker == worker_name and _during(job.finished_at, task_started)
+    if job.state in (JobState.DONE, JobState.FAILED) and ended_here:
+        outcome = job.state.value
+    elif stage == "prepare" and _during(job.prepared_at, task_started):
+        outcome = "prepared"
     else:
-        return JobOutcome(stage, "none", None, None, run_s)
+        return JobOutcome(stage, "none", None, None, run_s)  # a duplicate message, or the job moved on elsewhere
     if stage == "infer" and job.started_at is not None:
         queue_wait_s = _epoch(job.started_at) - _epoch(job.prepared_at or job.created_at)
-        run_s = _epoch(job.finished_at) - _epoch(job.started_at) if job.finished_at else run_s
+        run_s = _epoch(job.finished_at) - _epoch(job.started_at)
     else:
         queue_wait_s = task_started - _epoch(job.created_at)
     return JobOutcome(stage, outcome, job.error_code if outcome == "failed" else None, max(queue_wait_s, 0.0), run_s)
+
+
+def _during(moment: dt.datetime | None, task_started: float) -> bool:
+    """Whether `moment` (written by this process's task, if by it) falls after the task started."""
+    return moment is not None and _epoch(moment) >= task_started
 
 
 def record(outcome: JobOutcome, job: Job | None) -> None:
