@@ -25,7 +25,7 @@ import redis
 from celery import Celery
 
 from producer.inbox_status import save_report
-from producer.submit import Collected, submit
+from producer.submit import BrokerUnreachable, Collected, submit
 from producer.walk import Found, walk
 from schemas.inboxes import InboxConfig
 from schemas.ledger import taken_documents
@@ -85,6 +85,11 @@ class Scanner:
                 self._scan(inbox, report)
             finally:
                 lock.release()
+        except BrokerUnreachable as e:
+            report.batch_id, report.error = e.submission.batch.batch_id, f"Redis unreachable: {e.reason}"
+            log.error("inbox %s: batch %s is recorded but Redis did not take its jobs (%s); its files stay in place "
+                      "until a prepare worker's reconciler has sent and run them", inbox.name, report.batch_id,
+                      e.reason)
         except Exception as e:  # noqa: BLE001 - a failed tick leaves the files in place; the next one retries
             report.error = f"{type(e).__name__}: {e}"
             log.error("inbox %s: the scan failed (%s); every file stays where it is and the next tick tries "
@@ -180,6 +185,7 @@ class Stored:
     """Files already stored, as `submit` takes its inputs."""
 
     collected: Collected
+    openai_batch = None  # not an OpenAI Batch file
 
     def collect(self, *_) -> Collected:
         return self.collected
