@@ -18,7 +18,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from producer.embedded import embedded_redis, is_reachable
+from producer.embedded import redis_for
 from schemas.settings import Settings
 
 STOP_TIMEOUT_S = 60
@@ -35,8 +35,8 @@ def _start(name: str, args: list[str], settings: Settings, console: Console) -> 
     log_path = settings.home / "logs" / f"{name}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
-        process = subprocess.Popen([sys.executable, "-m", "producer.cli", *args], env={**os.environ, **settings.to_env()},
-                                   stdout=log, stderr=subprocess.STDOUT)
+        process = subprocess.Popen([sys.executable, "-m", "producer.cli", *args],
+                                   env={**os.environ, **settings.to_env()}, stdout=log, stderr=subprocess.STDOUT)
     console.print(f"started {name} (pid {process.pid}); its log: {log_path}")
     return Child(name, process, log_path)
 
@@ -76,12 +76,8 @@ def up(settings: Settings, *, gpus: str, with_flower: bool, insecure_local: bool
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGTERM, stop)
     with contextlib.ExitStack() as stack:
-        if is_reachable(settings.broker_url):
-            console.print(f"using Redis at {settings.broker_url}")
-        else:
-            url = stack.enter_context(embedded_redis())
-            console.print(f"no Redis at {settings.broker_url}; started one at {url}")
-            settings = settings.model_copy(update={"broker_url": url})
+        url = stack.enter_context(redis_for(settings.broker_url, console))
+        settings = settings.model_copy(update={"broker_url": url})
         children = [_start(name, args, settings, console) for name, args in plan(settings, gpus, with_flower,
                                                                                    insecure_local)]
         if not settings.inbox:

@@ -67,8 +67,8 @@ class Settings(BaseSettings):
     flower_password: SecretStr = SecretStr("")
     flower_address: str = Field("127.0.0.1", description="interface Flower listens on")
     flower_port: int = Field(5555, ge=1, le=65535)
-    metrics_port: int = Field(9400, ge=0, le=65535, description="a worker's Prometheus port (the n-th process of "
-                                                                 "`docbatch worker` uses this + n); 0: none")
+    metrics_port: int = Field(9400, ge=0, le=65535,
+                              description="a worker's Prometheus port (process n of `worker`: this + n); 0: none")
     metrics_address: str = Field("127.0.0.1", description="interface the metrics endpoints listen on")
     alert_interval_s: float = Field(15, gt=0, description="how often a worker checks its alert thresholds")
     alert_gpu_memory_share: float = Field(0.95, gt=0, le=1, description="GPU memory used over total above this")

@@ -126,8 +126,8 @@ def test_beat_ingests_the_inbox_and_moves_each_file_by_its_outcome(service):
                                 stderr=subprocess.STDOUT)
         try:
             # Then the contract ends done and goes to processed/, the empty file fails and goes to failed/
-            wait_for(lambda: (root / "processed" / "contract.txt").exists() and (root / "failed" / "empty.txt").exists(),
-                     "the files to be moved", timeout_s=600)
+            moved = (root / "processed" / "contract.txt", root / "failed" / "empty.txt")
+            wait_for(lambda: all(path.exists() for path in moved), "the files to be moved", timeout_s=600)
         finally:
             beat.terminate()
             assert beat.wait(60) == 0

@@ -45,7 +45,7 @@ def test_up_starts_the_whole_topology_and_one_ctrl_c_stops_all_of_it(tmp_path, s
 
     # Then it said what it started, stopped everything cleanly, and left no process behind
     assert code == 0, output[-3000:]
-    assert "started one at redis://127.0.0.1" in output
+    assert "started an embedded one at redis://127.0.0.1" in output
     assert "stopped worker, beat, flower" in output
     assert (tmp_path / "home" / "logs" / "beat.log").exists()
     wait_for(lambda: not group_alive(up.pid), "the process group to be gone", timeout_s=30)

@@ -17,7 +17,7 @@ ENGINE_COUNTERS = {
     "num_preemptions": ("docbatch_engine_preemptions", "sequences preempted for want of KV cache room"),
     "tokens_in": ("docbatch_engine_tokens_in", "prompt tokens computed (prefix-cache hits excluded)"),
     "tokens_out": ("docbatch_engine_tokens_out", "tokens generated"),
-    "prefix_cache_hit_tokens": ("docbatch_engine_prefix_cache_hit_tokens", "prompt tokens served from the prefix cache"),
+    "prefix_cache_hit_tokens": ("docbatch_engine_prefix_cache_hit_tokens", "prompt tokens read from the prefix cache"),
 }
 ENGINE_GAUGES = {
     "num_running": ("docbatch_engine_running_sequences", "sequences decoding now"),

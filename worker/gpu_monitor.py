@@ -72,6 +72,16 @@ def _read(index: int, handle: Any) -> GpuReading:
         power_w=None if power_mw is None else power_mw / 1000)
 
 
+# GpuReading field -> (metric name, help)
+GPU_GAUGES = {
+    "utilization_ratio": ("docbatch_gpu_utilization_ratio", "share of the last sample period a kernel ran"),
+    "memory_used_bytes": ("docbatch_gpu_memory_used_bytes", "GPU memory in use"),
+    "memory_total_bytes": ("docbatch_gpu_memory_total_bytes", "GPU memory"),
+    "temperature_c": ("docbatch_gpu_temperature_celsius", "GPU temperature"),
+    "power_w": ("docbatch_gpu_power_watts", "GPU power draw"),
+}
+
+
 class GpuCollector:
     """Prometheus collector: one reading of every GPU per scrape."""
 
@@ -79,14 +89,8 @@ class GpuCollector:
         self.monitor = monitor
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        labels = ["gpu", "uuid", "name"]
-        families = {
-            "utilization_ratio": GaugeMetricFamily("docbatch_gpu_utilization_ratio", "share of time a kernel ran", labels=labels),
-            "memory_used_bytes": GaugeMetricFamily("docbatch_gpu_memory_used_bytes", "GPU memory in use", labels=labels),
-            "memory_total_bytes": GaugeMetricFamily("docbatch_gpu_memory_total_bytes", "GPU memory", labels=labels),
-            "temperature_c": GaugeMetricFamily("docbatch_gpu_temperature_celsius", "GPU temperature", labels=labels),
-            "power_w": GaugeMetricFamily("docbatch_gpu_power_watts", "GPU power draw", labels=labels),
-        }
+        families = {field: GaugeMetricFamily(name, documentation, labels=["gpu", "uuid", "name"])
+                    for field, (name, documentation) in GPU_GAUGES.items()}
         for reading in self.monitor.read():
             label_values = [str(reading.index), reading.uuid, reading.name]
             for field, family in families.items():
