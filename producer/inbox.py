@@ -70,7 +70,8 @@ class Scanner:
     store: Store
     app: Celery
     redis: redis.Redis
-    _hashes: dict[tuple, str] = field(default_factory=dict)  # (path, size, mtime_ns, inode) -> sha256
+    # inbox name -> {(path, size, mtime_ns, inode): sha256} of the files its last tick saw
+    _hashes: dict[str, dict[tuple, str]] = field(default_factory=dict)
 
     def tick(self, inbox: InboxConfig) -> ScanReport:
         """Scan `inbox` once under its lock, and record the report where `inbox list` reads it."""
@@ -102,7 +103,7 @@ class Scanner:
             report.skipped = f"no folder {inbox.folder}"
             log.warning("inbox %s: %s", inbox.name, report.skipped)
             return
-        candidates = self._settled(walk([inbox.folder]).found, inbox.settle_s, report)
+        candidates = self._settled(inbox, walk([inbox.folder]).found, report)
         taken = taken_documents(self.store, inbox.batch_label, {c.sha256 for c in candidates})
         new = []
         for candidate in candidates:
@@ -110,26 +111,31 @@ class Scanner:
             if state is None:
                 new.append(candidate)
             elif state.is_terminal:
-                disposition = dispose(inbox, candidate.found.path, candidate.sha256, state)
+                try:
+                    disposition = dispose(inbox, candidate.found.path, candidate.sha256, state)
+                except OSError as e:  # this file stays; the others go on
+                    log.error("inbox %s: cannot apply after=%s to %s: %s; it stays, and the next tick tries again",
+                              inbox.name, inbox.after, candidate.found.path, e)
+                    disposition = "failed_to_move"
                 report.disposed[disposition] = report.disposed.get(disposition, 0) + 1
             else:
                 report.waiting += 1
         if new:
             self._ingest(inbox, new, report)
 
-    def _settled(self, found: list[Found], settle_s: float, report: ScanReport) -> list[Candidate]:
+    def _settled(self, inbox: InboxConfig, found: list[Found], report: ScanReport) -> list[Candidate]:
         """The files unchanged for `settle_s` and while read, with their content hashes."""
         report.seen = len(found)
-        hashes, candidates = {}, []
+        known, hashes, candidates = self._hashes.get(inbox.name, {}), {}, []
         now = time.time()
         for item in found:
             try:
                 before = item.path.stat()
-                if now - before.st_mtime < settle_s:
+                if now - before.st_mtime < inbox.settle_s:
                     report.unsettled += 1
                     continue
                 key = (str(item.path), before.st_size, before.st_mtime_ns, before.st_ino)
-                sha = self._hashes.get(key) or _sha256(item.path)
+                sha = known.get(key) or _sha256(item.path)
                 after = item.path.stat()
             except OSError as e:  # gone or unreadable since the walk: nothing to take
                 log.info("inbox file %s: %s; passed over this tick", item.path, e.strerror)
@@ -139,7 +145,7 @@ class Scanner:
                 continue
             hashes[key] = sha
             candidates.append(Candidate(item, sha))
-        self._hashes = hashes  # only what is still there
+        self._hashes[inbox.name] = hashes  # only what is still there
         return candidates
 
     def _ingest(self, inbox: InboxConfig, new: list[Candidate], report: ScanReport) -> None:

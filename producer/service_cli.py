@@ -170,7 +170,8 @@ def up_command(settings: Settings, gpus: str, no_flower: bool, insecure_local: b
             raise click.ClickException(f"{e} (or --no-flower)") from e
     store, _ = _open(settings)
     store.close()
-    sys.exit(up(settings, gpus=gpus, with_flower=not no_flower, insecure_local=insecure_local, console=Console()))
+    sys.exit(up(settings, gpus=gpus, with_flower=not no_flower, insecure_local=insecure_local,
+                console=Console(soft_wrap=True)))
 
 
 @click.command("migrate")

@@ -81,7 +81,7 @@ def up(settings: Settings, *, gpus: str, with_flower: bool, insecure_local: bool
         children = [_start(name, args, settings, console) for name, args in plan(settings, gpus, with_flower,
                                                                                    insecure_local)]
         if not settings.inbox:
-            console.print("no [[inbox]] in the settings: beat not started")
+            console.print("no inbox in the settings: beat not started", markup=False)
         console.print("[bold]docbatch is up[/]; Ctrl-C stops it")
         dead = None
         while not stopping and dead is None:

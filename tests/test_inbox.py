@@ -213,3 +213,24 @@ def test_a_failed_ingestion_leaves_every_file_in_place_and_says_why(tmp_path, mo
     assert path.exists() and store.latest_batch_ids() == []
     assert any("every file stays where it is" in r.getMessage() and r.levelname == "ERROR" for r in caplog.records)
     store.close()
+
+
+def test_a_file_that_cannot_be_moved_stays_and_the_others_go_on(tmp_path, module_redis_url, inbox_folder, caplog):
+    # Given done files whose processed/ folder cannot be made (a file is in its way)
+    (tmp_path / "blocked").write_text("not a folder")
+    settings = make_settings(tmp_path, module_redis_url, inbox_folder, processed_dir=tmp_path / "blocked" / "done")
+    store = Store(settings.effective_database_url)
+    store.migrate()
+    scanner = Scanner(settings, store, make_celery(settings), redis.Redis.from_url(module_redis_url))
+    settled_file(inbox_folder, "good.txt", "A good agreement.")
+    settled_file(inbox_folder, "bad.txt", "A document that will fail.")
+    inbox = settings.inbox[0]
+    end_jobs(store, scanner.tick(inbox).batch_id, failing={"inbox/bad.txt"})
+
+    report = scanner.tick(inbox)
+
+    # Then the done file stays with a clear log line, and the failed one still went to failed/
+    assert report.error is None and report.disposed == {"failed_to_move": 1, "moved_failed": 1}
+    assert (inbox_folder / "good.txt").exists() and (tmp_path / "failed" / "bad.txt").exists()
+    assert any("cannot apply after=move to" in r.getMessage() for r in caplog.records)
+    store.close()

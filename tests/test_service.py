@@ -74,8 +74,8 @@ def service(tmp_path_factory, small_model_dir):
         Store(settings.effective_database_url).migrate()
         env = {**os.environ, **settings.to_env()}
         with open(root / "flower.log", "wb") as flower_log, worker_process(settings, root / "worker.log") as worker:
-            flower = subprocess.Popen([sys.executable, "-m", "producer.cli", "flower"], env=env, cwd=root,
-                                      stdout=flower_log, stderr=subprocess.STDOUT)
+            flower = subprocess.Popen([sys.executable, "-m", "producer.cli", "flower", "--read-only"], env=env,
+                                      cwd=root, stdout=flower_log, stderr=subprocess.STDOUT)
             try:
                 yield settings, root, worker, env
             finally:
@@ -83,8 +83,9 @@ def service(tmp_path_factory, small_model_dir):
                 flower.wait(30)
 
 
-def flower_get(settings: Settings, path: str, auth: bool = True) -> tuple[int, object]:
-    request = urllib.request.Request(f"http://127.0.0.1:{settings.flower_port}{path}")
+def flower_get(settings: Settings, path: str, auth: bool = True, method: str = "GET") -> tuple[int, object]:
+    request = urllib.request.Request(f"http://127.0.0.1:{settings.flower_port}{path}", method=method,
+                                     data=b"" if method == "POST" else None)
     if auth:
         token = base64.b64encode(f"{FLOWER_USER}:{FLOWER_PASSWORD}".encode()).decode()
         request.add_header("Authorization", f"Basic {token}")
@@ -190,6 +191,8 @@ def test_flower_asks_for_credentials_and_shows_the_workers_queues_and_named_task
     named = {(task["name"], task["kwargs"]) for task in tasks.values()}
     assert ("docbatch.prepare", "{'name': 'inbox/contract.txt'}") in named
     assert ("docbatch.infer", "{'name': 'inbox/contract.txt'}") in named
+    # ... and, started --read-only, it refuses operations
+    assert flower_get(settings, f"/api/worker/shutdown/cpu@{HOST}", method="POST")[0] == 403
 
 
 def test_the_worker_logs_no_pidbox_error_after_flowers_polls(service):
