@@ -42,9 +42,11 @@ def embedded_redis(startup_timeout_s: float = 10) -> Iterator[str]:
     """Start a throw-away Redis on a free local port; yield its URL; stop it afterwards."""
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="docbatch-redis-") as workdir:
+        # A session of its own: a Ctrl-C at the terminal stops the workers, which still need Redis to shut down
+        # cleanly; the server is stopped last, when the block ends.
         server = subprocess.Popen([redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1",
                                    "--save", "", "--appendonly", "no", "--dir", workdir],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
         url = f"redis://127.0.0.1:{port}/0"
         try:
             deadline = time.monotonic() + startup_timeout_s

@@ -28,3 +28,11 @@ def test_none_starts_the_prepare_worker_alone():
 def test_bad_gpu_specs_are_explained(spec, num_gpus, message):
     with pytest.raises(ValueError, match=message):
         plan_workers(spec, num_gpus, "h")
+
+
+def test_a_worker_started_by_celerys_command_line_takes_its_role_from_its_queue():
+    from worker.standalone import role_for_queues
+
+    assert role_for_queues(["infer"]) == "infer" and role_for_queues(["prepare"]) == "prepare"
+    with pytest.raises(ValueError, match="exactly one of the queues infer and prepare"):
+        role_for_queues(["infer", "prepare"])

@@ -68,6 +68,8 @@ def broker_priority(priority: int) -> int:
 
 @functools.cache
 def _module_app() -> Celery:
+    import worker.telemetry  # noqa: F401 - registers `celery inspect docbatch_telemetry` with Celery's command line
+
     app = make_celery(Settings.load())
     app.conf.include = ["worker.tasks", "worker.standalone"]  # what a `celery -A worker.celery_app worker` runs
     return app
