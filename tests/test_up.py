@@ -5,13 +5,14 @@ here would only cost time."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
 
 import pytest
 
-from producer.embedded import free_port
+from producer.embedded import free_port, is_reachable
 from schemas.inboxes import InboxConfig
 from schemas.settings import Settings
 from test_service import HOST, flower_get, wait_for
@@ -45,10 +46,11 @@ def test_up_starts_the_whole_topology_and_one_ctrl_c_stops_all_of_it(tmp_path, s
 
     # Then it said what it started, stopped everything cleanly, and left no process behind
     assert code == 0, output[-3000:]
-    assert "started an embedded one at redis://127.0.0.1" in output
+    redis_url = re.search(r"started an embedded one at (redis://127\.0\.0\.1:\d+/0)", output).group(1)
     assert "stopped worker, beat, flower" in output
     assert (tmp_path / "home" / "logs" / "beat.log").exists()
     wait_for(lambda: not group_alive(up.pid), "the process group to be gone", timeout_s=30)
+    assert not is_reachable(redis_url)  # the Redis it started (in a session of its own) is stopped too
 
 
 def group_alive(pgid: int) -> bool:
