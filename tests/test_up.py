@@ -36,12 +36,13 @@ def test_up_starts_the_whole_topology_and_one_ctrl_c_stops_all_of_it(tmp_path, s
         wait_for(lambda: up.poll() is None and f"prepare@{HOST}" in (flower_get(settings, "/api/workers?refresh=1")[1]
                                                                       or {}),
                  "Flower to list the worker", timeout_s=180)
-        # ... and Ctrl-C reaches the whole process group, as a terminal sends it
+        # ... and Ctrl-C reaches its process group, as a terminal sends it
         os.killpg(up.pid, signal.SIGINT)
         code = up.wait(120)
     finally:
-        if up.poll() is None:
-            os.killpg(up.pid, signal.SIGKILL)
+        if up.poll() is None:  # the test failed early: up still stops what it started
+            up.terminate()
+            up.wait(180)
     output = (tmp_path / "up.log").read_text()
 
     # Then it said what it started, stopped everything cleanly, and left no process behind
@@ -49,7 +50,10 @@ def test_up_starts_the_whole_topology_and_one_ctrl_c_stops_all_of_it(tmp_path, s
     redis_url = re.search(r"started an embedded one at (redis://127\.0\.0\.1:\d+/0)", output).group(1)
     assert "stopped worker, beat, flower" in output
     assert (tmp_path / "home" / "logs" / "beat.log").exists()
-    wait_for(lambda: not group_alive(up.pid), "the process group to be gone", timeout_s=30)
+    started = {name: int(pid) for name, pid in re.findall(r"started (\w+) \(pid (\d+)\)", output)}
+    assert set(started) == {"worker", "beat", "flower"}
+    for group in [up.pid, *started.values()]:  # each child ran in a process group of its own, with its children
+        wait_for(lambda: not group_alive(group), f"process group {group} to be gone", timeout_s=30)
     assert not is_reachable(redis_url)  # the Redis it started (in a session of its own) is stopped too
 
 
