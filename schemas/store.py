@@ -9,7 +9,7 @@ import datetime as dt
 import hashlib
 import json
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -51,6 +51,7 @@ class NewBatch:
     num_jobs: int
     to_enqueue: list[str]
     num_reused_done: int
+    names: dict[str, str] = field(default_factory=dict)  # job id -> a name the batch lists it under
 
 
 class Store:
@@ -182,7 +183,8 @@ class Store:
                     to_enqueue.append(job.id)
                 elif job.state == JobState.DONE:
                     reused += 1
-            return NewBatch(batch.id, len(jobs), to_enqueue, reused)
+            names = {jobs[key].id: name for name, key in keys_by_name.items()}
+            return NewBatch(batch.id, len(jobs), to_enqueue, reused, names)
 
     # -- the worker's side ---------------------------------------------------------------------
     def claim(self, job_id: str, from_state: JobState, to_state: JobState, worker: str,

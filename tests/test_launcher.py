@@ -16,9 +16,23 @@ def test_listed_gpus_get_a_process_each_and_a_group_shares_one():
     assert (group.name, group.cuda_visible_devices) == ("gpu0+1@h", "0,1")
 
 
+def test_none_starts_the_prepare_worker_alone():
+    assert plan_workers("none", 2, "h") == [WorkerSpec("prepare", "prepare@h", "")]
+    with pytest.raises(ValueError, match="no worker to start"):
+        plan_workers("none", 2, "h", with_prepare=False)
+
+
 @pytest.mark.parametrize("spec, num_gpus, message", [
     ("all", 0, "no GPU found"), ("2", 2, "GPU 2 does not exist"), ("0,,1", 2, "expected all, cpu"),
     ("x", 1, "GPU x does not exist")])
 def test_bad_gpu_specs_are_explained(spec, num_gpus, message):
     with pytest.raises(ValueError, match=message):
         plan_workers(spec, num_gpus, "h")
+
+
+def test_a_worker_started_by_celerys_command_line_takes_its_role_from_its_queue():
+    from worker.standalone import role_for_queues
+
+    assert role_for_queues(["infer"]) == "infer" and role_for_queues(["prepare"]) == "prepare"
+    with pytest.raises(ValueError, match="exactly one of the queues infer and prepare"):
+        role_for_queues(["infer", "prepare"])

@@ -36,10 +36,15 @@ def count_gpus() -> int:
 
 def plan_workers(gpus: str, num_gpus: int, host: str, with_prepare: bool = True) -> list[WorkerSpec]:
     """Worker processes for `--gpus`: `auto` (every GPU, else CPU), `all`, `cpu`, `0,1` (one process
-    each), or `0+1` (one process owning both GPUs, the model sharded across them)."""
+    each), `0+1` (one process owning both GPUs, the model sharded across them), or `none` (no inference:
+    the prepare worker alone)."""
     if gpus == "auto":
         gpus = "all" if num_gpus else "cpu"
-    if gpus == "cpu":
+    if gpus == "none":
+        if not with_prepare:
+            raise ValueError("--gpus none --no-prepare leaves no worker to start")
+        specs = []
+    elif gpus == "cpu":
         specs = [WorkerSpec("infer", f"cpu@{host}", "")]
     else:
         groups = [str(i) for i in range(num_gpus)] if gpus == "all" else [g.strip() for g in gpus.split(",")]
@@ -69,8 +74,11 @@ def _spawn(spec: WorkerSpec, env: dict[str, str]) -> subprocess.Popen:
 def launch(settings: Settings, gpus: str, with_prepare: bool = True) -> int:
     """Run the worker processes until a signal (or every child has exited cleanly). Returns an exit code."""
     specs = plan_workers(gpus, count_gpus(), socket.gethostname(), with_prepare)
-    env = {**os.environ, **settings.to_env()}
-    children = {spec: _spawn(spec, env) for spec in specs}
+    # Each child serves its metrics on a port of its own: metrics_port, metrics_port + 1, ... in plan order.
+    envs = {spec: {**os.environ, **settings.to_env(),
+                   "DOCBATCH_METRICS_PORT": str(settings.metrics_port + i if settings.metrics_port else 0)}
+            for i, spec in enumerate(specs)}
+    children = {spec: _spawn(spec, envs[spec]) for spec in specs}
     restarts = {spec: 0 for spec in specs}
     stopping = False
 
@@ -94,5 +102,5 @@ def launch(settings: Settings, gpus: str, with_prepare: bool = True) -> int:
                 continue
             restarts[spec] += 1
             log.warning("%s exited with %s; restarting (%d/%d)", spec.name, code, restarts[spec], MAX_RESTARTS)
-            children[spec] = _spawn(spec, env)
+            children[spec] = _spawn(spec, envs[spec])
     return max(abs(child.returncode or 0) for child in children.values()) if not stopping else 0

@@ -20,6 +20,7 @@ from worker import runtime
 from worker.celery_app import INFER_QUEUE, PREPARE_QUEUE, make_celery
 from worker.engine import build_engine
 from worker.reconcile import start_reconciler
+from worker.telemetry import start_telemetry
 
 log = logging.getLogger(__name__)
 
@@ -50,12 +51,9 @@ def _limit_memory(settings: Settings) -> None:
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
 
-def main(role: str, name: str) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s [%(processName)s] %(name)s: %(message)s")
-    settings = Settings.load()
-    app = make_celery(settings)
-    import worker.tasks  # noqa: F401 - registers the tasks with the app
-
+def configure(settings: Settings, role: str, name: str) -> list[str]:
+    """Make this process an `infer` or `prepare` worker named `name` (its runtime, signals and telemetry);
+    returns the Celery worker options its pool needs."""
     if role == "infer":
         runtime.install(start_engine(settings, name))
         pool = ["-Q", INFER_QUEUE, "-P", "threads", "-c", str(settings.effective_max_inflight)]
@@ -73,8 +71,18 @@ def main(role: str, name: str) -> None:
         pool = ["-Q", PREPARE_QUEUE, "-P", "prefork", "-c", str(settings.prepare_concurrency)]
     else:
         raise SystemExit(f"unknown worker role {role!r}; expected infer or prepare")
-    app.worker_main(["worker", *pool, "-n", name, "-E", "--without-gossip", "--without-mingle", "-l", "INFO"])
+    start_telemetry(settings, role, name)
+    return pool
 
+
+def main(role: str, name: str) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s [%(processName)s] %(name)s: %(message)s")
+    settings = Settings.load()
+    app = make_celery(settings)
+    import worker.tasks  # noqa: F401 - registers the tasks with the app
+
+    pool = configure(settings, role, name)
+    app.worker_main(["worker", *pool, "-n", name, "-E", "--without-gossip", "--without-mingle", "-l", "INFO"])
 
 if __name__ == "__main__":
     main(*sys.argv[1:3])

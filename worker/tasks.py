@@ -30,7 +30,7 @@ from schemas.states import DocbatchError, ErrorCode, JobState
 from schemas.store import StoredPage
 from schemas.tasks import Generation, TaskDefinition, schema_text
 from worker import runtime
-from worker.celery_app import INFER_QUEUE, INFER_TASK, PREPARE_QUEUE, PREPARE_TASK, broker_priority
+from worker.celery_app import INFER_QUEUE, INFER_TASK, PREPARE_QUEUE, PREPARE_TASK, broker_priority, display_name
 from worker.checks import check_answer
 from worker.engine import Completion, GenerationOptions, ModelInput, RequestTooLarge
 from worker.extract import ExtractedPage, extract_pages
@@ -65,16 +65,18 @@ def _fail_on_error(job: Job, work: Callable[[], None]) -> None:
                                                           f"failed: {code.value}: {message}")
 
 
-def send_infer(job_id: str, priority: int) -> None:
-    infer.apply_async(args=[job_id], queue=INFER_QUEUE, priority=broker_priority(priority))
+def send_infer(job_id: str, priority: int, name: str | None = None) -> None:
+    infer.apply_async(args=[job_id], kwargs=display_name(name), queue=INFER_QUEUE, priority=broker_priority(priority))
 
 
-def send_prepare(job_id: str, priority: int) -> None:
-    prepare.apply_async(args=[job_id], queue=PREPARE_QUEUE, priority=broker_priority(priority))
+def send_prepare(job_id: str, priority: int, name: str | None = None) -> None:
+    prepare.apply_async(args=[job_id], kwargs=display_name(name), queue=PREPARE_QUEUE,
+                        priority=broker_priority(priority))
 
 
 @shared_task(name=PREPARE_TASK)
-def prepare(job_id: str) -> None:
+def prepare(job_id: str, name: str | None = None) -> None:
+    """`name` is the document's name in its batch, carried for Flower and the logs only."""
     rt = runtime.current()
     job = rt.store.claim(job_id, JobState.QUEUED, JobState.PREPARING, rt.worker_name, rt.settings.job_timeout_s)
     if job is None:
@@ -85,14 +87,14 @@ def prepare(job_id: str) -> None:
         task = rt.task(job.params.get("task"))
         if task.kind == "chat":
             rt.store.mark_ready(job_id)
-            send_infer(job_id, job.priority)
+            send_infer(job_id, job.priority, name)
             return
         pages = ensure_pages(job.document_sha256)
         parts = document_parts(pages, rt.info.is_vision, rt.store)
         chunks = plan_job_chunks(parts, rt.info, _chunk_budget(task), rt.settings.chunk_overlap_tokens)
         if chunks is None:
             rt.store.mark_ready(job_id)
-            send_infer(job_id, job.priority)
+            send_infer(job_id, job.priority, name)
         else:
             log.info("job %s: %d parts in %d chunks", job_id, len(parts), len(chunks))
             start_chunks(job, 1, chunks)
@@ -202,7 +204,8 @@ def _finish_merged(parent_id: str, task: TaskDefinition, value: dict[str, Any]) 
 
 
 @shared_task(name=INFER_TASK)
-def infer(job_id: str) -> None:
+def infer(job_id: str, name: str | None = None) -> None:
+    """`name` is the document's name in its batch, carried for Flower and the logs only."""
     rt = runtime.current()
     job = rt.store.claim(job_id, JobState.READY, JobState.RUNNING, rt.worker_name, rt.settings.job_timeout_s,
                          count_attempt=True)
