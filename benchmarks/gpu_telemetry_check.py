@@ -61,8 +61,9 @@ def main() -> None:
     args = parser.parse_args()
     url, has_gpu = (args.url, True) if args.url else start_exporter()
     stop = threading.Event()
+    load = threading.Thread(target=busy_gpu, args=(stop, args.matmul_size), daemon=True)
     if not args.url and has_gpu and args.matmul_size:
-        threading.Thread(target=busy_gpu, args=(stop, args.matmul_size), daemon=True).start()
+        load.start()
     try:
         for i in range(args.scrapes):
             time.sleep(args.every_s)
@@ -78,6 +79,8 @@ def main() -> None:
                 print("nvidia-smi:", smi.stdout.strip().replace("\n", "\n            "))
     finally:
         stop.set()
+        if load.is_alive():  # a thread still in CUDA when the interpreter exits aborts the process
+            load.join()
     print(f"CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}")
 
 
