@@ -1,12 +1,14 @@
 """How many documents per second the pipeline around the engine sustains, with a model that answers at once.
 
-    python benchmarks/pipeline_ceiling.py --docs 2000 --new-tokens 16 --out /tmp/ceiling
+    python benchmarks/pipeline_ceiling.py --docs 1000 --new-tokens 16 --out /tmp/ceiling            # documents
+    python benchmarks/pipeline_ceiling.py --docs 2000 --new-tokens 16 --openai --out /tmp/ceiling   # requests
 
 Everything is the product's own (embedded Redis, SQLite, `docbatch worker` processes: prepare, then infer
 with Celery's threads, claims, prompts, the paged engine's scheduler, blocks and futures, answer handling,
 results written to SQL) except the model: the infer worker's engine runs a runner that returns a token
 for every sampling row at once. Documents are small text files under the summarize task with EOS ignored,
-so every answer is exactly --new-tokens free-text tokens. The figure to compare with is what one GPU needs:
+so every answer is exactly --new-tokens free-text tokens. With --openai they go in as an OpenAI Batch
+file instead: requests have nothing to extract, so the infer stage alone sets the pace. The figure to compare with is what one GPU needs:
 at 10,000 output tokens/s and 256-token answers, 40 documents/s.
 """
 from __future__ import annotations
@@ -67,6 +69,7 @@ def main() -> None:
     parser.add_argument("--docs", type=int, default=2000)
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--max-inflight", type=int, default=0, help="infer tasks in flight (0: the default)")
+    parser.add_argument("--openai", action="store_true", help="submit OpenAI Batch requests instead of documents")
     parser.add_argument("--out", type=Path, default=Path("ceiling-out"))
     parser.add_argument("--infer-worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -75,11 +78,7 @@ def main() -> None:
         return
     from producer.embedded import embedded_redis
 
-    folder = args.out / "docs"
-    folder.mkdir(parents=True, exist_ok=True)
-    for i in range(args.docs):
-        (folder / f"c{i:05d}.txt").write_text(f"Agreement {i} between Alpha {i} Ltd and Beta plc. "
-                                              f"Term: {1 + i % 5} years. Governed by the laws of England.\n")
+    inputs = write_inputs(args)
     with embedded_redis() as broker:
         settings = Settings(home=args.out / "home", broker_url=broker, ignore_eos=True, max_new_tokens=args.new_tokens,
                             max_inflight=args.max_inflight)
@@ -92,8 +91,8 @@ def main() -> None:
                                     stdout=open(logs / "infer.log", "wb"), stderr=subprocess.STDOUT)]
         try:
             started = time.perf_counter()
-            submitted = subprocess.run([sys.executable, "-m", "producer.cli", "submit", str(folder), "--task",
-                                        "summarize", "--wait"], env=env, check=False, capture_output=True, text=True)
+            submitted = subprocess.run([sys.executable, "-m", "producer.cli", "submit", *inputs, "--wait"], env=env,
+                                       check=False, capture_output=True, text=True)
             wall = time.perf_counter() - started
             batch = submitted.stdout.split()[0]
             export = subprocess.run([sys.executable, "-m", "producer.cli", "results", batch], env=env,
@@ -107,13 +106,33 @@ def main() -> None:
     print(json.dumps(summarise(records, wall, args), indent=1))
 
 
+def write_inputs(args) -> list[str]:
+    """Small contracts, as a folder or as an OpenAI Batch file; returns `submit`'s arguments for them."""
+    args.out.mkdir(parents=True, exist_ok=True)
+    texts = [f"Agreement {i} between Alpha {i} Ltd and Beta plc. Term: {1 + i % 5} years. Governed by the laws "
+             f"of England.\n" for i in range(args.docs)]
+    if args.openai:
+        path = args.out / "requests.jsonl"
+        path.write_text("".join(json.dumps({"custom_id": f"r{i}", "method": "POST", "url": "/v1/chat/completions",
+                                            "body": {"model": "any", "max_tokens": args.new_tokens, "messages": [
+                                                {"role": "user", "content": text + "Summarize."}]}}) + "\n"
+                                for i, text in enumerate(texts)))
+        return ["--openai-batch", str(path)]
+    folder = args.out / "docs"
+    folder.mkdir(exist_ok=True)
+    for i, text in enumerate(texts):
+        (folder / f"c{i:05d}.txt").write_text(text)
+    return [str(folder), "--task", "summarize"]
+
+
 def summarise(records: list[dict], wall: float, args) -> dict:
     stamp = lambda s: dt.datetime.fromisoformat(s).timestamp()  # noqa: E731
     done = [r for r in records if r["state"] == "done"]
     first_created = min(stamp(r["created_at"]) for r in records)
     infer_start = min(stamp(r["started_at"]) for r in done)
     last_finish = max(stamp(r["finished_at"]) for r in done)
-    return {"docs": len(records), "done": len(done), "new_tokens": args.new_tokens, "cores": os.cpu_count(),
+    return {"input": "openai requests" if args.openai else "documents", "docs": len(records), "done": len(done),
+            "new_tokens": args.new_tokens, "cores": os.cpu_count(),
             "submit_to_last_done_s": round(last_finish - first_created, 2),
             "docs_per_s_end_to_end": round(len(done) / (last_finish - first_created), 1),
             "docs_per_s_infer_stage": round(len(done) / (last_finish - infer_start), 1),
