@@ -69,12 +69,14 @@ def test_constrained_answers_all_validate_and_mixed_schemas_share_a_batch(small_
     assert list(json.loads(texts[0])) == list(FinancialReport.model_fields)
 
 
-def test_without_the_constraint_the_same_prompts_give_invalid_json(small_model):
+def test_without_the_constraint_the_same_prompt_gives_invalid_json(small_model):
+    # The first report: unconstrained, the model ends its answer on its own (EOS, well within the room
+    # given) with JSON that is not a FinancialReport.
     tokenizer = small_model.tokenizer
-    reports = _prompts(tokenizer, "extract", [_document("financials", n) for n in FINANCIALS])
-    outputs = HFGenerator(small_model.model, tokenizer)(reports, [ANSWER_TOKENS] * len(reports), OPTIONS)
-    texts = [tokenizer.decode(o, skip_special_tokens=True) for o in outputs]
-    assert sum(not _valid(FinancialReport, t) for t in texts) >= 1, texts
+    report = _prompts(tokenizer, "extract", [_document("financials", FINANCIALS[0])])
+    output = HFGenerator(small_model.model, tokenizer)(report, [ANSWER_TOKENS], OPTIONS)[0]
+    text = tokenizer.decode(output, skip_special_tokens=True)
+    assert len(output) < ANSWER_TOKENS and not _valid(FinancialReport, text), text
 
 
 def test_each_schema_is_compiled_once(small_model):
