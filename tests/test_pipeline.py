@@ -19,10 +19,10 @@ from producer.embedded import free_port
 from producer.export import batch_records
 from producer.progress import wait_for_batch
 from producer.submit import Source, submit
+from schemas.messages import make_celery
 from schemas.states import JobState
 from schemas.store import Store
 from schemas.tasks import builtin_task
-from worker.celery_app import make_celery
 
 pytestmark = pytest.mark.slow
 QUIET = Console(file=io.StringIO())
@@ -89,7 +89,7 @@ def test_documents_run_batched_bad_files_fail_with_reasons_and_resubmit_adds_not
     result = CliRunner().invoke(cli, ["status", second.batch.batch_id, "--json"], env=env)
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout) == {"batch": second.batch.batch_id, "total": 27, "queued": 0,
-                                              "preparing": 0, "ready": 0, "running": 0, "done": 25,
+                                              "preparing": 0, "ready": 0, "running": 0, "waiting": 0, "done": 25,
                                               "failed": 2, "cancelled": 0}
     result = CliRunner().invoke(cli, ["results", second.batch.batch_id, "--format", "csv"], env=env)
     lines = result.stdout.strip().splitlines()

@@ -1,22 +1,19 @@
 """`docbatch worker`: one infer process per GPU (pinned with CUDA_VISIBLE_DEVICES before torch is
-imported) plus one prepare process, supervised: a child that crashes is restarted, a signal stops all."""
+imported) plus one prepare process, run under `worker.supervisor`."""
 from __future__ import annotations
 
 import logging
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 
 from schemas.settings import Settings
+from worker.supervisor import Child, supervise
 
 log = logging.getLogger(__name__)
-
-MAX_RESTARTS = 5
 
 
 @dataclass(frozen=True)
@@ -61,46 +58,23 @@ def plan_workers(gpus: str, num_gpus: int, host: str, with_prepare: bool = True)
     return specs
 
 
-def _spawn(spec: WorkerSpec, env: dict[str, str]) -> subprocess.Popen:
+def _command(spec: WorkerSpec, env: dict[str, str]) -> Child:
     child_env = dict(env)
     if spec.cuda_visible_devices is not None:
         child_env["CUDA_VISIBLE_DEVICES"] = spec.cuda_visible_devices
     if spec.role == "infer" and spec.cuda_visible_devices == "":
         child_env["DOCBATCH_DEVICE"] = "cpu"
-    log.info("starting %s (CUDA_VISIBLE_DEVICES=%r)", spec.name, spec.cuda_visible_devices)
-    return subprocess.Popen([sys.executable, "-m", "worker.process", spec.role, spec.name], env=child_env)
+    return Child(spec.name, [sys.executable, "-m", "worker.process", spec.role, spec.name], child_env)
 
 
 def launch(settings: Settings, gpus: str, with_prepare: bool = True) -> int:
-    """Run the worker processes until a signal (or every child has exited cleanly). Returns an exit code."""
+    """Run the worker processes until a signal; returns the exit code (non-zero when a child could not be
+    kept alive, so that systemd, compose or Kubernetes restart the whole worker)."""
     specs = plan_workers(gpus, count_gpus(), socket.gethostname(), with_prepare)
     # Each child serves its metrics on a port of its own: metrics_port, metrics_port + 1, ... in plan order.
-    envs = {spec: {**os.environ, **settings.to_env(),
-                   "DOCBATCH_METRICS_PORT": str(settings.metrics_port + i if settings.metrics_port else 0)}
-            for i, spec in enumerate(specs)}
-    children = {spec: _spawn(spec, envs[spec]) for spec in specs}
-    restarts = {spec: 0 for spec in specs}
-    stopping = False
-
-    def stop(signum, _frame) -> None:
-        nonlocal stopping
-        stopping = True
-        for child in children.values():
-            if child.poll() is None:
-                child.send_signal(signum)
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    while any(child.poll() is None for child in children.values()):
-        time.sleep(0.5)
-        for spec, child in list(children.items()):
-            code = child.poll()
-            if code in (None, 0) or stopping:
-                continue
-            if restarts[spec] >= MAX_RESTARTS:
-                log.error("%s exited with %s %d times; giving up on it", spec.name, code, restarts[spec])
-                continue
-            restarts[spec] += 1
-            log.warning("%s exited with %s; restarting (%d/%d)", spec.name, code, restarts[spec], MAX_RESTARTS)
-            children[spec] = _spawn(spec, envs[spec])
-    return max(abs(child.returncode or 0) for child in children.values()) if not stopping else 0
+    children = [_command(spec, {**os.environ, **settings.to_env(),
+                                "DOCBATCH_METRICS_PORT": str(settings.metrics_port + i if settings.metrics_port else 0)})
+                for i, spec in enumerate(specs)]
+    for spec in specs:
+        log.info("starting %s (CUDA_VISIBLE_DEVICES=%r)", spec.name, spec.cuda_visible_devices)
+    return supervise(children)
