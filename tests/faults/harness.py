@@ -170,8 +170,8 @@ def run_fault(fault: str, workdir: Path, num_docs: int, seed: int, base: Setting
         batch_id = _submit(settings, store, folder)
         # a random point of the run: once between none and half of the jobs are done
         threshold = rng.randint(0, num_docs // 2)
-        _wait_for(lambda: _count(store, batch_id, JobState.DONE) >= threshold or _count(store, batch_id, JobState.RUNNING),
-                  "the run to start", timeout_s=600)
+        _wait_for(lambda: _count(store, batch_id, JobState.DONE) >= threshold and (
+            threshold or _count(store, batch_id, JobState.RUNNING)), "the run to reach its fault", timeout_s=600)
         done_before = _count(store, batch_id, JobState.DONE)
         fault_ended = _inject(fault, worker, redis, postgres, rng)
         _wait_for(lambda: _all_ended(store, batch_id), "every job to end", timeout_s=900)
