@@ -157,7 +157,9 @@ def submit_command(ctx, paths, task, task_file, openai_batch, wait, priority, la
 @click.option("--json", "as_json", is_flag=True, help="one JSON object per batch: batch, total, one key per state")
 @click.pass_context
 def status_command(ctx, batch, as_json) -> None:
-    """Job counts by state for BATCH, or for the 20 newest batches."""
+    """Job counts by state for BATCH, or for the 20 newest batches and the workers alive now (what each
+    holds)."""
+    from producer.jobs_cli import print_workers
     from producer.progress import batch_status
 
     store = _store(_settings(ctx))
@@ -170,6 +172,8 @@ def status_command(ctx, batch, as_json) -> None:
             click.echo(status.model_dump_json())
     else:
         _print_status(statuses, store)
+        if not batch:
+            print_workers(store, seen_within_s=60, out=Console())
 
 
 @main.command("results")

@@ -90,6 +90,7 @@ def test_status_shows_each_batchs_task_and_label(tmp_path):
     assert status.exit_code == 0
     row = next(line for line in status.output.splitlines() if submitted.stdout.strip() in line)
     assert "extract" in row and "filings" in row
+    assert "no worker heard from in the last 60 s" in status.output  # and who holds what, when workers run
 
 
 def test_cancel_then_retry_a_batch_and_list_the_workers(tmp_path):
