@@ -14,7 +14,7 @@ from schemas.states import JobState
 from schemas.store import Store
 from schemas.tasks import builtin_task
 from worker import runtime
-from worker.tasks import advance_parent
+from worker.stages.reducing import advance_parent
 
 EMPTY = FinancialReport.model_validate({field: None for field in FinancialReport.model_fields} | {"segments": []})
 
@@ -26,9 +26,7 @@ def _answer(**fields) -> dict:
 @pytest.fixture
 def worker_runtime(worker_settings):
     """This process as a worker would set it up for tasks (no model loaded: a reduce does not generate)."""
-    make_celery(worker_settings)
-    rt = runtime.Runtime(worker_settings, "test@host")
-    runtime.install(rt)
+    rt = runtime.Runtime(worker_settings, "test@host", app=make_celery(worker_settings))
     rt.store.migrate()
     yield rt
     rt.store.close()
@@ -60,7 +58,7 @@ def test_parts_that_agree_are_merged_into_the_answer_without_the_model(worker_ru
         _answer(company="Acme plc", total_assets=5000.0, total_liabilities=3000.0, equity=1000.0),
         _answer(net_income=150, segments=[{"name": "cloud", "revenue": 700}, {"name": "Retail", "revenue": 500}])])
     # When the last chunk's worker moves the document on
-    advance_parent(parent_id, 1)
+    advance_parent(worker_runtime, parent_id, 1)
     # Then the document is done with the merged answer, checked, and no generate call was made
     parent = store.get_job(parent_id)
     assert (parent.state, parent.batch_size, parent.tokens_out) == (JobState.DONE, None, None)
@@ -80,7 +78,7 @@ def test_parts_that_disagree_go_to_the_model_with_only_the_conflicts(worker_runt
     parent_id = _parent_with_chunk_answers(store, worker_settings, [
         _answer(company="Acme plc", revenue=1200.0), _answer(company="Acme plc", revenue=1250.0, cash=90.0)])
     # When the document moves on
-    advance_parent(parent_id, 1)
+    advance_parent(worker_runtime, parent_id, 1)
     # Then its job is ready for one more inference whose input is the merged answer and the conflict
     parent = store.get_job(parent_id)
     assert parent.state == JobState.READY

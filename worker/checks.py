@@ -171,3 +171,11 @@ def check_answer(task: str, answer: dict[str, Any], *, tolerance: float = 0.01) 
     if task == "summarize":
         return [*_date_order(answer), *_parties(answer)]
     return []
+
+
+def result_warnings(checks: str | None, answer: Any) -> dict[str, Any]:
+    """A document's final answer's consistency checks (a task's `checks`, None for none), as its result's
+    `warnings` entry."""
+    if checks is None:
+        return {}
+    return {"warnings": [warning.as_dict() for warning in check_answer(checks, answer)]}

@@ -63,7 +63,7 @@ def _limit_memory(settings: Settings) -> None:
 
 def _keeper(rt: runtime.Runtime, role: str, *, sweeps: bool, register: bool = True) -> Keeper:
     """This process's lease renewals (and sweeps), started now."""
-    return Keeper(rt.settings, rt.store, rt.holder, rt.held, role, sweeps=sweeps, app=current_app._get_current_object(),
+    return Keeper(rt.settings, rt.store, rt.holder, rt.held, role, sweeps=sweeps, app=rt.app,
                   register=register).start()
 
 
@@ -73,8 +73,10 @@ def configure(settings: Settings, role: str, name: str) -> list[str]:
 
     Every process that claims jobs renews their leases: the infer process, and each prepare child. The
     infer process and the prepare parent also sweep for lost work."""
+    app = current_app._get_current_object()  # made by main(), or by Celery's own command line
     if role == "infer":
         rt = start_engine(settings, name)
+        rt.app = app
         runtime.install(rt)
         _keeper(rt, "infer", sweeps=True)
         pool = ["-Q", INFER_QUEUE, "-P", "threads", "-c", str(settings.effective_max_inflight)]
@@ -85,7 +87,7 @@ def configure(settings: Settings, role: str, name: str) -> list[str]:
         # Tesseract's own OpenMP threads cost 2.7x the CPU per page on 2 cores (docs/BENCHMARKS.md):
         # parallelism comes from the prefork children instead.
         os.environ.setdefault("OMP_THREAD_LIMIT", "1")
-        rt = runtime.Runtime(settings, name)
+        rt = runtime.Runtime(settings, name, app=app)
         runtime.install(rt)
         # Started once the pool's children are forked, so that no child inherits a thread's locks mid-use.
         worker_ready.connect(lambda **_: _keeper(rt, "prepare", sweeps=True, register=False), weak=False)

@@ -24,6 +24,7 @@ class Runtime:
     tokenizer: Any = None
     processor: Any = None  # vision models only
     loaded_info: ModelInfo | None = None  # infer workers: from the loaded model
+    app: Any = None  # the Celery app this process sends messages through
     lane: Lane = field(default_factory=Lane)  # infer workers: where jobs start (isolation after crashes)
     held: HeldJobs = field(default_factory=HeldJobs)  # the jobs this process works on: their leases are renewed
     _stores: dict[int, Store] = field(default_factory=dict)

@@ -1,0 +1,83 @@
+"""The prepare stage: a document's pages extracted once and stored (scans OCR'd when the model reads no
+images, kept as images when it does); a document too long for one request becomes chunk jobs."""
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+
+from schemas.models import Job
+from schemas.states import DocbatchError, ErrorCode
+from schemas.store import StoredPage
+from worker.extract import ExtractedPage, extract_pages
+from worker.inputs import document_parts, plan_job_chunks
+from worker.ocr import ocr_image
+from worker.runtime import Runtime
+from worker.stages.reducing import chunk_budget, send_infer, start_chunks
+
+log = logging.getLogger(__name__)
+
+
+def prepare_job(rt: Runtime, job: Job, name: str | None) -> None:
+    """Extract a held job's document; make the job ready (and send it on), or split it into chunk jobs."""
+    task = rt.task(job.params.get("task"))
+    if task.kind == "chat":  # an OpenAI request: nothing to extract
+        chunks = None
+    else:
+        pages = ensure_pages(rt, job.document_sha256)
+        parts = document_parts(pages, rt.info.is_vision, rt.store)
+        chunks = plan_job_chunks(parts, rt.info, chunk_budget(rt, task), rt.settings.chunk_overlap_tokens)
+    if chunks is None:
+        if rt.store.mark_ready(job.id, rt.holder):
+            send_infer(rt, job.id, job.priority, name)
+    else:
+        log.info("job %s: %d parts in %d chunks", job.id, len(parts), len(chunks))
+        start_chunks(rt, job, 1, chunks, from_held=True)
+
+
+def ensure_pages(rt: Runtime, sha256: str) -> list[StoredPage]:
+    """The document's pages, extracted once and stored; scans OCR'd when the model reads no images."""
+    pages = rt.store.load_pages(sha256)
+    if pages is None:
+        data, _ = rt.store.read_document(sha256)
+        pages = [_stored(rt, page) for page in extract_pages(data, rt.limits)]
+    elif not rt.info.is_vision and any(p.source == "image" for p in pages):
+        # Extracted earlier for a vision model: the text-only model needs the scans' text now.
+        pages = [StoredPage(_ocr(rt, _load_image(rt, p.image_sha256)), "ocr", p.image_sha256)
+                 if p.source == "image" else p for p in pages]
+    else:
+        return pages
+    if not any(p.text.strip() or p.source == "image" for p in pages):
+        raise DocbatchError(ErrorCode.NO_TEXT, "no text on any page (OCR found none either)")
+    rt.store.save_pages(sha256, pages)
+    return pages
+
+
+def _stored(rt: Runtime, page: ExtractedPage) -> StoredPage:
+    """A freshly extracted page as stored: its image kept by reference, read by OCR while still in memory
+    when the model reads no images."""
+    if page.image is None:
+        return StoredPage(page.text, page.source)
+    image_sha256 = _store_image(rt, page.image)
+    if rt.info.is_vision:
+        return StoredPage("", "image", image_sha256)
+    return StoredPage(_ocr(rt, page.image), "ocr", image_sha256)
+
+
+def _store_image(rt: Runtime, image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    data = buffer.getvalue()
+    sha = hashlib.sha256(data).hexdigest()
+    rt.store.put_document(sha, data, "image/png")
+    return sha
+
+
+def _load_image(rt: Runtime, image_sha256: str):
+    from PIL import Image
+
+    return Image.open(io.BytesIO(rt.store.read_document(image_sha256)[0]))
+
+
+def _ocr(rt: Runtime, image) -> str:
+    return ocr_image(image, lang=rt.settings.ocr_lang, timeout_s=rt.settings.prepare_timeout_s)
