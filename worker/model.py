@@ -91,11 +91,18 @@ def load_model(settings: Settings) -> LoadedModel:
     from worker.modelinfo import model_source
     from worker.vision import is_vision_config, load_processor
 
+    from worker.engine.quant import check_kv_cache_dtype, check_weight_format
+
     device = pick_device(settings.device)
+    check_weight_format(settings.weight_format, device)
+    check_kv_cache_dtype(settings.kv_cache_dtype, device)
     source = model_source(settings)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    # A worker that owns several GPUs (CUDA_VISIBLE_DEVICES=0,1) shards the model across them.
+    # A worker that owns several GPUs (CUDA_VISIBLE_DEVICES=0,1) shards the model across them. Weights to be
+    # quantised stay on the CPU: the paged engine moves them to the GPU layer by layer, converted.
     device_map = "auto" if device == "cuda" and torch.cuda.device_count() > 1 else device
+    if settings.weight_format != "bf16":
+        device_map = "cpu"
     options = {"dtype": dtype, "device_map": device_map, "attn_implementation": settings.attn_implementation}
     config = AutoConfig.from_pretrained(source)
     if is_vision_config(config):

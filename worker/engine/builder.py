@@ -33,13 +33,15 @@ def paged_unsupported(loaded: Any) -> str | None:
 
 
 def engine_kind(settings: Settings, loaded: Any) -> str:
-    if settings.engine == "hf":
-        return "hf"
-    reason = paged_unsupported(loaded)
+    """`paged` or `hf`; ValueError where the settings ask for what the engine that would run cannot do."""
+    reason = "DOCBATCH_ENGINE=hf" if settings.engine == "hf" else paged_unsupported(loaded)
     if reason is None:
         return "paged"
     if settings.engine == "paged":
         raise ValueError(f"DOCBATCH_ENGINE=paged cannot run {settings.model}: {reason}")
+    if settings.weight_format != "bf16" or settings.kv_cache_dtype != "auto":
+        raise ValueError(f"weight_format {settings.weight_format} and kv_cache_dtype {settings.kv_cache_dtype} apply "
+                         f"to the paged engine, which cannot run {settings.model}: {reason}")
     log.info("the hf engine runs %s: %s", settings.model, reason)
     return "hf"
 
@@ -55,11 +57,15 @@ def _static(settings: Settings, loaded: Any) -> Any:
     from worker.engine.hf_generator import HFGenerator
     from worker.engine.static_engine import StaticEngine
 
+    from worker.engine.quant import weight_bytes
+
     generator = HFGenerator(loaded.model, loaded.tokenizer)
     generator([ModelInput([loaded.tokenizer.pad_token_id] * 8)], [2])  # warm-up: CUDA context and kernels
     on_oom = torch.cuda.empty_cache if loaded.device == "cuda" else (lambda: None)
-    return StaticEngine(generator, max_batch_size=settings.max_batch_size, max_batch_tokens=settings.max_batch_tokens,
-                        max_wait_ms=settings.max_wait_ms, on_oom=on_oom)
+    engine = StaticEngine(generator, max_batch_size=settings.max_batch_size,
+                          max_batch_tokens=settings.max_batch_tokens, max_wait_ms=settings.max_wait_ms, on_oom=on_oom)
+    engine.stats.weight_bytes = weight_bytes(loaded.model)  # offloaded layers included: it is the model's size
+    return engine
 
 
 def _paged(settings: Settings, loaded: Any) -> Any:
@@ -70,22 +76,26 @@ def _paged(settings: Settings, loaded: Any) -> Any:
     from worker.engine.cuda_graphs import DecodeGraphs
     from worker.engine.grammar import GrammarCache
     from worker.engine.kv_cache import CacheShape, KVCache
+    from worker.engine.memory import MemoryReport
     from worker.engine.model import DecoderModel
     from worker.engine.paged_engine import PagedEngine
+    from worker.engine.quant import KV_CACHE_DTYPES
     from worker.engine.runner import ModelRunner
     from worker.engine.scheduler import Scheduler
     from worker.model import eos_token_ids
 
     started = time.perf_counter()
-    model = DecoderModel(loaded.model)
+    model = DecoderModel(loaded.model, weight_format=settings.weight_format, device=loaded.device)
     shape = CacheShape(len(model.layers), model.heads.num_kv_heads, model.heads.head_dim, settings.kv_block_tokens,
-                       model.dtype)
+                       KV_CACHE_DTYPES[settings.kv_cache_dtype] or model.dtype)
     on_gpu = model.device.type == "cuda"
     use_flashinfer = on_gpu and flashinfer_available()
     workspace = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=model.device) if use_flashinfer else None
 
     def attention_over(cache: KVCache) -> Any:
-        return FlashInferAttention(cache, model.heads, workspace) if use_flashinfer else TorchAttention(cache, model.heads)
+        if use_flashinfer:
+            return FlashInferAttention(cache, model.heads, workspace, model.dtype)
+        return TorchAttention(cache, model.heads)
 
     if on_gpu:
         from worker.engine.memory import gpu_kv_bytes
@@ -103,18 +113,8 @@ def _paged(settings: Settings, loaded: Any) -> Any:
                           max_step_tokens=settings.max_step_tokens, max_model_len=model.max_model_len)
     engine = PagedEngine(runner, scheduler, eos_token_ids=eos_token_ids(loaded.model, loaded.tokenizer),
                          grammars=lambda: GrammarCache(loaded.tokenizer, model.vocab_size))
-    _log_memory(model, cache, attention.name, runner.graphs is not None, time.perf_counter() - started)
+    report = MemoryReport.of(model, cache)
+    report.record(engine.stats)
+    log.info("paged engine: %s; attention %s, CUDA graphs %s; built in %.1f s", report.summary(), attention.name,
+             "on" if runner.graphs is not None else "off", time.perf_counter() - started)
     return engine
-
-
-def _log_memory(model: Any, cache: Any, attention: str, graphs: bool, build_s: float) -> None:
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    tokens = (cache.num_blocks - 1) * cache.shape.block_size
-    peak = ""
-    if model.device.type == "cuda":
-        import torch
-
-        peak = f", peak {torch.cuda.max_memory_allocated() / GIB:.1f} GiB allocated"
-    log.info("paged engine: weights %.2f GiB, KV cache %.2f GiB = %d tokens (%d sequences of 4 K), attention %s, "
-             "CUDA graphs %s%s; built in %.1f s", weights / GIB, cache.num_bytes / GIB, tokens, tokens // 4096,
-             attention, "on" if graphs else "off", peak, build_s)

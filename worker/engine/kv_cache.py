@@ -48,10 +48,16 @@ class KVCache:
 
     def write(self, layer: int, slots: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
         """Store the new tokens' keys and values ([N, kv_heads, head_dim]) at their slots
-        (block * block_size + offset)."""
+        (block * block_size + offset), converted to the cache's dtype (an fp8 cache keeps no scale: keys and
+        values are cast as they are, as vLLM does by default)."""
         flat = (-1, self.shape.num_kv_heads, self.shape.head_dim)
-        self.keys(layer).view(flat).index_copy_(0, slots, key)
-        self.values(layer).view(flat).index_copy_(0, slots, value)
+        dtype = self.shape.dtype
+        key, value = key.to(dtype), value.to(dtype)
+        if dtype.itemsize == 1:  # index_copy_ has no float8 kernel on a CPU: copy the bytes
+            dtype = torch.uint8
+            key, value = key.view(dtype), value.view(dtype)
+        self.keys(layer).view(dtype).view(flat).index_copy_(0, slots, key)
+        self.values(layer).view(dtype).view(flat).index_copy_(0, slots, value)
 
     @property
     def num_bytes(self) -> int:

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from worker.engine.attention import Attend, HeadShape
+from worker.engine.quant import quantize, weight_bytes
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
 # Rope variants whose frequencies do not depend on the sequence's length: one table serves every step.
@@ -55,19 +56,21 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, hf_layer: nn.Module, heads: HeadShape, index: int) -> None:
+    def __init__(self, hf_layer: nn.Module, heads: HeadShape, index: int, weight_format: str = "bf16") -> None:
         super().__init__()
         attention, mlp = hf_layer.self_attn, hf_layer.mlp
         self.index = index
         self.heads = heads
-        self.qkv_proj = _fuse([attention.q_proj, attention.k_proj, attention.v_proj])
-        self.o_proj = attention.o_proj
-        self.gate_up_proj = _fuse([mlp.gate_proj, mlp.up_proj])
-        self.down_proj = mlp.down_proj
+        self.qkv_proj = quantize(_fuse([attention.q_proj, attention.k_proj, attention.v_proj]), weight_format)
+        self.o_proj = quantize(attention.o_proj, weight_format)
+        self.gate_up_proj = quantize(_fuse([mlp.gate_proj, mlp.up_proj]), weight_format)
+        self.down_proj = quantize(mlp.down_proj, weight_format)
         self.input_layernorm = hf_layer.input_layernorm
         self.post_attention_layernorm = hf_layer.post_attention_layernorm
-        # The fused copies replace the originals: drop those now, so loading peaks one layer above the model.
+        # The fused (and quantised) copies replace the originals: drop those now, so loading peaks one layer
+        # above the model.
         attention.q_proj = attention.k_proj = attention.v_proj = mlp.gate_proj = mlp.up_proj = None
+        attention.o_proj = mlp.down_proj = None
         self._splits = [heads.num_heads * heads.head_dim] + [heads.num_kv_heads * heads.head_dim] * 2
 
     def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: Attend) -> torch.Tensor:
@@ -84,24 +87,32 @@ class DecoderLayer(nn.Module):
 
 
 class DecoderModel(nn.Module):
-    """Built from a loaded transformers `LlamaForCausalLM` / `Qwen2ForCausalLM`, whose layers it takes over."""
+    """Built from a loaded transformers `LlamaForCausalLM` / `Qwen2ForCausalLM`, whose layers it takes over.
 
-    def __init__(self, hf_model: nn.Module) -> None:
+    `device`: where it computes (default: where the checkpoint was loaded). A model loaded on the CPU is moved
+    layer by layer, each layer converted to `weight_format` on arrival, so the device never holds more than
+    one layer of unconverted weights: a 7B model in nf4 fits a card its bf16 weights would not."""
+
+    def __init__(self, hf_model: nn.Module, *, weight_format: str = "bf16", device: torch.device | str | None = None
+                 ) -> None:
         super().__init__()
         config = hf_model.config
         reason = unsupported_reason(config)
         if reason is not None:
             raise ValueError(f"the paged engine cannot run this model: {reason}")
         base = hf_model.model
+        device = torch.device(device) if device is not None else hf_model.lm_head.weight.device
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.heads = HeadShape(config.num_attention_heads, config.num_key_value_heads, head_dim)
-        self.embed_tokens = base.embed_tokens
-        self.layers = nn.ModuleList(DecoderLayer(layer, self.heads, i) for i, layer in enumerate(base.layers))
-        self.norm = base.norm
-        self.lm_head = hf_model.lm_head
+        self.embed_tokens = base.embed_tokens.to(device)
+        self.layers = nn.ModuleList(DecoderLayer(layer.to(device), self.heads, i, weight_format)
+                                    for i, layer in enumerate(base.layers))
+        self.norm = base.norm.to(device)
+        self.lm_head = hf_model.lm_head.to(device)
+        self.weight_format = weight_format
         self.max_model_len = int(config.max_position_embeddings)
         self.vocab_size = self.lm_head.weight.shape[0]
-        cos, sin = _rope_table(base.rotary_emb, self.max_model_len, self.lm_head.weight.dtype)
+        cos, sin = _rope_table(base.rotary_emb.to(device), self.max_model_len, self.lm_head.weight.dtype)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
         # Inference only: without this, a forward outside inference mode (a CUDA graph's capture) would keep
@@ -115,6 +126,11 @@ class DecoderModel(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.lm_head.weight.device
+
+    @property
+    def weight_bytes(self) -> int:
+        """Device memory the weights take, in their format (the rope tables included)."""
+        return weight_bytes(self)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attend: Attend) -> torch.Tensor:
         """input_ids, positions [N] -> hidden states [N, D] before the final norm."""
