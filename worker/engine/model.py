@@ -18,6 +18,7 @@ from torch import nn
 
 from worker.engine.attention import Attend, HeadShape
 from worker.engine.quant import quantize, weight_bytes
+from worker.engine.tensor_parallel import TensorParallel
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
 # Rope variants whose frequencies do not depend on the sequence's length: one table serves every step.
@@ -56,22 +57,39 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, hf_layer: nn.Module, heads: HeadShape, index: int, weight_format: str = "bf16") -> None:
+    """One transformers decoder layer taken over: q/k/v and gate/up fused, under tensor parallelism this rank's
+    shard of each projection (`heads` is then this rank's share), each moved to `device` and converted to
+    `weight_format` there."""
+
+    def __init__(self, hf_layer: nn.Module, heads: HeadShape, index: int, *, weight_format: str = "bf16",
+                 device: torch.device | None = None, tp: TensorParallel | None = None) -> None:
         super().__init__()
         attention, mlp = hf_layer.self_attn, hf_layer.mlp
         self.index = index
         self.heads = heads
-        self.qkv_proj = quantize(_fuse([attention.q_proj, attention.k_proj, attention.v_proj]), weight_format)
-        self.o_proj = quantize(attention.o_proj, weight_format)
-        self.gate_up_proj = quantize(_fuse([mlp.gate_proj, mlp.up_proj]), weight_format)
-        self.down_proj = quantize(mlp.down_proj, weight_format)
-        self.input_layernorm = hf_layer.input_layernorm
-        self.post_attention_layernorm = hf_layer.post_attention_layernorm
-        # The fused (and quantised) copies replace the originals: drop those now, so loading peaks one layer
-        # above the model.
+        self.tp = tp
+        self._splits = [heads.num_heads * heads.head_dim] + [heads.num_kv_heads * heads.head_dim] * 2
+        qkv = _fuse([attention.q_proj, attention.k_proj, attention.v_proj])
+        gate_up = _fuse([mlp.gate_proj, mlp.up_proj])
+        o_proj, down_proj = attention.o_proj, mlp.down_proj
+        if tp is not None:
+            full = [part * tp.world_size for part in self._splits]
+            qkv, o_proj = tp.split_outputs(qkv, full), tp.split_inputs(o_proj)
+            gate_up, down_proj = tp.split_outputs(gate_up, [mlp.gate_proj.out_features] * 2), tp.split_inputs(down_proj)
+        # The fused, split and converted copies replace the originals: drop those at once, so loading peaks one
+        # layer above the model.
         attention.q_proj = attention.k_proj = attention.v_proj = mlp.gate_proj = mlp.up_proj = None
         attention.o_proj = mlp.down_proj = None
-        self._splits = [heads.num_heads * heads.head_dim] + [heads.num_kv_heads * heads.head_dim] * 2
+        self.qkv_proj = quantize(qkv.to(device), weight_format)
+        self.o_proj = quantize(o_proj.to(device), weight_format)
+        self.gate_up_proj = quantize(gate_up.to(device), weight_format)
+        self.down_proj = quantize(down_proj.to(device), weight_format)
+        self.input_layernorm = hf_layer.input_layernorm.to(device)
+        self.post_attention_layernorm = hf_layer.post_attention_layernorm.to(device)
+
+    def _sum_over_ranks(self, partial: torch.Tensor) -> torch.Tensor:
+        """A row-parallel projection's output: this rank's part, summed over the group (as is without one)."""
+        return partial if self.tp is None else self.tp.all_reduce(partial)
 
     def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: Attend) -> torch.Tensor:
         """hidden [N, D] -> [N, D]; cos, sin [N, 1, head_dim]."""
@@ -81,9 +99,9 @@ class DecoderLayer(nn.Module):
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
         out = attend(self.index, q, k, v.view(-1, self.heads.num_kv_heads, self.heads.head_dim))
-        hidden = hidden + self.o_proj(out.reshape(-1, self.heads.num_heads * self.heads.head_dim))
+        hidden = hidden + self._sum_over_ranks(self.o_proj(out.reshape(-1, self.heads.num_heads * self.heads.head_dim)))
         gate, up = self.gate_up_proj(self.post_attention_layernorm(hidden)).chunk(2, dim=-1)
-        return hidden + self.down_proj(F.silu(gate) * up)
+        return hidden + self._sum_over_ranks(self.down_proj(F.silu(gate) * up))
 
 
 class DecoderModel(nn.Module):
@@ -91,10 +109,12 @@ class DecoderModel(nn.Module):
 
     `device`: where it computes (default: where the checkpoint was loaded). A model loaded on the CPU is moved
     layer by layer, each layer converted to `weight_format` on arrival, so the device never holds more than
-    one layer of unconverted weights: a 7B model in nf4 fits a card its bf16 weights would not."""
+    one layer of unconverted weights: a 7B model in nf4 fits a card its bf16 weights would not. `tp`: this
+    process's rank in a tensor-parallel group, whose shard of every layer it keeps (`heads` is then its share).
+    """
 
-    def __init__(self, hf_model: nn.Module, *, weight_format: str = "bf16", device: torch.device | str | None = None
-                 ) -> None:
+    def __init__(self, hf_model: nn.Module, *, weight_format: str = "bf16", device: torch.device | str | None = None,
+                 tp: TensorParallel | None = None) -> None:
         super().__init__()
         config = hf_model.config
         reason = unsupported_reason(config)
@@ -103,9 +123,10 @@ class DecoderModel(nn.Module):
         base = hf_model.model
         device = torch.device(device) if device is not None else hf_model.lm_head.weight.device
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        self.heads = HeadShape(config.num_attention_heads, config.num_key_value_heads, head_dim)
+        heads = HeadShape(config.num_attention_heads, config.num_key_value_heads, head_dim)
+        self.heads = heads if tp is None else tp.heads(heads)
         self.embed_tokens = base.embed_tokens.to(device)
-        self.layers = nn.ModuleList(DecoderLayer(layer.to(device), self.heads, i, weight_format)
+        self.layers = nn.ModuleList(DecoderLayer(layer, self.heads, i, weight_format=weight_format, device=device, tp=tp)
                                     for i, layer in enumerate(base.layers))
         self.norm = base.norm.to(device)
         self.lm_head = hf_model.lm_head.to(device)

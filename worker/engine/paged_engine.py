@@ -53,6 +53,7 @@ class PagedEngine:
     def stop(self, timeout_s: float = 10) -> None:
         self._stop.set()
         self._thread.join(timeout_s)
+        self.runner.close()
         for future in list(self._futures.values()):
             future.set_exception(RuntimeError("the engine stopped"))
         self._futures.clear()
