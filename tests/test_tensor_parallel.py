@@ -21,7 +21,7 @@ from schemas.settings import Settings
 from worker.engine import GenerationOptions, ModelInput, build_engine
 from worker.engine.attention import HeadShape
 from worker.engine.builder import run_follower
-from worker.engine.tensor_parallel import TensorParallel
+from worker.engine.tensor_parallel import TensorParallel, join_group
 from worker.model import load_model
 
 VOCAB = 256
@@ -58,21 +58,21 @@ def _free_port() -> int:
 
 
 def _rank_main(rank: int, world_size: int, port: int, model_dir: Path, out: Path) -> None:
-    """One rank of the group: rank 0 serves the prompts through its engine, the other follows its steps."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    """One rank of the group, joined as the launcher's processes join (its environment variables): rank 0
+    serves the prompts through its engine, the other follows its steps."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    tp = join_group()
     try:
         settings = _settings(model_dir)
-        tp = TensorParallel.of_default_group()
         if tp.is_leader:
-            engine = build_engine(settings, load_model(settings), tp)
+            engine = build_engine(settings, load_model(settings, keep_on_cpu=True), tp)
             futures = [engine.submit(ModelInput(p), NEW_TOKENS, GenerationOptions()) for p in PROMPTS]
             result = {"answers": [f.result(timeout=300).token_ids for f in futures],
                       "kv_capacity_tokens": engine.stats.kv_capacity_tokens, "weight_bytes": engine.stats.weight_bytes}
             engine.stop()
         else:
-            result = {"steps": run_follower(settings, load_model(settings), tp)}
+            result = {"steps": run_follower(settings, load_model(settings, keep_on_cpu=True), tp)}
         (out / f"rank{rank}.json").write_text(json.dumps(result))
     finally:
         dist.destroy_process_group()

@@ -1,5 +1,11 @@
 """`docbatch worker`: one infer process per GPU (pinned with CUDA_VISIBLE_DEVICES before torch is
-imported) plus one prepare process, supervised: a child that crashes is restarted, a signal stops all."""
+imported) plus one prepare process, supervised: a child that crashes is restarted, a signal stops all.
+
+A GPU group (`--gpus 0+1`) runs one model over its GPUs. With `gpu_group=tensor` (the default) that is one
+process per GPU in a tensor-parallel group: the first is the infer worker and leads, the others follow its
+steps (`worker.engine.tensor_parallel`); they meet through torch.distributed's environment variables. With
+`gpu_group=layers` it is one process owning every GPU of the group, the model split by layers (accelerate;
+the hf engine, which image-text models need)."""
 from __future__ import annotations
 
 import logging
@@ -17,13 +23,16 @@ from schemas.settings import Settings
 log = logging.getLogger(__name__)
 
 MAX_RESTARTS = 5
+TP_FOLLOWER = "tp-follower"  # the role of a tensor-parallel group's ranks after the first
+TP_BASE_PORT = 29500  # group n meets on this port + n (torch.distributed's default rendezvous port first)
 
 
 @dataclass(frozen=True)
 class WorkerSpec:
-    role: str  # "infer" or "prepare"
+    role: str  # "infer", "prepare" or "tp-follower"
     name: str  # Celery node name, e.g. gpu0@host
     cuda_visible_devices: str | None  # None: leave unset; "" hides every GPU
+    tensor_parallel: tuple[int, int, int] | None = None  # (rank, world size, rendezvous port) in a GPU group
 
 
 def count_gpus() -> int:
@@ -34,10 +43,11 @@ def count_gpus() -> int:
     return sum(1 for line in listing.stdout.splitlines() if line.startswith("GPU "))
 
 
-def plan_workers(gpus: str, num_gpus: int, host: str, with_prepare: bool = True) -> list[WorkerSpec]:
+def plan_workers(gpus: str, num_gpus: int, host: str, with_prepare: bool = True,
+                 gpu_group: str = "tensor") -> list[WorkerSpec]:
     """Worker processes for `--gpus`: `auto` (every GPU, else CPU), `all`, `cpu`, `0,1` (one process
-    each), `0+1` (one process owning both GPUs, the model sharded across them), or `none` (no inference:
-    the prepare worker alone)."""
+    each), `0+1` (one model over both GPUs: a process per GPU in a tensor-parallel group, or with
+    `gpu_group="layers"` one process owning both), or `none` (no inference: the prepare worker alone)."""
     if gpus == "auto":
         gpus = "all" if num_gpus else "cpu"
     if gpus == "none":
@@ -55,16 +65,29 @@ def plan_workers(gpus: str, num_gpus: int, host: str, with_prepare: bool = True)
             for index in group.split("+"):
                 if not index.isdigit() or int(index) >= num_gpus:
                     raise ValueError(f"--gpus {gpus!r}: GPU {index} does not exist ({num_gpus} found)")
-        specs = [WorkerSpec("infer", f"gpu{g}@{host}", g.replace("+", ",")) for g in groups]
+        specs = [spec for n, group in enumerate(groups) for spec in _group_workers(group, n, host, gpu_group)]
     if with_prepare:
         specs.append(WorkerSpec("prepare", f"prepare@{host}", ""))
     return specs
+
+
+def _group_workers(group: str, index: int, host: str, gpu_group: str) -> list[WorkerSpec]:
+    """The processes of one `--gpus` entry: one for a single GPU or a layer-split group, else one per GPU."""
+    gpus = group.split("+")
+    if len(gpus) == 1 or gpu_group == "layers":
+        return [WorkerSpec("infer", f"gpu{group}@{host}", ",".join(gpus))]
+    port = TP_BASE_PORT + index
+    return [WorkerSpec("infer" if rank == 0 else TP_FOLLOWER, f"gpu{group}@{host}" if rank == 0 else
+                       f"gpu{group}-rank{rank}@{host}", gpu, (rank, len(gpus), port)) for rank, gpu in enumerate(gpus)]
 
 
 def _spawn(spec: WorkerSpec, env: dict[str, str]) -> subprocess.Popen:
     child_env = dict(env)
     if spec.cuda_visible_devices is not None:
         child_env["CUDA_VISIBLE_DEVICES"] = spec.cuda_visible_devices
+    if spec.tensor_parallel is not None:  # torch.distributed's env:// rendezvous
+        rank, world_size, port = spec.tensor_parallel
+        child_env.update(RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     if spec.role == "infer" and spec.cuda_visible_devices == "":
         child_env["DOCBATCH_DEVICE"] = "cpu"
     log.info("starting %s (CUDA_VISIBLE_DEVICES=%r)", spec.name, spec.cuda_visible_devices)
@@ -73,7 +96,7 @@ def _spawn(spec: WorkerSpec, env: dict[str, str]) -> subprocess.Popen:
 
 def launch(settings: Settings, gpus: str, with_prepare: bool = True) -> int:
     """Run the worker processes until a signal (or every child has exited cleanly). Returns an exit code."""
-    specs = plan_workers(gpus, count_gpus(), socket.gethostname(), with_prepare)
+    specs = plan_workers(gpus, count_gpus(), socket.gethostname(), with_prepare, settings.gpu_group)
     # Each child serves its metrics on a port of its own: metrics_port, metrics_port + 1, ... in plan order.
     envs = {spec: {**os.environ, **settings.to_env(),
                    "DOCBATCH_METRICS_PORT": str(settings.metrics_port + i if settings.metrics_port else 0)}

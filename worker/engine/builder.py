@@ -1,9 +1,10 @@
 """Which engine a worker runs (`DOCBATCH_ENGINE`), and building it around the loaded model.
 
 `paged` (continuous batching over a paged KV cache) runs every text model of the Llama family (Llama,
-Qwen2, Qwen2.5) on one device; `hf` (static batches through transformers' `generate`) runs the rest,
-image-text models and models sharded over several GPUs included, and stays as the reference the tests
-compare the paged engine with. `auto` picks `paged` wherever it can.
+Qwen2, Qwen2.5) on one device or over a tensor-parallel group; `hf` (static batches through transformers'
+`generate`) runs the rest, image-text models and models split by layers over several GPUs (or offloaded in
+part to CPU memory) included, and stays as the reference the tests compare the paged engine with. `auto`
+picks `paged` wherever it can.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ def paged_unsupported(loaded: Any) -> str | None:
     if loaded.is_vision:
         return "image-text models run on the hf engine"
     if len({str(d) for d in (getattr(loaded.model, "hf_device_map", None) or {}).values()}) > 1:
-        return "the model is sharded over several GPUs"
+        return "the model is split over several devices (GPUs, or a GPU and CPU memory)"
     return unsupported_reason(loaded.model.config)
 
 

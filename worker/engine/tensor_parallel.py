@@ -105,6 +105,15 @@ class TensorParallel:
                           kv_last_page_len=kv_last_page_len, is_decode_only=is_decode_only)
 
 
+def join_group() -> TensorParallel:
+    """Join the group torch.distributed's environment variables describe (RANK, WORLD_SIZE, MASTER_ADDR,
+    MASTER_PORT): NCCL over this process's one visible GPU, gloo on a CPU."""
+    if torch.cuda.is_available():
+        torch.cuda.set_device(0)  # the launcher pins each rank to its GPU with CUDA_VISIBLE_DEVICES
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return TensorParallel.of_default_group()
+
+
 def _linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
     linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=weight.dtype)
     with torch.no_grad():
