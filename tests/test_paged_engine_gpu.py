@@ -84,7 +84,8 @@ def test_flashinfer_attention_matches_the_torch_path_on_a_mixed_step():
     saved = cache.data.clone()
     reference = model(inputs.input_ids, inputs.positions, TorchAttention(cache, model.heads).plan(inputs))
     cache.data.copy_(saved)
-    fast = model(inputs.input_ids, inputs.positions, FlashInferAttention(cache, model.heads, workspace, model.dtype).plan(inputs))
+    flashinfer_attention = FlashInferAttention(cache, model.heads, workspace, model.dtype)
+    fast = model(inputs.input_ids, inputs.positions, flashinfer_attention.plan(inputs))
     assert torch.isfinite(fast).all()
     assert _relative_error(fast, reference) < 2e-2
 
