@@ -81,6 +81,15 @@ def _group_workers(group: str, index: int, host: str, gpu_group: str) -> list[Wo
                        f"gpu{group}-rank{rank}@{host}", gpu, (rank, len(gpus), port)) for rank, gpu in enumerate(gpus)]
 
 
+def restart_group(spec: WorkerSpec, specs: list[WorkerSpec]) -> list[WorkerSpec]:
+    """The processes that restart when `spec` crashes: its whole tensor-parallel group (a new rank cannot join
+    a running group, and the others would wait for the lost one forever), else `spec` alone."""
+    if spec.tensor_parallel is None:
+        return [spec]
+    port = spec.tensor_parallel[2]
+    return [s for s in specs if s.tensor_parallel is not None and s.tensor_parallel[2] == port]
+
+
 def _spawn(spec: WorkerSpec, env: dict[str, str]) -> subprocess.Popen:
     child_env = dict(env)
     if spec.cuda_visible_devices is not None:
@@ -125,5 +134,9 @@ def launch(settings: Settings, gpus: str, with_prepare: bool = True) -> int:
                 continue
             restarts[spec] += 1
             log.warning("%s exited with %s; restarting (%d/%d)", spec.name, code, restarts[spec], MAX_RESTARTS)
-            children[spec] = _spawn(spec, envs[spec])
+            for member in restart_group(spec, specs):
+                if children[member].poll() is None:
+                    children[member].terminate()
+                    children[member].wait(timeout=60)
+                children[member] = _spawn(member, envs[member])
     return max(abs(child.returncode or 0) for child in children.values()) if not stopping else 0
