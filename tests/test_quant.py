@@ -120,6 +120,15 @@ def test_quantised_projections_compute_what_their_weights_say(small_model, weigh
     assert error < tolerance
 
 
+def test_a_checkpoint_already_quantised_is_left_to_the_hf_engine():
+    from transformers import Qwen2Config
+
+    from worker.engine.model import unsupported_reason
+
+    config = Qwen2Config(quantization_config={"quant_method": "awq", "bits": 4})
+    assert "already quantised (awq)" in unsupported_reason(config)
+
+
 def test_formats_on_an_engine_that_cannot_take_them_fail_at_start(small_model_dir, small_model):
     settings = _settings(small_model_dir, engine="hf", weight_format="int8")
     with pytest.raises(ValueError, match="apply to the paged engine"):

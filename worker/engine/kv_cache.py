@@ -5,6 +5,8 @@ from dataclasses import dataclass
 
 import torch
 
+from worker.engine.block_manager import NULL_BLOCK
+
 
 @dataclass(frozen=True)
 class CacheShape:
@@ -36,9 +38,12 @@ class KVCache:
         self.shape = shape
         self.num_blocks = num_blocks
         # empty, not zeros: a slot is always written before it is read, and on a CPU untouched pages
-        # cost no memory.
+        # cost no memory. Except the null block, which the PyTorch path gathers (masked) as padding: recycled
+        # memory there can hold NaN (any byte 0x7f or 0xff of an fp8 cache is one), and a masked NaN value still
+        # makes the weighted sum NaN.
         self.data = torch.empty((shape.num_layers, 2, num_blocks, shape.block_size, shape.num_kv_heads,
                                  shape.head_dim), dtype=shape.dtype, device=device)
+        self.data[:, :, NULL_BLOCK].zero_()
 
     def keys(self, layer: int) -> torch.Tensor:
         return self.data[layer, 0]

@@ -36,6 +36,10 @@ def unsupported_reason(config: Any) -> str | None:
         return f"rope type {rope_type!r}"
     if getattr(config, "use_sliding_window", False):
         return "sliding-window attention"
+    quantized = getattr(config, "quantization_config", None)
+    if quantized:  # its layers are the quantisation library's, not nn.Linear: transformers' own forward runs them
+        method = quantized.get("quant_method") if isinstance(quantized, dict) else quantized.quant_method
+        return f"a checkpoint already quantised ({method}); set weight_format to quantise a bf16 one"
     return None
 
 
