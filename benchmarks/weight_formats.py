@@ -9,7 +9,9 @@ memory profiled, KV cache sized from what is free, CUDA graphs captured), and re
     ignored), all submitted at once: output tokens/s over the whole run, the mean decode step;
   - agreement with the first format (bf16): share of answers whose first token is the same, share of all
     answer tokens equal at the same position, and the relative error of the last prompt token's logits
-    (||l - l_bf16|| / ||l_bf16||) over `--check-prompts` prompts.
+    (||l - l_bf16|| / ||l_bf16||) over `--check-prompts` prompts;
+  - with `--text FILE`: the perplexity of the model on the file's first `--text-tokens` tokens (one forward
+    pass, every token predicted from the ones before it): meaningful for trained weights only.
 `--warm-kernels` builds a two-layer model of Qwen2.5-7B's head layout in bf16 and fp8 KV cache, so that
 FlashInfer's JIT compilation can run beside `make_random_model.py`. Writes summary.json under --out.
 """
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import subprocess
 import sys
 import time
@@ -55,6 +58,25 @@ def last_token_logits(engine, token_ids: list[list[int]]) -> torch.Tensor:
     return torch.cat(rows)
 
 
+@torch.inference_mode()
+def perplexity(engine, token_ids: list[int]) -> float:
+    """exp of the mean negative log-likelihood of each token given those before it, through the engine's model."""
+    blocks, runner = engine.scheduler.blocks, engine.runner
+    seq = Sequence(token_ids, 1)
+    blocks.allocate(seq, len(token_ids))
+    inputs = StepInputs.build(ScheduledStep([seq], [len(token_ids)]), blocks.block_size, runner.device)
+    hidden = runner.model(inputs.input_ids, inputs.positions, runner.attention.plan(inputs))
+    nll = torch.nn.functional.cross_entropy(runner.model.compute_logits(hidden[:-1]), inputs.input_ids[1:])
+    blocks.free(seq)
+    return math.exp(nll.item())
+
+
+def text_tokens(model: str, path: str, count: int) -> list[int]:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model)(Path(path).read_text(), add_special_tokens=False)["input_ids"][:count]
+
+
 def run_one(args, weight_format: str, kv_cache_dtype: str) -> dict:
     settings = Settings(model=args.model, engine="paged", weight_format=weight_format, kv_cache_dtype=kv_cache_dtype,
                         max_batch_size=args.batch)
@@ -72,6 +94,7 @@ def run_one(args, weight_format: str, kv_cache_dtype: str) -> dict:
     seconds = time.perf_counter() - started
     engine.stop()
     logits = last_token_logits(engine, work[:args.check_prompts])
+    text_perplexity = perplexity(engine, text_tokens(args.model, args.text, args.text_tokens)) if args.text else None
     name = weight_format if kv_cache_dtype == "auto" else f"{weight_format}/{kv_cache_dtype}"
     torch.save({"answers": answers, "logits": logits}, Path(args.scratch) / f"{name.replace('/', '-')}.pt")
     decode_steps = stats.num_decode_steps - steps_before
@@ -81,7 +104,7 @@ def run_one(args, weight_format: str, kv_cache_dtype: str) -> dict:
             "build_s": round(built_s, 1), "run_s": round(seconds, 1),
             "output_tok_s": round(sum(map(len, answers)) / seconds),
             "decode_step_ms": round(1000 * (stats.decode_step_s - decode_before) / max(decode_steps, 1), 1),
-            "decode_steps": decode_steps}
+            "decode_steps": decode_steps} | ({"perplexity": round(text_perplexity, 3)} if args.text else {})
 
 
 def agreement(scratch: Path, name: str, reference: str) -> dict:
@@ -119,6 +142,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--check-prompts", type=int, default=16)
+    parser.add_argument("--text", help="a text file to measure perplexity on (trained weights only)")
+    parser.add_argument("--text-tokens", type=int, default=1024)
     parser.add_argument("--out", type=Path, default=Path("."))
     parser.add_argument("--scratch", default="/tmp/weight_formats")
     parser.add_argument("--one", help="(internal) run this format in this process and print its JSON")
