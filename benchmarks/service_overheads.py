@@ -27,10 +27,10 @@ from producer.embedded import embedded_redis, free_port  # noqa: E402
 from producer.inbox import Scanner  # noqa: E402
 from producer.submit import Source, submit  # noqa: E402
 from schemas.inboxes import InboxConfig  # noqa: E402
+from schemas.messages import make_celery  # noqa: E402
 from schemas.settings import Settings  # noqa: E402
 from schemas.store import Store  # noqa: E402
 from schemas.tasks import builtin_task  # noqa: E402
-from worker.celery_app import make_celery  # noqa: E402
 
 
 def write_folder(folder: Path, num_files: int) -> None:

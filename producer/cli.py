@@ -12,12 +12,20 @@ from rich.console import Console
 from rich.table import Column, Table
 
 from producer.export import FORMATS
+from producer.jobs_cli import COMMANDS as JOB_COMMANDS
 from producer.service_cli import COMMANDS as SERVICE_COMMANDS
 from schemas.records import BatchStatus, JobRecord
 from schemas.settings import Settings
 from schemas.states import JobState
 from schemas.store import Store
-from schemas.tasks import BUILTIN_TASKS, CHAT_TASK, TEMPLATE_VARIABLES, TaskDefinition, builtin_task, load_task_file
+from schemas.tasks import (
+    BUILTIN_TASKS,
+    CHAT_TASK,
+    TEMPLATE_VARIABLES,
+    TaskDefinition,
+    builtin_task,
+    load_task_file,
+)
 
 console = Console(stderr=True, soft_wrap=True)
 DEMO_MAX_NEW_TOKENS = 384
@@ -117,11 +125,9 @@ def submit_command(ctx, paths, task, task_file, openai_batch, wait, priority, la
     Exit codes: 0 done (or queued, without --wait); 1 a job failed; 2 bad usage (a path that does not
     exist, say); 3 Redis unreachable (the batch is recorded, its jobs go out when Redis is back).
     """
-    from kombu.utils.url import maybe_sanitize_url
-
     from producer.progress import wait_for_batch
     from producer.submit import BrokerUnreachable, submit
-    from worker.celery_app import make_celery
+    from schemas.messages import make_celery
 
     settings = _settings(ctx)
     source, definition = _resolve(settings, paths, task, task_file, openai_batch)
@@ -133,10 +139,9 @@ def submit_command(ctx, paths, task, task_file, openai_batch, wait, priority, la
         raise click.ClickException(str(e)) from e
     except BrokerUnreachable as e:
         batch = e.submission.batch
-        console.print(f"[red]error:[/] cannot reach Redis at {maybe_sanitize_url(settings.broker_url)} ({e.reason}). "
-                      f"Batch {batch.batch_id} is recorded with {len(batch.to_enqueue)} jobs queued; they are sent "
-                      "when Redis is back: submit the same inputs again, or a prepare worker's reconciler sends "
-                      "them within job_timeout_s.")
+        console.print(f"[red]error:[/] {e.reason}. Batch {batch.batch_id} is recorded with "
+                      f"{len(batch.to_enqueue)} jobs queued; they are sent when Redis is back: a running worker's "
+                      "sweep sends them within a minute, or submit the same inputs again.")
         click.echo(batch.batch_id)
         sys.exit(3)
     _report_submission(result, definition)
@@ -152,7 +157,9 @@ def submit_command(ctx, paths, task, task_file, openai_batch, wait, priority, la
 @click.option("--json", "as_json", is_flag=True, help="one JSON object per batch: batch, total, one key per state")
 @click.pass_context
 def status_command(ctx, batch, as_json) -> None:
-    """Job counts by state for BATCH, or for the 20 newest batches."""
+    """Job counts by state for BATCH, or for the 20 newest batches and the workers alive now (what each
+    holds)."""
+    from producer.jobs_cli import print_workers
     from producer.progress import batch_status
 
     store = _store(_settings(ctx))
@@ -165,6 +172,8 @@ def status_command(ctx, batch, as_json) -> None:
             click.echo(status.model_dump_json())
     else:
         _print_status(statuses, store)
+        if not batch:
+            print_workers(store, seen_within_s=60, out=Console())
 
 
 @main.command("results")
@@ -304,7 +313,7 @@ def _print_records(records: list[JobRecord]) -> None:
             out.print(f"[red]{record.error_code}[/]: {record.error_message}")
 
 
-for _command in SERVICE_COMMANDS:
+for _command in [*JOB_COMMANDS, *SERVICE_COMMANDS]:
     main.add_command(_command)
 
 if __name__ == "__main__":

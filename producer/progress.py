@@ -43,7 +43,7 @@ def wait_for_batch(store: Store, batch_id: str, *, console: Console | None = Non
 
 
 def _running(status: BatchStatus) -> int:
-    return status.running + status.preparing + status.ready
+    return status.running + status.preparing + status.ready + status.waiting
 
 
 class _PlainLines:

@@ -20,11 +20,11 @@ from producer.embedded import redis_for
 from producer.export import batch_records, render
 from producer.progress import wait_for_batch
 from producer.submit import Source, Submission, submit
+from schemas.messages import make_celery
 from schemas.records import BatchStatus, JobRecord
 from schemas.settings import Settings
 from schemas.store import Store
 from schemas.tasks import TaskDefinition
-from worker.celery_app import make_celery
 
 WORKER_STOP_TIMEOUT_S = 60
 

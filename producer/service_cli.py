@@ -39,7 +39,7 @@ def _open(settings: Settings) -> tuple[Store, redis.Redis]:
 
 def _scanner(settings: Settings):
     from producer.inbox import Scanner
-    from worker.celery_app import make_celery
+    from schemas.messages import make_celery
 
     if not settings.inbox:
         raise click.ClickException("no inbox is configured: add [[inbox]] tables to the settings file (see "
@@ -141,7 +141,7 @@ def top_command(settings: Settings, once: bool, interval_s: float) -> None:
     (utilisation, memory, temperature, power), queue lengths, and the newest batches' progress.
     Ctrl-C quits."""
     from producer.top import run_top
-    from worker.celery_app import make_celery
+    from schemas.messages import make_celery
 
     store, client = _open(settings)
     try:

@@ -11,17 +11,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from celery import Celery
-from kombu.exceptions import OperationalError
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+)
 
 from producer.openai_batch import store_requests
 from producer.walk import walk
+from schemas.messages import PREPARE_TASK, send
 from schemas.settings import Settings
 from schemas.states import ErrorCode
 from schemas.store import NewBatch, Reject, Store
 from schemas.tasks import TaskDefinition
-from worker.celery_app import PREPARE_QUEUE, PREPARE_TASK, broker_priority, display_name
 from worker.extract import sniff
 
 
@@ -58,7 +63,7 @@ class Submission:
 
 class BrokerUnreachable(RuntimeError):
     """The batch is recorded in SQL but its jobs' messages could not be sent: they stay `queued`, and go out
-    when the same inputs are submitted again, or when a prepare worker's reconciler finds them."""
+    when the same inputs are submitted again, or when a worker's sweep finds them missing."""
 
     def __init__(self, submission: Submission, reason: str) -> None:
         super().__init__(reason)
@@ -99,12 +104,16 @@ def submit(settings: Settings, store: Store, app: Celery, source: Source, task: 
                          f"({len(collected.rejects)} rejected{first})")
     store.put_task(task.hash, task.name, task.model_dump(mode="json"))
     batch = store.create_batch(task.name, {"task": task.hash}, settings.model, collected.items, label=label,
-                               priority=priority, stale_after_s=settings.job_timeout_s, rejects=collected.rejects,
+                               priority=priority, rejects=collected.rejects,
                                task_hash=task.hash, key_by_name=task.uses_filename)
-    try:
-        for job_id in batch.to_enqueue:
-            app.send_task(PREPARE_TASK, args=[job_id], kwargs=display_name(batch.names.get(job_id)),
-                          queue=PREPARE_QUEUE, priority=broker_priority(priority))
-    except OperationalError as e:
-        raise BrokerUnreachable(Submission(batch, collected), str(e)) from e
+    for job_id in batch.to_enqueue:
+        if not send(app, PREPARE_TASK, job_id, priority, batch.names.get(job_id)):
+            raise BrokerUnreachable(Submission(batch, collected), f"cannot reach Redis at {_safe(settings)}")
     return Submission(batch, collected)
+
+
+def _safe(settings: Settings) -> str:
+    """The broker's address without its password."""
+    from kombu.utils.url import maybe_sanitize_url
+
+    return maybe_sanitize_url(settings.broker_url)

@@ -13,12 +13,12 @@ from celery import Celery
 from prometheus_client.parser import text_string_to_metric_families
 
 from producer.progress import batch_status
+from schemas.broker_state import UNACKED_HASH, queue_keys
+from schemas.messages import INFER_QUEUE, PREPARE_QUEUE, PRIORITY_STEPS
 from schemas.records import BatchStatus
 from schemas.store import Store
-from worker.celery_app import INFER_QUEUE, PREPARE_QUEUE
 
 SCRAPE_TIMEOUT_S = 2.0
-PRIORITY_STEPS = range(10)  # as the Celery app's broker_transport_options say; `queue:N` holds priority N
 
 
 @dataclass(frozen=True)
@@ -105,9 +105,9 @@ def queue_lengths(client: redis.Redis) -> dict[str, int]:
     """Messages waiting in each docbatch queue (all its priority lists), and those delivered but not acked."""
     pipe = client.pipeline()
     for queue in (PREPARE_QUEUE, INFER_QUEUE):
-        for priority in PRIORITY_STEPS:
-            pipe.llen(f"{queue}:{priority}" if priority else queue)
-    pipe.hlen("unacked")
+        for key in queue_keys(queue):
+            pipe.llen(key)
+    pipe.hlen(UNACKED_HASH)
     counts = pipe.execute()
     steps = len(PRIORITY_STEPS)
     return {PREPARE_QUEUE: sum(counts[:steps]), INFER_QUEUE: sum(counts[steps:2 * steps]), "unacked": counts[-1]}

@@ -5,7 +5,8 @@ import datetime as dt
 import uuid
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, DateTime, Enum, ForeignKey, Index, Integer, LargeBinary, String, Text
+from sqlalchemy import (JSON, BigInteger, Boolean, DateTime, Enum, ForeignKey, Index, Integer, LargeBinary, String,
+                        Text, false)
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, deferred, mapped_column, relationship
 
@@ -105,7 +106,8 @@ class Job(Base):
     """Document x task x params x model. `idempotency_key` is unique, so the same work is never made twice."""
 
     __tablename__ = "jobs"
-    __table_args__ = (Index("ix_jobs_state", "state"), Index("ix_jobs_parent_id", "parent_id"))
+    __table_args__ = (Index("ix_jobs_state", "state"), Index("ix_jobs_parent_id", "parent_id"),
+                      Index("ix_jobs_lease_owner", "lease_owner"))
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
     idempotency_key: Mapped[str] = mapped_column(String(64), unique=True)
     document_sha256: Mapped[str] = mapped_column(ForeignKey("documents.sha256"))
@@ -119,7 +121,14 @@ class Job(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     error_code: Mapped[str | None] = mapped_column(String(64), nullable=True)
     error_message: Mapped[str | None] = mapped_column(Text, nullable=True)
-    worker: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    worker: Mapped[str | None] = mapped_column(String(200), nullable=True)  # the last worker's name (gpu0@host)
+    # A held job (preparing, running) is leased to one process, which renews the lease while it lives.
+    lease_owner: Mapped[str | None] = mapped_column(String(200), nullable=True)  # `Worker.owner`
+    lease_expires_at: Mapped[dt.datetime | None] = mapped_column(nullable=True)
+    sent_at: Mapped[dt.datetime | None] = mapped_column(nullable=True)  # its last message to the broker
+    # Crash attribution: how often a worker died holding it, and whether its next run goes alone.
+    lost_runs: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    isolate: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     batch_size: Mapped[int | None] = mapped_column(Integer, nullable=True)
     tokens_in: Mapped[int | None] = mapped_column(Integer, nullable=True)
     tokens_out: Mapped[int | None] = mapped_column(Integer, nullable=True)
@@ -149,3 +158,17 @@ class Result(Base):
     raw_text: Mapped[str] = mapped_column(Text)
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     job: Mapped[Job] = relationship(back_populates="result")
+
+
+class Worker(Base):
+    """A running worker process, registered at start and kept alive by its heartbeat: who holds what."""
+
+    __tablename__ = "workers"
+    owner: Mapped[str] = mapped_column(String(200), primary_key=True)  # name/pid: unique per process life
+    name: Mapped[str] = mapped_column(String(200))  # Celery node name, e.g. gpu0@host
+    role: Mapped[str] = mapped_column(String(16))  # infer or prepare
+    host: Mapped[str] = mapped_column(String(200))
+    pid: Mapped[int] = mapped_column(Integer)
+    started_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    heartbeat_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    stopped_at: Mapped[dt.datetime | None] = mapped_column(nullable=True)

@@ -66,6 +66,7 @@ class BatchStatus(BaseModel):
     preparing: int = 0
     ready: int = 0
     running: int = 0
+    waiting: int = 0  # long documents whose chunks run (counted as units by progress)
     done: int = 0
     failed: int = 0
     cancelled: int = 0

@@ -76,9 +76,19 @@ class Settings(BaseSettings):
     prepare_timeout_s: int = Field(300, ge=1, description="extraction of one file, OCR included")
     prepare_memory_mb: int = Field(2048, ge=256, description="memory a prepare process may map for one file")
     chunk_overlap_tokens: int = Field(128, ge=0, description="tokens repeated across a chunk boundary")
-    max_attempts: int = Field(3, ge=1)
-    job_timeout_s: int = Field(3600, ge=10, description="longest a job may run; older running jobs are stale")
-    reconcile_interval_s: int = Field(60, ge=1, description="how often lost or stuck jobs are looked for")
+    max_attempts: int = Field(3, ge=1, description="runs a job may lose to a crash while alone before it fails")
+
+    # Nothing lost: leases on held jobs, the sweep that takes them back, and waiting out outages.
+    lease_s: float = Field(30, ge=1, description="a held job's lease; the holder renews it every lease_s / 3")
+    sweep_interval_s: float = Field(10, gt=0, description="how often each worker looks for expired leases and "
+                                                          "lost messages")
+    message_grace_s: float = Field(30, ge=0, description="a job waits this long for its message before the sweep "
+                                                         "counts it as possibly lost")
+    visibility_timeout_s: int = Field(300, ge=10, description="Redis re-delivers a message unacknowledged this "
+                                                              "long (a duplicate of a running job does nothing)")
+    db_retry_s: float = Field(600, ge=0, description="how long a worker waits out a database outage in one call")
+    failpoints: tuple[str, ...] = Field((), description="fault injection for the fault suite: 'point=marker' "
+                                        "items; see worker/failpoints.py. Never set in production")
 
     # Running as a service: scheduled ingestion, Flower, metrics and alerts.
     inbox: tuple[InboxConfig, ...] = Field((), description="folders `docbatch beat` scans (TOML [[inbox]] tables)")
@@ -144,8 +154,3 @@ class Settings(BaseSettings):
     @property
     def model_cache_dir(self) -> Path:
         return self.home / "models"
-
-    @property
-    def visibility_timeout_s(self) -> int:
-        """Redis re-delivers an unacked message after this; it must outlast the longest job."""
-        return self.job_timeout_s * 2

@@ -1,14 +1,19 @@
-"""Lifecycle states and failure reason codes, one `str` Enum each, shared by the database, JSON and the CLI."""
+"""Lifecycle states and failure reason codes, one `str` Enum each, shared by the database, JSON and the CLI.
+
+The transition table beside `JobState` lists every legal move; `Store.transition` is the only code that
+writes a job's state, and it refuses a move the table does not list.
+"""
 from __future__ import annotations
 
 import enum
 
 
 class JobState(str, enum.Enum):
-    QUEUED = "queued"
-    PREPARING = "preparing"
-    READY = "ready"
-    RUNNING = "running"
+    QUEUED = "queued"  # its document is waiting for extraction
+    PREPARING = "preparing"  # a prepare process holds it (under a lease)
+    READY = "ready"  # its prompt's inputs are stored; waiting for a GPU worker
+    RUNNING = "running"  # a GPU worker holds it (under a lease)
+    WAITING = "waiting"  # a long document whose chunk jobs run; it holds no lease
     DONE = "done"
     FAILED = "failed"
     CANCELLED = "cancelled"
@@ -16,6 +21,43 @@ class JobState(str, enum.Enum):
     @property
     def is_terminal(self) -> bool:
         return self in (JobState.DONE, JobState.FAILED, JobState.CANCELLED)
+
+    @property
+    def is_held(self) -> bool:
+        """A worker holds the job under a lease it keeps renewing."""
+        return self in (JobState.PREPARING, JobState.RUNNING)
+
+
+_S = JobState
+TRANSITIONS: dict[JobState, frozenset[JobState]] = {
+    # claimed by a prepare process; cancelled before it starts
+    _S.QUEUED: frozenset({_S.PREPARING, _S.CANCELLED}),
+    # extracted (ready, or waiting on its chunks); failed on its own input; back to queued when its lease
+    # expired (the process died); cancelled (the extraction's outcome is then dropped)
+    _S.PREPARING: frozenset({_S.READY, _S.WAITING, _S.FAILED, _S.QUEUED, _S.CANCELLED}),
+    # claimed by a GPU worker; failed without running (too many crashes); cancelled before it starts
+    _S.READY: frozenset({_S.RUNNING, _S.FAILED, _S.CANCELLED}),
+    # answered; failed; back to ready when its lease expired. A running job is not cancelled: it finishes.
+    _S.RUNNING: frozenset({_S.DONE, _S.FAILED, _S.READY}),
+    # its chunks' answers merged (done) or handed to the model (ready); a chunk failed; another level of
+    # chunks (waiting again); cancelled with its chunks
+    _S.WAITING: frozenset({_S.DONE, _S.READY, _S.WAITING, _S.FAILED, _S.CANCELLED}),
+    _S.DONE: frozenset(),
+    # retried (`docbatch retry`, a resubmit), or a failed chunk made again by its document's next try
+    _S.FAILED: frozenset({_S.QUEUED, _S.READY}),
+    _S.CANCELLED: frozenset({_S.QUEUED, _S.READY}),
+}
+
+
+class IllegalTransition(ValueError):
+    """A state change the transition table does not list: a bug in the caller, never a job's fault."""
+
+
+def check_transition(from_states: frozenset[JobState] | set[JobState], to_state: JobState) -> None:
+    """Raise `IllegalTransition` unless every state in `from_states` may move to `to_state`."""
+    illegal = sorted(s.value for s in from_states if to_state not in TRANSITIONS[s])
+    if illegal:
+        raise IllegalTransition(f"a job may not move from {', '.join(illegal)} to {to_state.value}")
 
 
 class ErrorCode(str, enum.Enum):

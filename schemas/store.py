@@ -5,7 +5,6 @@ duplicated message does nothing), record pages, results and failures; the CLI re
 """
 from __future__ import annotations
 
-import datetime as dt
 import hashlib
 import json
 from collections import Counter
@@ -13,11 +12,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from sqlalchemy import Engine, func, or_, select, update
+from sqlalchemy import Engine, func, or_, select
 from sqlalchemy.dialects import postgresql, sqlite
 
 from schemas.db import make_engine, make_sessionmaker, migrate
-from schemas.models import Batch, BatchItem, BatchReject, Document, Job, Page, Result, TaskDef, new_id, utcnow
+from schemas.lifecycle import Lifecycle, retried
+from schemas.models import (
+    Batch,
+    BatchItem,
+    BatchReject,
+    Document,
+    Job,
+    Page,
+    Result,
+    TaskDef,
+    new_id,
+    utcnow,
+)
 from schemas.states import ErrorCode, JobState
 
 
@@ -54,11 +65,15 @@ class NewBatch:
     names: dict[str, str] = field(default_factory=dict)  # job id -> a name the batch lists it under
 
 
-class Store:
-    """Data access over one database. Thread-safe: each call opens its own session."""
+class Store(Lifecycle):
+    """Data access over one database. Thread-safe: each call opens its own session.
 
-    def __init__(self, url: str, blob_dir: Path | None = None) -> None:
+    Job state changes, leases and workers are `schemas.lifecycle.Lifecycle`'s part. A worker's store waits
+    out database outages for up to `retry_s` in the calls it makes while holding a job (0: fail at once)."""
+
+    def __init__(self, url: str, blob_dir: Path | None = None, retry_s: float = 0) -> None:
         self.url = url
+        self.retry_s = retry_s
         self.engine: Engine = make_engine(url)
         self._sessions = make_sessionmaker(self.engine)
         self.blob_dir = blob_dir
@@ -136,15 +151,15 @@ class Store:
 
     # -- batches -------------------------------------------------------------------------------
     def create_batch(self, task: str, params: dict[str, Any], model: str, items: Iterable[tuple[str, str]],
-                     label: str | None = None, priority: int = 0, stale_after_s: int = 3600,
+                     label: str | None = None, priority: int = 0,
                      rejects: Iterable[Reject] = (), task_hash: str | None = None,
                      key_by_name: bool = False) -> NewBatch:
         """Make a batch over `items` (name, document sha256), reusing any job that already exists.
 
         Names are unique in a batch; several names with the same content share one job, unless
         `key_by_name` (the task's prompt uses the name): then the name is one of the job's params.
-        Failed jobs and jobs stuck longer than `stale_after_s` go back to `queued`; every queued job of the
-        batch is returned for (re-)enqueueing, since a message in a lost broker must not strand its job.
+        Failed and cancelled jobs go back to `queued`; every queued job of the batch is returned for
+        (re-)enqueueing. (Jobs a dead worker held come back by their leases, not here.)
         """
         keys_by_name: dict[str, str] = {}
         new_jobs: dict[str, tuple[str, dict[str, Any]]] = {}  # key -> (sha, params)
@@ -158,7 +173,7 @@ class Store:
             if new_jobs:
                 insert_rows = [dict(id=new_id(), idempotency_key=key, document_sha256=sha, task=task,
                                     params=job_params, model=model, state=JobState.QUEUED, priority=priority,
-                                    attempts=0, created_at=now, updated_at=now)
+                                    attempts=0, created_at=now, updated_at=now, sent_at=now)
                                for key, (sha, job_params) in new_jobs.items()]
                 stmt = _insert(session.bind.dialect.name, Job).values(insert_rows)
                 session.execute(stmt.on_conflict_do_nothing(index_elements=["idempotency_key"]))
@@ -171,104 +186,21 @@ class Store:
                             for name, key in keys_by_name.items())
             session.add_all(BatchReject(batch_id=batch.id, name=r.name, error_code=r.code.value, error_message=r.message)
                             for r in {r.name: r for r in rejects}.values())
-            stale_before = now - dt.timedelta(seconds=stale_after_s)
-            to_enqueue, reused = [], 0
-            for job in jobs.values():
-                is_stale = (job.state in (JobState.PREPARING, JobState.READY, JobState.RUNNING)
-                            and _aware(job.updated_at) < stale_before)
-                if job.state in (JobState.FAILED, JobState.CANCELLED) or is_stale:
-                    job.state, job.error_code, job.error_message, job.attempts = JobState.QUEUED, None, None, 0
-                    job.priority = priority
-                if job.state == JobState.QUEUED:
-                    to_enqueue.append(job.id)
-                elif job.state == JobState.DONE:
-                    reused += 1
+            again = [job.id for job in jobs.values() if job.state in (JobState.FAILED, JobState.CANCELLED)]
+            self.transition(again, [JobState.FAILED, JobState.CANCELLED], JobState.QUEUED, session=session,
+                            error_code=None, error_message=None, attempts=0, lost_runs=0, isolate=False,
+                            finished_at=None, priority=priority, sent_at=now)
+            states = dict(session.execute(select(Job.id, Job.state).where(
+                Job.id.in_([job.id for job in jobs.values()]))).all()) if jobs else {}
+            to_enqueue = [job_id for job_id, state in states.items() if state == JobState.QUEUED]
+            reused = sum(state == JobState.DONE for state in states.values())
             names = {jobs[key].id: name for name, key in keys_by_name.items()}
             return NewBatch(batch.id, len(jobs), to_enqueue, reused, names)
 
-    # -- the worker's side ---------------------------------------------------------------------
-    def claim(self, job_id: str, from_state: JobState, to_state: JobState, worker: str,
-              stale_after_s: int, count_attempt: bool = False) -> Job | None:
-        """Move a job from `from_state` to `to_state` if nobody else has it; None if another owns it.
-
-        A job left in `to_state` longer than `stale_after_s` (its worker died) may be claimed again.
-        """
-        now = utcnow()
-        values: dict[str, Any] = dict(state=to_state, worker=worker, updated_at=now)
-        if count_attempt:
-            values["attempts"] = Job.attempts + 1
-            values["started_at"] = now
-        stale_before = now - dt.timedelta(seconds=stale_after_s)
-        with self._sessions.begin() as session:
-            claimed = session.execute(
-                update(Job).where(Job.id == job_id, or_(Job.state == from_state,
-                                                        (Job.state == to_state) & (Job.updated_at < stale_before)))
-                .values(**values)).rowcount
-            return session.get(Job, job_id) if claimed else None
-
+    @retried
     def get_job(self, job_id: str) -> Job | None:
         with self._sessions() as session:
             return session.get(Job, job_id)
-
-    def mark_ready(self, job_id: str) -> None:
-        self._set(job_id, JobState.PREPARING, state=JobState.READY, prepared_at=utcnow())
-
-    def finish(self, job_id: str, data: dict[str, Any], raw_text: str, *, tokens_in: int | None,
-               tokens_out: int | None, batch_size: int | None) -> bool:
-        """Record a result and mark the job done, if it is still running (not cancelled meanwhile)."""
-        with self._sessions.begin() as session:
-            done = session.execute(
-                update(Job).where(Job.id == job_id, Job.state == JobState.RUNNING)
-                .values(state=JobState.DONE, tokens_in=tokens_in, tokens_out=tokens_out, batch_size=batch_size,
-                        finished_at=utcnow(), updated_at=utcnow(), error_code=None, error_message=None)).rowcount
-            if done:
-                session.merge(Result(job_id=job_id, data=data, raw_text=raw_text, created_at=utcnow()))
-            return bool(done)
-
-    def fail(self, job_id: str, code: ErrorCode, message: str, raw_text: str | None = None) -> None:
-        """Mark a job failed with a reason, from any state but done; keep the model's answer if given."""
-        with self._sessions.begin() as session:
-            failed = session.execute(update(Job).where(Job.id == job_id, Job.state != JobState.DONE).values(
-                state=JobState.FAILED, error_code=code.value, error_message=message[:4000],
-                finished_at=utcnow(), updated_at=utcnow())).rowcount
-            if failed and raw_text is not None:
-                session.merge(Result(job_id=job_id, data={}, raw_text=raw_text, created_at=utcnow()))
-
-    # -- long documents: chunk jobs under a document's job ------------------------------------------
-    def create_chunks(self, parent_id: str, level: int, inputs: list[list[dict[str, Any]]]) -> tuple[list[str], bool]:
-        """Make (or find again) the chunk jobs of `parent_id` at `level`, one per input; the parent waits.
-
-        Returns the chunk jobs still to run, and whether every chunk is already done (then the
-        caller moves the parent on at once). Failed chunks from an earlier try run again.
-        """
-        now = utcnow()
-        with self._sessions.begin() as session:
-            parent = session.get(Job, parent_id)
-            keys = [hashlib.sha256(f"{parent.idempotency_key}:L{level}:C{i}:{json.dumps(parts, sort_keys=True)}"
-                                   .encode()).hexdigest() for i, parts in enumerate(inputs)]
-            rows = [dict(id=new_id(), idempotency_key=key, document_sha256=parent.document_sha256, task=parent.task,
-                         params=parent.params, model=parent.model, state=JobState.READY, priority=parent.priority,
-                         attempts=0, created_at=now, updated_at=now, parent_id=parent_id, chunk_level=level,
-                         chunk_index=i, input_parts=parts) for i, (key, parts) in enumerate(zip(keys, inputs))]
-            session.execute(_insert(session.bind.dialect.name, Job).values(rows)
-                            .on_conflict_do_nothing(index_elements=["idempotency_key"]))
-            chunks = session.scalars(select(Job).where(Job.idempotency_key.in_(keys)).order_by(Job.chunk_index)).all()
-            for chunk in chunks:
-                if chunk.state in (JobState.FAILED, JobState.CANCELLED):
-                    chunk.state, chunk.error_code, chunk.error_message, chunk.attempts = JobState.READY, None, None, 0
-            num_done = sum(chunk.state == JobState.DONE for chunk in chunks)
-            parent.state, parent.chunk_level, parent.num_chunks, parent.chunks_done = (
-                JobState.RUNNING, level, len(chunks), num_done)
-            parent.input_parts, parent.updated_at = None, now
-            return [c.id for c in chunks if c.state == JobState.READY], num_done == len(chunks)
-
-    def chunk_finished(self, parent_id: str) -> bool:
-        """Count one more finished chunk; True for the caller that finished the parent's last one."""
-        with self._sessions.begin() as session:
-            done, total = session.execute(
-                update(Job).where(Job.id == parent_id).values(chunks_done=Job.chunks_done + 1, updated_at=utcnow())
-                .returning(Job.chunks_done, Job.num_chunks)).one()
-            return done == total
 
     def chunk_outputs(self, parent_id: str, level: int) -> list[dict[str, Any]]:
         """The results of a parent's chunks at `level` (as `finish` stored them), in chunk order."""
@@ -276,36 +208,6 @@ class Store:
             return list(session.scalars(
                 select(Result.data).join(Job, Job.id == Result.job_id)
                 .where(Job.parent_id == parent_id, Job.chunk_level == level).order_by(Job.chunk_index)))
-
-    def set_reduce_input(self, parent_id: str, parts: list[dict[str, Any]]) -> None:
-        """Give a waiting parent its final input (the chunk answers to combine) and make it ready."""
-        self._set(parent_id, JobState.RUNNING, state=JobState.READY, input_parts=parts)
-
-    # -- reconciling: SQL is the record, so lost or stuck work is found here ----------------------
-    def stale_jobs(self, state: JobState, older_than_s: float, limit: int = 500) -> list[Job]:
-        """Jobs left in `state` for longer than `older_than_s` (their message or their process was lost)."""
-        before = utcnow() - dt.timedelta(seconds=older_than_s)
-        with self._sessions() as session:
-            return list(session.scalars(select(Job).where(Job.state == state, Job.updated_at < before)
-                                        .order_by(Job.updated_at).limit(limit)))
-
-    def fail_stale(self, job_id: str, state: JobState, older_than_s: float, code: ErrorCode, message: str) -> bool:
-        """Fail a job still in `state` and still untouched for `older_than_s` (compare-and-set)."""
-        before = utcnow() - dt.timedelta(seconds=older_than_s)
-        with self._sessions.begin() as session:
-            return bool(session.execute(
-                update(Job).where(Job.id == job_id, Job.state == state, Job.updated_at < before)
-                .values(state=JobState.FAILED, error_code=code.value, error_message=message,
-                        finished_at=utcnow(), updated_at=utcnow())).rowcount)
-
-    def touch(self, job_id: str, state: JobState) -> None:
-        """Mark a job as looked at now, so the reconciler waits another period before it acts again."""
-        self._set(job_id, state)
-
-    def _set(self, job_id: str, expected: JobState, **values: Any) -> None:
-        with self._sessions.begin() as session:
-            session.execute(update(Job).where(Job.id == job_id, Job.state == expected)
-                            .values(updated_at=utcnow(), **values))
 
     # -- reading -------------------------------------------------------------------------------
     def latest_batch_ids(self, limit: int = 20) -> list[str]:
@@ -355,7 +257,3 @@ class Store:
 def _insert(dialect: str, model: type):
     return (postgresql.insert if dialect == "postgresql" else sqlite.insert)(model)
 
-
-def _aware(moment: dt.datetime) -> dt.datetime:
-    """SQLite hands back naive datetimes; they were written in UTC."""
-    return moment if moment.tzinfo else moment.replace(tzinfo=dt.timezone.utc)

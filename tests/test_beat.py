@@ -15,9 +15,9 @@ from producer.beat import SCAN_TASK, InboxScheduler, beat_schedule
 from producer.embedded import embedded_redis
 from producer.inbox import Scanner
 from schemas.inboxes import InboxConfig
+from schemas.messages import make_celery
 from schemas.settings import Settings
 from schemas.store import Store
-from worker.celery_app import make_celery
 
 TOML = """
 [[inbox]]

@@ -90,3 +90,30 @@ def test_status_shows_each_batchs_task_and_label(tmp_path):
     assert status.exit_code == 0
     row = next(line for line in status.output.splitlines() if submitted.stdout.strip() in line)
     assert "extract" in row and "filings" in row
+    assert "no worker heard from in the last 60 s" in status.output  # and who holds what, when workers run
+
+
+def test_cancel_then_retry_a_batch_and_list_the_workers(tmp_path):
+    # Given a submitted batch of two documents, no worker running
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    for name in ("a.txt", "b.txt"):
+        (folder / name).write_text(f"Agreement {name}.")
+    with embedded_redis() as url:
+        settings = Settings(home=tmp_path / "home", broker_url=url)
+        batch_id = invoke(settings, "submit", str(folder), "--task", "summarize").stdout.strip()
+        # When it is cancelled
+        cancelled = invoke(settings, "cancel", batch_id)
+        # Then both jobs are cancelled, and status says so
+        assert cancelled.exit_code == 0 and f"cancelled 2 jobs of batch {batch_id}" in cancelled.output
+        assert '"cancelled":2' in invoke(settings, "status", batch_id, "--json").stdout.replace(" ", "")
+        # When it is retried, both are queued and sent again
+        client = redis.Redis.from_url(url)
+        before = queue_lengths(client)["prepare"]
+        retried = invoke(settings, "retry", batch_id)
+        assert retried.exit_code == 0 and f"queued 2 jobs of batch {batch_id} again" in retried.output
+        assert queue_lengths(client)["prepare"] == before + 2
+        # And with no worker alive, `workers` says so; an unknown batch is refused
+        assert "no worker heard from" in invoke(settings, "workers").output
+        unknown = invoke(settings, "cancel", "nope")
+        assert unknown.exit_code == 1 and "no batch 'nope'" in unknown.output

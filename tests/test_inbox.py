@@ -17,10 +17,11 @@ from producer.embedded import embedded_redis
 from producer.inbox import Scanner
 from producer.top_data import queue_lengths
 from schemas.inboxes import InboxConfig
+from schemas.lifecycle import Holder
+from schemas.messages import PREPARE_QUEUE, make_celery
 from schemas.settings import Settings
 from schemas.states import ErrorCode, JobState
 from schemas.store import Store
-from worker.celery_app import PREPARE_QUEUE, make_celery
 
 LONG_AGO_S = 3600
 
@@ -162,16 +163,19 @@ def test_overlapping_ticks_in_threads_and_in_two_processes_take_each_file_once(s
     assert queue_lengths(scanner.redis)[PREPARE_QUEUE] == 43
 
 
+WORKER = Holder("test@h", "test@h/1", 60)
+
+
 def end_jobs(store: Store, batch_id: str, failing: set[str]) -> None:
     """End each job of the batch as a worker would: done, or failed for the names in `failing`."""
     for item, job, _ in store.batch_rows(batch_id):
+        store.claim(job.id, JobState.QUEUED, JobState.PREPARING, WORKER)
         if item.name in failing:
-            store.fail(job.id, ErrorCode.EMPTY_FILE, "the file is empty")
+            store.fail(job.id, ErrorCode.EMPTY_FILE, "the file is empty", holder=WORKER)
             continue
-        store.claim(job.id, JobState.QUEUED, JobState.PREPARING, "test", 60)
-        store.mark_ready(job.id)
-        store.claim(job.id, JobState.READY, JobState.RUNNING, "test", 60, count_attempt=True)
-        store.finish(job.id, {"text": "ok"}, "ok", tokens_in=1, tokens_out=1, batch_size=1)
+        store.mark_ready(job.id, WORKER)
+        store.claim(job.id, JobState.READY, JobState.RUNNING, WORKER, count_attempt=True)
+        store.finish(job.id, {"text": "ok"}, "ok", tokens_in=1, tokens_out=1, batch_size=1, holder=WORKER)
 
 
 @pytest.mark.parametrize("scanner, expected", [

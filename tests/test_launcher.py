@@ -1,7 +1,7 @@
 """`docbatch worker --gpus`: which processes start, pinned to which GPUs."""
 import pytest
 
-from worker.launcher import WorkerSpec, plan_workers, restart_group
+from worker.launcher import WorkerSpec, plan_workers
 
 
 def test_auto_uses_every_gpu_or_falls_back_to_cpu():
@@ -23,13 +23,6 @@ def test_a_tensor_parallel_group_gets_a_process_per_gpu_led_by_the_infer_worker(
         WorkerSpec("tp-follower", "gpu1+2+3-rank1@h", "2", (1, 3, 29501)),
         WorkerSpec("tp-follower", "gpu1+2+3-rank2@h", "3", (2, 3, 29501))]
 
-
-
-def test_a_crashed_rank_restarts_its_whole_group_and_a_single_worker_itself():
-    specs = plan_workers("0,1+2", 3, "h")
-    single, leader, follower, prepare = specs
-    assert restart_group(follower, specs) == [leader, follower] == restart_group(leader, specs)
-    assert restart_group(single, specs) == [single] and restart_group(prepare, specs) == [prepare]
 
 
 def test_none_starts_the_prepare_worker_alone():

@@ -19,10 +19,10 @@ from producer.embedded import free_port
 from producer.export import batch_records
 from producer.progress import wait_for_batch
 from producer.submit import Source, submit
+from schemas.messages import make_celery
 from schemas.states import JobState
 from schemas.store import Store
 from schemas.tasks import builtin_task
-from worker.celery_app import make_celery
 
 pytestmark = pytest.mark.slow
 QUIET = Console(file=io.StringIO())
@@ -43,11 +43,14 @@ def write_documents(folder: Path, count: int) -> None:
     (folder / "bail.txt").write_bytes(LATIN1_TEXT.encode("latin-1"))
 
 
+# The whole pipeline runs once on each database: this test on PostgreSQL, the --wait test (and every other
+# pipeline module) on SQLite. The store's own tests run on both.
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
 def test_documents_run_batched_bad_files_fail_with_reasons_and_resubmit_adds_nothing(
         worker_settings, running_worker, tmp_path):
-    # Given 24 contracts, a corrupt PDF, an empty file and a Latin-1 text in one folder
+    # Given 10 contracts, a corrupt PDF, an empty file and a Latin-1 text in one folder
     folder = tmp_path / "inbox"
-    write_documents(folder, 24)
+    write_documents(folder, 10)
     store = Store(worker_settings.effective_database_url)
     store.migrate()
     app = make_celery(worker_settings)
@@ -59,14 +62,14 @@ def test_documents_run_batched_bad_files_fail_with_reasons_and_resubmit_adds_not
                             check_alive=lambda: running_worker.poll() is None or pytest.fail("worker died"))
 
     # Then the good documents are done and the bad ones failed with stable reason codes
-    assert (status.total, status.done, status.failed) == (27, 25, 2)
+    assert (status.total, status.done, status.failed) == (13, 11, 2)
     rows = {item.name: (job, result) for item, job, result in store.batch_rows(first.batch.batch_id)}
     assert rows["inbox/broken.pdf"][0].error_code == "pdf_corrupt"
     assert rows["inbox/empty.txt"][0].error_code == "empty_file"
     # ... the Latin-1 file was read as the text it is
     latin1_sha = hashlib.sha256(LATIN1_TEXT.encode("latin-1")).hexdigest()
     assert [page.text for page in store.load_pages(latin1_sha)] == [LATIN1_TEXT]
-    # ... and the 25 documents ran in fewer generate calls than documents (batch sizes are on the jobs)
+    # ... and the 11 documents ran in fewer generate calls than documents (batch sizes are on the jobs)
     done = [job for job, _ in rows.values() if job.state == JobState.DONE]
     assert all(job.worker.startswith("cpu@") and job.batch_size >= 1 and job.tokens_out >= 1 for job in done)
     num_generate_calls = round(sum(1 / job.batch_size for job in done))
@@ -79,21 +82,21 @@ def test_documents_run_batched_bad_files_fail_with_reasons_and_resubmit_adds_not
     # Then no new job is made: the done ones are reused, only the two failed ones are retried
     job_ids = lambda batch_id: {job.id for _, job, _ in store.batch_rows(batch_id)}
     assert job_ids(second.batch.batch_id) == job_ids(first.batch.batch_id)
-    assert second.batch.num_reused_done == 25
+    assert second.batch.num_reused_done == 11
     assert set(second.batch.to_enqueue) == {rows["inbox/broken.pdf"][0].id, rows["inbox/empty.txt"][0].id}
     again = wait_for_batch(store, second.batch.batch_id, console=QUIET, timeout_s=300)
-    assert (again.done, again.failed) == (25, 2)
+    assert (again.done, again.failed) == (11, 2)
 
     # And the CLI reports it: status as JSON, results as CSV with one record per job
     env = worker_settings.to_env()
     result = CliRunner().invoke(cli, ["status", second.batch.batch_id, "--json"], env=env)
     assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout) == {"batch": second.batch.batch_id, "total": 27, "queued": 0,
-                                              "preparing": 0, "ready": 0, "running": 0, "done": 25,
+    assert json.loads(result.stdout) == {"batch": second.batch.batch_id, "total": 13, "queued": 0,
+                                              "preparing": 0, "ready": 0, "running": 0, "waiting": 0, "done": 11,
                                               "failed": 2, "cancelled": 0}
     result = CliRunner().invoke(cli, ["results", second.batch.batch_id, "--format", "csv"], env=env)
     lines = result.stdout.strip().splitlines()
-    assert len(lines) == 28 and lines[0].startswith("job_id,name,sha256,task,model,state,result,error_code")
+    assert len(lines) == 14 and lines[0].startswith("job_id,name,sha256,task,model,state,result,error_code")
     store.close()
 
 
@@ -135,6 +138,7 @@ def test_run_exits_1_when_a_job_failed(settings, tmp_path):
     assert "empty_file" in done.stdout
 
 
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_submit_wait_prints_the_batch_id_and_exits_1_when_a_job_failed(worker_settings, running_worker, tmp_path):
     folder = tmp_path / "mixed"
     folder.mkdir()

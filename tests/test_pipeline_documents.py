@@ -5,16 +5,23 @@ import io
 import os
 
 import pytest
+from conftest import worker_process
+from documents import (
+    encrypted_pdf,
+    multipage_tiff,
+    pdf,
+    pixel_bomb_png,
+    rotated_jpeg,
+    stream_bomb_pdf,
+    text_image,
+)
 from rich.console import Console
 
-from conftest import worker_process
-from documents import (encrypted_pdf, multipage_tiff, pdf, pixel_bomb_png, rotated_jpeg, stream_bomb_pdf,
-                       text_image)
 from producer.progress import wait_for_batch
 from producer.submit import Source, submit
+from schemas.messages import make_celery
 from schemas.store import Store
 from schemas.tasks import builtin_task
-from worker.celery_app import make_celery
 
 pytestmark = pytest.mark.slow
 QUIET = Console(file=io.StringIO())

@@ -1,4 +1,5 @@
-"""The reconciler finds lost or stuck work in SQL: it re-sends lost messages and fails lost extractions."""
+"""The sweep finds lost work in SQL: jobs whose holder died, and jobs whose message Redis lost, against this
+machine's Redis and a SQLite file."""
 from __future__ import annotations
 
 import datetime as dt
@@ -7,51 +8,98 @@ import hashlib
 import redis
 from sqlalchemy import update
 
-from schemas.models import Job
+from schemas.broker_state import read_queue
+from schemas.lifecycle import Holder
+from schemas.messages import INFER_QUEUE, PREPARE_QUEUE, PREPARE_TASK, make_celery, send
+from schemas.models import Job, utcnow
 from schemas.states import JobState
 from schemas.store import Store
-from worker.celery_app import make_celery
-from worker.reconcile import reconcile
+from worker.reconcile import sweep
 
-PARAMS = {"max_new_tokens": 8, "repetition_penalty": 1.1, "prompt_version": 3}
-
-
-def _job_in(store: Store, state: JobState, text: str, hours_ago: float) -> str:
-    data = text.encode()
-    sha = hashlib.sha256(data).hexdigest()
-    store.put_document(sha, data, "text/plain")
-    job_id = store.create_batch("summarize", PARAMS, "m", [(f"{text}.txt", sha)]).to_enqueue[0]
-    with store.engine.begin() as conn:
-        conn.execute(update(Job).where(Job.id == job_id).values(
-            state=state, updated_at=dt.datetime.now(dt.timezone.utc) - dt.timedelta(hours=hours_ago)))
-    return job_id
+PREP, DEAD = Holder("prepare@h", "prepare@h/1", 30), Holder("gpu0@h", "gpu0@h/2", 30)
 
 
-def _messages(broker_url: str, queue: str) -> int:
-    client = redis.Redis.from_url(broker_url)
-    return sum(client.llen(key) for key in client.keys(f"{queue}*") if client.type(key) == b"list")
-
-
-def test_lost_messages_are_sent_again_and_lost_extractions_fail(settings, tmp_path):
-    # Given jobs stuck for two hours in each non-final state, and one that is merely busy
+def _setup(settings, tmp_path, count: int):
     settings = settings.model_copy(update={"database_url": f"sqlite:///{tmp_path / 'r.sqlite3'}",
-                                           "job_timeout_s": 3600, "prepare_timeout_s": 300})
+                                           "message_grace_s": 0})
     store = Store(settings.effective_database_url)
     store.migrate()
-    make_celery(settings)  # the app the re-sent messages go through
-    preparing = _job_in(store, JobState.PREPARING, "preparing", hours_ago=2)
-    queued = _job_in(store, JobState.QUEUED, "queued", hours_ago=2)
-    ready = _job_in(store, JobState.READY, "ready", hours_ago=2)
-    busy = _job_in(store, JobState.RUNNING, "busy", hours_ago=0)
-    # When the reconciler sweeps
-    counts = reconcile(store, settings)
-    # Then the lost extraction failed with a reason, and the lost messages were sent again
-    assert counts == {"failed_preparing": 1, "resent_prepare": 1, "resent_infer": 1}
-    job = store.get_job(preparing)
-    assert (job.state, job.error_code) == (JobState.FAILED, "extract_timeout")
-    assert _messages(settings.broker_url, "prepare") == 1 and _messages(settings.broker_url, "infer") == 1
-    assert store.get_job(queued).state == JobState.QUEUED and store.get_job(busy).state == JobState.RUNNING
-    # And a second sweep right away does nothing more: the re-sent jobs were touched
-    assert reconcile(store, settings) == {"failed_preparing": 0, "resent_prepare": 0, "resent_infer": 0}
-    assert store.get_job(ready).state == JobState.READY
-    store.close()
+    app = make_celery(settings)
+    items = []
+    for i in range(count):
+        data = f"contract {i}".encode()
+        sha = hashlib.sha256(data).hexdigest()
+        store.put_document(sha, data, "text/plain")
+        items.append((f"c{i}.txt", sha))
+    batch = store.create_batch("summarize", {}, "m", items)
+    return settings, store, app, redis.Redis.from_url(settings.broker_url), batch.to_enqueue
+
+
+def test_a_dead_holders_job_is_sent_again_at_once(settings, tmp_path):
+    # Given a job a dead worker held, whose lease has run out
+    settings, store, app, client, (job_id,) = _setup(settings, tmp_path, 1)
+    store.claim(job_id, JobState.QUEUED, JobState.PREPARING, PREP)
+    store.mark_ready(job_id, PREP)
+    store.claim(job_id, JobState.READY, JobState.RUNNING, DEAD)
+    with store.engine.begin() as conn:
+        conn.execute(update(Job).where(Job.id == job_id).values(lease_expires_at=utcnow() - dt.timedelta(seconds=1)))
+    # When a worker sweeps
+    counts = sweep(store, settings, app, client)
+    # Then the job is ready again and its message is on the infer queue, once
+    assert counts["lease_expired"] == 1 and store.get_job(job_id).state == JobState.READY
+    assert read_queue(client, INFER_QUEUE).num_listed == 1
+    assert sweep(store, settings, app, client)["lease_expired"] == 0
+
+
+def test_lost_messages_are_sent_again_without_duplicating_the_ones_redis_still_has(settings, tmp_path):
+    # Given 5 queued jobs whose messages went out, then Redis lost 3 of them
+    settings, store, app, client, ids = _setup(settings, tmp_path, 5)
+    for job_id in ids[:2]:
+        send(app, PREPARE_TASK, job_id, 5)
+    assert read_queue(client, PREPARE_QUEUE).num_listed == 2
+    # When a worker sweeps
+    counts = sweep(store, settings, app, client)
+    # Then exactly the missing number is sent again, and a second sweep sends nothing more
+    assert counts["resent"] == 3
+    assert read_queue(client, PREPARE_QUEUE).num_listed == 5
+    assert sweep(store, settings, app, client)["resent"] == 0
+
+
+def test_a_message_delivered_to_a_consumer_that_died_is_sent_again(settings, tmp_path):
+    # Given a queued job whose message a consumer took (unacknowledged) and never claimed
+    settings, store, app, client, (job_id,) = _setup(settings, tmp_path, 1)
+    send(app, PREPARE_TASK, job_id, 5)
+    with app.connection_for_read() as conn:
+        channel = conn.default_channel
+        channel.qos.restore_at_shutdown = False  # as when the consumer is killed: nothing gives it back
+        message = channel.basic_get(PREPARE_QUEUE, no_ack=False)
+        assert message is not None
+        state = read_queue(client, PREPARE_QUEUE)
+        assert (state.num_listed, [d.job_id for d in state.delivered]) == (0, [job_id])
+        # When a worker sweeps (message_grace_s is 0 here)
+        counts = sweep(store, settings, app, client)
+    # Then the job's message is on its queue again
+    assert counts["resent"] == 1
+    assert read_queue(client, PREPARE_QUEUE).num_listed == 1
+
+
+def test_a_document_waiting_on_its_chunks_behind_a_long_backlog_is_never_run_early(settings, tmp_path):
+    # Given a long document whose chunks wait behind a backlog, far longer than any lease
+    settings, store, app, client, (parent_id,) = _setup(settings, tmp_path, 1)
+    store.claim(parent_id, JobState.QUEUED, JobState.PREPARING, PREP)
+    chunk_ids, _ = store.create_chunks(parent_id, 1, [[{"text": f"part {i}"}] for i in range(3)], PREP)
+    long_ago = utcnow() - dt.timedelta(days=1)
+    with store.engine.begin() as conn:
+        conn.execute(update(Job).where(Job.id == parent_id).values(updated_at=long_ago))
+        conn.execute(update(Job).where(Job.id.in_(chunk_ids)).values(sent_at=long_ago, updated_at=long_ago))
+    for key in client.keys("*"):
+        client.delete(key)  # and Redis lost the chunks' messages too
+    # When workers sweep, again and again
+    for _ in range(3):
+        sweep(store, settings, app, client)
+    # Then the chunks are sent again, and the document is left waiting for them: no message of its own,
+    # and a stray one could not start it as a truncated whole
+    parent = store.get_job(parent_id)
+    assert parent.state == JobState.WAITING and parent.input_parts is None
+    assert read_queue(client, INFER_QUEUE).num_listed == len(chunk_ids)
+    assert store.claim(parent_id, JobState.READY, JobState.RUNNING, DEAD) is None

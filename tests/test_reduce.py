@@ -7,12 +7,13 @@ import hashlib
 import pytest
 import redis
 
+from schemas.lifecycle import Holder
+from schemas.messages import make_celery
 from schemas.outputs import FinancialReport
 from schemas.states import JobState
 from schemas.store import Store
 from schemas.tasks import builtin_task
 from worker import runtime
-from worker.celery_app import make_celery
 from worker.tasks import advance_parent
 
 EMPTY = FinancialReport.model_validate({field: None for field in FinancialReport.model_fields} | {"segments": []})
@@ -32,6 +33,8 @@ def worker_runtime(worker_settings):
     yield rt
     rt.store.close()
 
+PREP, GPU0 = Holder("prepare@h", "prepare@h/1", 30), Holder("gpu0@h", "gpu0@h/1", 30)
+
 
 def _parent_with_chunk_answers(store: Store, settings, answers: list[dict]) -> str:
     task = builtin_task("extract", settings)
@@ -40,11 +43,11 @@ def _parent_with_chunk_answers(store: Store, settings, answers: list[dict]) -> s
     sha = hashlib.sha256(data).hexdigest()
     store.put_document(sha, data, "text/plain")
     parent_id = store.create_batch(task.name, {"task": task.hash}, "m", [("report.txt", sha)]).to_enqueue[0]
-    store.claim(parent_id, JobState.QUEUED, JobState.PREPARING, "prep", 3600)
-    chunk_ids, _ = store.create_chunks(parent_id, 1, [[{"text": f"part {i}"}] for i in range(len(answers))])
+    store.claim(parent_id, JobState.QUEUED, JobState.PREPARING, PREP)
+    chunk_ids, _ = store.create_chunks(parent_id, 1, [[{"text": f"part {i}"}] for i in range(len(answers))], PREP)
     for chunk_id, answer in zip(chunk_ids, answers):
-        store.claim(chunk_id, JobState.READY, JobState.RUNNING, "gpu0", 3600, count_attempt=True)
-        store.finish(chunk_id, {"json": answer}, "{}", tokens_in=10, tokens_out=5, batch_size=2)
+        store.claim(chunk_id, JobState.READY, JobState.RUNNING, GPU0, count_attempt=True)
+        store.finish(chunk_id, {"json": answer}, "{}", tokens_in=10, tokens_out=5, batch_size=2, holder=GPU0)
         store.chunk_finished(parent_id)
     return parent_id
 

@@ -11,7 +11,7 @@ def test_defaults_are_the_embedded_ones(monkeypatch, tmp_path):
     settings = Settings.load()
     assert settings.model == PACKAGED_MODEL and settings.device == "auto"
     assert settings.effective_database_url == f"sqlite:///{tmp_path / 'docbatch.sqlite3'}"
-    assert settings.visibility_timeout_s > settings.job_timeout_s
+    assert settings.visibility_timeout_s > settings.lease_s
 
 
 def test_toml_file_then_environment(monkeypatch, tmp_path):

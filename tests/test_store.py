@@ -1,16 +1,16 @@
 """The store on SQLite and PostgreSQL: idempotent jobs, compare-and-set claims, results and failures."""
 from __future__ import annotations
 
-import datetime as dt
 import hashlib
 
-from sqlalchemy import inspect, update
+from sqlalchemy import inspect
 
-from schemas.models import Job
+from schemas.lifecycle import Holder
 from schemas.states import ErrorCode, JobState
 from schemas.store import Reject, StoredPage
 
 PARAMS = {"max_new_tokens": 16, "prompt_version": 1}
+PREP, GPU0, GPU1 = (Holder(name, f"{name}/1", 30) for name in ("prepare@h", "gpu0@h", "gpu1@h"))
 
 
 def _doc(store, text: str) -> str:
@@ -53,8 +53,10 @@ def test_a_second_batch_over_the_same_documents_reuses_the_jobs(store):
     first = store.create_batch("summarize", PARAMS, "m", [(f"f{i}.txt", s) for i, s in enumerate(shas)])
     assert len(first.to_enqueue) == 3
     for job_id in first.to_enqueue:
-        store.claim(job_id, JobState.QUEUED, JobState.RUNNING, "w", 3600)
-        store.finish(job_id, {"text": "ok"}, "ok", tokens_in=5, tokens_out=1, batch_size=3)
+        store.claim(job_id, JobState.QUEUED, JobState.PREPARING, PREP)
+        store.mark_ready(job_id, PREP)
+        store.claim(job_id, JobState.READY, JobState.RUNNING, GPU0)
+        store.finish(job_id, {"text": "ok"}, "ok", tokens_in=5, tokens_out=1, batch_size=3, holder=GPU0)
     # When the same documents (and one new one) are submitted again
     new_sha = _doc(store, "contract 3")
     second = store.create_batch("summarize", PARAMS, "m", [(f"f{i}.txt", s) for i, s in enumerate(shas + [new_sha])])
@@ -94,31 +96,32 @@ def test_task_definitions_are_kept_once_under_their_hash_with_the_batch(store):
 def test_claims_are_compare_and_set(store):
     sha = _doc(store, "x")
     job_id = store.create_batch("summarize", PARAMS, "m", [("x.txt", sha)]).to_enqueue[0]
-    assert store.claim(job_id, JobState.QUEUED, JobState.PREPARING, "w1", 3600) is not None
-    # A duplicated message finds the job taken and does nothing
-    assert store.claim(job_id, JobState.QUEUED, JobState.PREPARING, "w2", 3600) is None
-    store.mark_ready(job_id)
-    job = store.claim(job_id, JobState.READY, JobState.RUNNING, "gpu0@h", 3600, count_attempt=True)
+    assert store.claim(job_id, JobState.QUEUED, JobState.PREPARING, PREP) is not None
+    # A duplicated message finds the job taken and does nothing; a retried claim by its holder gets it back
+    assert store.claim(job_id, JobState.QUEUED, JobState.PREPARING, GPU1) is None
+    assert store.claim(job_id, JobState.QUEUED, JobState.PREPARING, PREP) is not None
+    assert store.mark_ready(job_id, PREP)
+    job = store.claim(job_id, JobState.READY, JobState.RUNNING, GPU0, count_attempt=True)
     assert job.state == JobState.RUNNING and job.attempts == 1 and job.worker == "gpu0@h"
-    assert store.claim(job_id, JobState.READY, JobState.RUNNING, "gpu1@h", 3600, count_attempt=True) is None
+    assert job.lease_owner == "gpu0@h/1" and job.lease_expires_at is not None
+    assert store.claim(job_id, JobState.READY, JobState.RUNNING, GPU1, count_attempt=True) is None
 
 
-def test_a_job_whose_worker_died_can_be_claimed_again_after_the_stale_time(store):
+def test_only_the_holder_records_an_outcome(store):
     sha = _doc(store, "y")
     job_id = store.create_batch("summarize", PARAMS, "m", [("y.txt", sha)]).to_enqueue[0]
-    store.claim(job_id, JobState.QUEUED, JobState.RUNNING, "dead", 3600)
-    long_ago = dt.datetime.now(dt.timezone.utc) - dt.timedelta(hours=2)
-    with store.engine.begin() as conn:
-        conn.execute(update(Job).where(Job.id == job_id).values(updated_at=long_ago))
-    job = store.claim(job_id, JobState.READY, JobState.RUNNING, "alive", 3600, count_attempt=True)
-    assert job is not None and job.worker == "alive"
+    store.claim(job_id, JobState.QUEUED, JobState.PREPARING, PREP)
+    assert not store.mark_ready(job_id, GPU0)
+    assert not store.fail(job_id, ErrorCode.PDF_CORRUPT, "not mine", holder=GPU0)
+    assert store.get_job(job_id).state == JobState.PREPARING
 
 
 def test_failed_jobs_keep_their_reason_and_are_retried_by_a_resubmit(store):
     sha = _doc(store, "z")
     batch = store.create_batch("summarize", PARAMS, "m", [("z.txt", sha)])
     job_id = batch.to_enqueue[0]
-    store.fail(job_id, ErrorCode.PDF_CORRUPT, "bad xref")
+    store.claim(job_id, JobState.QUEUED, JobState.PREPARING, PREP)
+    assert store.fail(job_id, ErrorCode.PDF_CORRUPT, "bad xref", holder=PREP)
     job = store.get_job(job_id)
     assert (job.state, job.error_code, job.error_message) == (JobState.FAILED, "pdf_corrupt", "bad xref")
     assert store.batch_counts(batch.batch_id)[JobState.FAILED] == 1
@@ -131,9 +134,13 @@ def test_finish_records_the_result_and_how_it_ran(store):
     sha = _doc(store, "w")
     batch = store.create_batch("extract", PARAMS, "m", [("w.txt", sha)])
     job_id = batch.to_enqueue[0]
-    store.claim(job_id, JobState.QUEUED, JobState.RUNNING, "gpu0@h", 3600, count_attempt=True)
-    assert store.finish(job_id, {"json": {"revenue": 5}}, '{"revenue": 5}', tokens_in=40, tokens_out=7, batch_size=12)
-    assert not store.finish(job_id, {}, "", tokens_in=0, tokens_out=0, batch_size=1)  # only once
+    store.claim(job_id, JobState.QUEUED, JobState.PREPARING, PREP)
+    store.mark_ready(job_id, PREP)
+    store.claim(job_id, JobState.READY, JobState.RUNNING, GPU0, count_attempt=True)
+    assert not store.finish(job_id, {}, "", tokens_in=0, tokens_out=0, batch_size=1, holder=GPU1)  # not its holder
+    assert store.finish(job_id, {"json": {"revenue": 5}}, '{"revenue": 5}', tokens_in=40, tokens_out=7, batch_size=12,
+                        holder=GPU0)
+    assert not store.finish(job_id, {}, "", tokens_in=0, tokens_out=0, batch_size=1, holder=GPU0)  # only once
     (item, job, result), = store.batch_rows(batch.batch_id)
     assert item.name == "w.txt" and job.state == JobState.DONE
     assert (job.tokens_in, job.tokens_out, job.batch_size) == (40, 7, 12)
@@ -164,17 +171,19 @@ def test_chunk_jobs_count_down_to_their_parent_and_are_reused(store):
     sha = _doc(store, "long")
     batch = store.create_batch("summarize", PARAMS, "m", [("long.txt", sha)])
     parent_id = batch.to_enqueue[0]
-    store.claim(parent_id, JobState.QUEUED, JobState.PREPARING, "prep", 3600)
+    store.claim(parent_id, JobState.QUEUED, JobState.PREPARING, PREP)
     inputs = [[{"text": f"part {i}"}] for i in range(3)]
-    pending, all_done = store.create_chunks(parent_id, 1, inputs)
+    pending, all_done = store.create_chunks(parent_id, 1, inputs, PREP)
     assert len(pending) == 3 and not all_done
-    assert store.get_job(parent_id).state == JobState.RUNNING
+    parent = store.get_job(parent_id)
+    assert parent.state == JobState.WAITING and parent.lease_owner is None  # a waiting parent holds no lease
     assert store.unit_counts(batch.batch_id) == (0, 4)
     # When each chunk finishes, only the last one reports the level complete
     finished = []
     for i, chunk_id in enumerate(pending):
-        store.claim(chunk_id, JobState.READY, JobState.RUNNING, "gpu0", 3600, count_attempt=True)
-        store.finish(chunk_id, {"text": f"answer {i}"}, f"answer {i}", tokens_in=1, tokens_out=1, batch_size=3)
+        store.claim(chunk_id, JobState.READY, JobState.RUNNING, GPU0, count_attempt=True)
+        store.finish(chunk_id, {"text": f"answer {i}"}, f"answer {i}", tokens_in=1, tokens_out=1, batch_size=3,
+                     holder=GPU0)
         finished.append(store.chunk_finished(parent_id))
     assert finished == [False, False, True]
     assert store.chunk_outputs(parent_id, 1) == [{"text": f"answer {i}"} for i in range(3)]
@@ -182,8 +191,11 @@ def test_chunk_jobs_count_down_to_their_parent_and_are_reused(store):
     store.set_reduce_input(parent_id, [{"text": "combined"}])
     parent = store.get_job(parent_id)
     assert (parent.state, parent.input_parts) == (JobState.READY, [{"text": "combined"}])
-    # And making the same chunks again (a retried document) reuses them, all done
-    assert store.create_chunks(parent_id, 1, inputs) == ([], True)
+    # And when the document is tried again (its reduce failed, and it was resubmitted), its chunks are reused
+    assert store.fail(parent_id, ErrorCode.SCHEMA_INVALID, "reduce answer invalid", holder=None)
+    assert store.create_batch("summarize", PARAMS, "m", [("long.txt", sha)]).to_enqueue == [parent_id]
+    store.claim(parent_id, JobState.QUEUED, JobState.PREPARING, PREP)
+    assert store.create_chunks(parent_id, 1, inputs, PREP) == ([], True)
 
 
 def test_upgrading_an_older_database_keeps_every_row(database_url):

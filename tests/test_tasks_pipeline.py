@@ -16,16 +16,16 @@ import jsonschema
 import pytest
 import redis
 from click.testing import CliRunner
+from conftest import REDIS_URL, worker_process
 from rich.console import Console
 
-from conftest import REDIS_URL, worker_process
 from producer.cli import main as cli
 from producer.submit import Source, submit
+from schemas.messages import make_celery
 from schemas.outputs import FinancialReport
 from schemas.states import JobState
 from schemas.store import Store
 from schemas.tasks import load_task_file
-from worker.celery_app import make_celery
 from worker.checks import check_answer
 
 pytestmark = pytest.mark.slow

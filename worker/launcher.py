@@ -1,31 +1,28 @@
 """`docbatch worker`: one infer process per GPU (pinned with CUDA_VISIBLE_DEVICES before torch is
-imported) plus one prepare process, supervised: a child that crashes is restarted, a signal stops all.
+imported) plus one prepare process, run under `worker.supervisor`.
 
 A GPU group (`--gpus 0+1`) runs one model over its GPUs. With `gpu_group=tensor` (the default) that is one
 process per GPU in a tensor-parallel group: the first is the infer worker and leads, the others follow its
 steps (`worker.engine.tensor_parallel`); they meet through torch.distributed's environment variables. With
 `gpu_group=layers` it is one process owning every GPU of the group, the model split by layers (accelerate;
-the hf engine, which image-text models need)."""
+the hf engine, which image-text models need). The ranks of a group restart together."""
 from __future__ import annotations
 
 import logging
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 
 from schemas.settings import Settings
+from worker.supervisor import Child, supervise
 
 log = logging.getLogger(__name__)
 
-MAX_RESTARTS = 5
 TP_FOLLOWER = "tp-follower"  # the role of a tensor-parallel group's ranks after the first
 TP_BASE_PORT = 29500  # group n meets on this port + n (torch.distributed's default rendezvous port first)
-
 
 @dataclass(frozen=True)
 class WorkerSpec:
@@ -81,16 +78,7 @@ def _group_workers(group: str, index: int, host: str, gpu_group: str) -> list[Wo
                        f"gpu{group}-rank{rank}@{host}", gpu, (rank, len(gpus), port)) for rank, gpu in enumerate(gpus)]
 
 
-def restart_group(spec: WorkerSpec, specs: list[WorkerSpec]) -> list[WorkerSpec]:
-    """The processes that restart when `spec` crashes: its whole tensor-parallel group (a new rank cannot join
-    a running group, and the others would wait for the lost one forever), else `spec` alone."""
-    if spec.tensor_parallel is None:
-        return [spec]
-    port = spec.tensor_parallel[2]
-    return [s for s in specs if s.tensor_parallel is not None and s.tensor_parallel[2] == port]
-
-
-def _spawn(spec: WorkerSpec, env: dict[str, str]) -> subprocess.Popen:
+def _command(spec: WorkerSpec, env: dict[str, str]) -> Child:
     child_env = dict(env)
     if spec.cuda_visible_devices is not None:
         child_env["CUDA_VISIBLE_DEVICES"] = spec.cuda_visible_devices
@@ -99,44 +87,20 @@ def _spawn(spec: WorkerSpec, env: dict[str, str]) -> subprocess.Popen:
         child_env.update(RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     if spec.role == "infer" and spec.cuda_visible_devices == "":
         child_env["DOCBATCH_DEVICE"] = "cpu"
-    log.info("starting %s (CUDA_VISIBLE_DEVICES=%r)", spec.name, spec.cuda_visible_devices)
-    return subprocess.Popen([sys.executable, "-m", "worker.process", spec.role, spec.name], env=child_env)
+    # The ranks of a tensor-parallel group restart together: a new rank cannot join a running group, and the
+    # others would wait for the lost one forever.
+    group = None if spec.tensor_parallel is None else f"tensor-parallel:{spec.tensor_parallel[2]}"
+    return Child(spec.name, [sys.executable, "-m", "worker.process", spec.role, spec.name], child_env, group)
 
 
 def launch(settings: Settings, gpus: str, with_prepare: bool = True) -> int:
-    """Run the worker processes until a signal (or every child has exited cleanly). Returns an exit code."""
+    """Run the worker processes until a signal; returns the exit code (non-zero when a child could not be
+    kept alive, so that systemd, compose or Kubernetes restart the whole worker)."""
     specs = plan_workers(gpus, count_gpus(), socket.gethostname(), with_prepare, settings.gpu_group)
     # Each child serves its metrics on a port of its own: metrics_port, metrics_port + 1, ... in plan order.
-    envs = {spec: {**os.environ, **settings.to_env(),
-                   "DOCBATCH_METRICS_PORT": str(settings.metrics_port + i if settings.metrics_port else 0)}
-            for i, spec in enumerate(specs)}
-    children = {spec: _spawn(spec, envs[spec]) for spec in specs}
-    restarts = {spec: 0 for spec in specs}
-    stopping = False
-
-    def stop(signum, _frame) -> None:
-        nonlocal stopping
-        stopping = True
-        for child in children.values():
-            if child.poll() is None:
-                child.send_signal(signum)
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    while any(child.poll() is None for child in children.values()):
-        time.sleep(0.5)
-        for spec, child in list(children.items()):
-            code = child.poll()
-            if code in (None, 0) or stopping:
-                continue
-            if restarts[spec] >= MAX_RESTARTS:
-                log.error("%s exited with %s %d times; giving up on it", spec.name, code, restarts[spec])
-                continue
-            restarts[spec] += 1
-            log.warning("%s exited with %s; restarting (%d/%d)", spec.name, code, restarts[spec], MAX_RESTARTS)
-            for member in restart_group(spec, specs):
-                if children[member].poll() is None:
-                    children[member].terminate()
-                    children[member].wait(timeout=60)
-                children[member] = _spawn(member, envs[member])
-    return max(abs(child.returncode or 0) for child in children.values()) if not stopping else 0
+    children = [_command(spec, {**os.environ, **settings.to_env(),
+                                "DOCBATCH_METRICS_PORT": str(settings.metrics_port + i if settings.metrics_port else 0)})
+                for i, spec in enumerate(specs)]
+    for spec in specs:
+        log.info("starting %s (CUDA_VISIBLE_DEVICES=%r)", spec.name, spec.cuda_visible_devices)
+    return supervise(children)

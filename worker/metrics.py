@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from celery.signals import task_postrun, task_prerun
 from prometheus_client import Counter, Histogram
 
+from schemas.messages import INFER_TASK, PREPARE_TASK
 from schemas.models import Job
 from schemas.states import JobState
 from worker import runtime
-from worker.celery_app import INFER_TASK, PREPARE_TASK
 
 STAGES = {PREPARE_TASK: "prepare", INFER_TASK: "infer"}
 

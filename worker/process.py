@@ -16,13 +16,14 @@ import resource
 import sys
 import time
 
+from celery import current_app
 from celery.signals import worker_process_init, worker_ready
 
+from schemas.messages import INFER_QUEUE, PREPARE_QUEUE, make_celery
 from schemas.settings import Settings
 from worker import runtime
-from worker.celery_app import INFER_QUEUE, PREPARE_QUEUE, make_celery
 from worker.engine import build_engine
-from worker.reconcile import start_reconciler
+from worker.keeper import Keeper
 from worker.telemetry import start_telemetry
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,8 @@ def start_engine(settings: Settings, name: str) -> runtime.Runtime:
     tp = _join_tensor_parallel_group()
     loaded = load_model(settings, keep_on_cpu=tp is not None)
     engine = build_engine(settings, loaded, tp)
+    if hasattr(engine, "on_fatal"):
+        engine.on_fatal = _exit_for_restart
     engine.stats.model_load_s = time.perf_counter() - started
     info = ModelInfo(loaded.is_vision, loaded.context_tokens, loaded.tokenizer)
     log.info("model %s on %s (%s), context %d tokens, input budget %d", settings.model, loaded.device,
@@ -67,6 +70,13 @@ def run_follower_rank(settings: Settings) -> None:
     log.info("rank %d of %d: the leader stopped after %d steps", tp.rank, tp.world_size, steps)
 
 
+def _exit_for_restart(error: BaseException) -> None:
+    """The engine cannot go on: end this process at once, so that the supervisor starts a fresh one and the
+    jobs it held come back by their leases (waiting task threads would otherwise keep them forever)."""
+    logging.shutdown()
+    os._exit(70)
+
+
 def _limit_memory(settings: Settings) -> None:
     """Cap a prepare child's address space at what it maps now plus `prepare_memory_mb`: a decompression
     bomb then raises MemoryError in its own task instead of drawing the kernel's OOM killer."""
@@ -76,11 +86,22 @@ def _limit_memory(settings: Settings) -> None:
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 
 
+def _keeper(rt: runtime.Runtime, role: str, *, sweeps: bool, register: bool = True) -> Keeper:
+    """This process's lease renewals (and sweeps), started now."""
+    return Keeper(rt.settings, rt.store, rt.holder, rt.held, role, sweeps=sweeps, app=current_app._get_current_object(),
+                  register=register).start()
+
+
 def configure(settings: Settings, role: str, name: str) -> list[str]:
-    """Make this process an `infer` or `prepare` worker named `name` (its runtime, signals and telemetry);
-    returns the Celery worker options its pool needs."""
+    """Make this process an `infer` or `prepare` worker named `name` (its runtime, keeper, signals and
+    telemetry); returns the Celery worker options its pool needs.
+
+    Every process that claims jobs renews their leases: the infer process, and each prepare child. The
+    infer process and the prepare parent also sweep for lost work."""
     if role == "infer":
-        runtime.install(start_engine(settings, name))
+        rt = start_engine(settings, name)
+        runtime.install(rt)
+        _keeper(rt, "infer", sweeps=True)
         pool = ["-Q", INFER_QUEUE, "-P", "threads", "-c", str(settings.effective_max_inflight)]
     elif role == "prepare":
         from worker.modelinfo import model_info
@@ -89,10 +110,12 @@ def configure(settings: Settings, role: str, name: str) -> list[str]:
         # Tesseract's own OpenMP threads cost 2.7x the CPU per page on 2 cores (docs/BENCHMARKS.md):
         # parallelism comes from the prefork children instead.
         os.environ.setdefault("OMP_THREAD_LIMIT", "1")
-        runtime.install(runtime.Runtime(settings, name))
-        # Started once the pool's children are forked, so that no child inherits its locks mid-use.
-        worker_ready.connect(lambda **_: start_reconciler(settings), weak=False)
-        worker_process_init.connect(lambda **_: _limit_memory(settings), weak=False)
+        rt = runtime.Runtime(settings, name)
+        runtime.install(rt)
+        # Started once the pool's children are forked, so that no child inherits a thread's locks mid-use.
+        worker_ready.connect(lambda **_: _keeper(rt, "prepare", sweeps=True, register=False), weak=False)
+        worker_process_init.connect(lambda **_: (_limit_memory(settings), _keeper(rt, "prepare", sweeps=False)),
+                                    weak=False)
         pool = ["-Q", PREPARE_QUEUE, "-P", "prefork", "-c", str(settings.prepare_concurrency)]
     else:
         raise SystemExit(f"unknown worker role {role!r}; expected infer, prepare or tp-follower")

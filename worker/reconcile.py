@@ -1,61 +1,82 @@
-"""The reconciler: SQL is the record, Redis only the doorbell, so work whose message or process was
-lost is found in SQL and sent again (or failed, where running it again cannot help).
+"""The sweep: SQL is the record, Redis only the doorbell, so work whose process or message was lost is
+found in SQL and sent again.
 
-Every prepare process runs it every `reconcile_interval_s`. Several hosts may run it at once: each
-action is a compare-and-set or an idempotent re-send, and a duplicated message does nothing.
+Every worker process sweeps every `sweep_interval_s` (`worker.keeper`); several processes and hosts may
+sweep at once, since every action is a compare-and-set or an idempotent re-send (a duplicated message
+finds its job taken and does nothing). Two kinds of loss:
+- a held job whose lease expired (its process died): back to queued/ready and sent at once, or failed
+  when it keeps killing its worker (`schemas.lifecycle.after_lost_run`);
+- a waiting job whose message is gone (Redis restarted without its data, or a message lost between
+  delivery and acknowledgement): found by counting, per queue, the jobs SQL expects a message for against
+  the messages Redis holds, so a long backlog is never listed nor flooded with duplicates; and a message
+  delivered long ago whose job was never claimed (its consumer died holding it) is sent again.
 """
 from __future__ import annotations
 
+import datetime as dt
 import logging
-import threading
+import time
+from collections import Counter
 
+import redis
+
+from schemas.broker_state import read_queue
+from schemas.lifecycle import LostRun
+from schemas.messages import INFER_QUEUE, INFER_TASK, PREPARE_QUEUE, PREPARE_TASK, send
+from schemas.models import Job, utcnow
 from schemas.settings import Settings
 from schemas.states import ErrorCode, JobState
 from schemas.store import Store
 
 log = logging.getLogger(__name__)
+MAX_RESEND_PER_SWEEP = 1000  # a wiped Redis with a long backlog is refilled over several sweeps
+QUEUES = ((JobState.QUEUED, PREPARE_QUEUE, PREPARE_TASK), (JobState.READY, INFER_QUEUE, INFER_TASK))
 
-# Beyond prepare_timeout_s Celery kills a stuck child; a job still `preparing` after this margin lost its process.
-PREPARE_MARGIN_S = 60
 
-
-def reconcile(store: Store, settings: Settings) -> dict[str, int]:
+def sweep(store: Store, settings: Settings, app, client: redis.Redis) -> Counter[str]:
     """One sweep. Returns how many jobs it acted on, by action."""
-    from worker.tasks import send_infer, send_prepare
-
-    counts = {"failed_preparing": 0, "resent_prepare": 0, "resent_infer": 0}
-    for job in store.stale_jobs(JobState.PREPARING, settings.prepare_timeout_s + PREPARE_MARGIN_S):
-        if store.fail_stale(job.id, JobState.PREPARING, settings.prepare_timeout_s + PREPARE_MARGIN_S,
-                            ErrorCode.EXTRACT_TIMEOUT, "extraction did not finish: its process was stopped "
-                            f"after prepare_timeout_s ({settings.prepare_timeout_s} s) or died"):
-            counts["failed_preparing"] += 1
-    for job in store.stale_jobs(JobState.QUEUED, settings.job_timeout_s):
-        store.touch(job.id, JobState.QUEUED)
-        send_prepare(job.id, job.priority)
-        counts["resent_prepare"] += 1
-    for state in (JobState.READY, JobState.RUNNING):  # a stale running job may be claimed again
-        for job in store.stale_jobs(state, settings.job_timeout_s):
-            if state == JobState.READY:
-                store.touch(job.id, state)
-            send_infer(job.id, job.priority)
-            counts["resent_infer"] += 1
-    if any(counts.values()):
-        log.warning("reconciler: %s", counts)
+    counts: Counter[str] = Counter()
+    for job, lost in store.expire_leases(settings.max_attempts):
+        counts[_take_back(store, app, job, lost)] += 1
+    for state, queue, task_name in QUEUES:
+        for job in _lost_messages(store, settings, client, state, queue):
+            counts["resent"] += send(app, task_name, job.id, job.priority)
+    if counts:
+        log.warning("sweep: %s", dict(counts))
     return counts
 
 
-def start_reconciler(settings: Settings) -> threading.Thread:
-    """Sweep every `reconcile_interval_s` in a daemon thread of this process."""
-    def loop() -> None:
-        store = Store(settings.effective_database_url, settings.blob_dir)
-        while True:
-            try:
-                reconcile(store, settings)
-            except Exception:  # noqa: BLE001 - a failed sweep is retried next period
-                log.exception("reconciler sweep failed")
-            stop.wait(settings.reconcile_interval_s)
+def _take_back(store: Store, app, job: Job, lost: LostRun) -> str:
+    if lost.state == JobState.FAILED:
+        log.error("job %s failed: %s", job.id, lost.failed_message)
+        if job.parent_id:
+            store.fail(job.parent_id, ErrorCode.CHUNK_FAILED, f"chunk {job.chunk_index + 1} (level "
+                       f"{job.chunk_level}) failed: {ErrorCode.TOO_MANY_ATTEMPTS.value}: {lost.failed_message}",
+                       holder=None)
+        return "quarantined"
+    log.warning("job %s: its holder %s stopped renewing its lease; %s again%s", job.id, job.lease_owner,
+                lost.state.value, " (it runs alone next)" if lost.isolate else "")
+    send(app, PREPARE_TASK if lost.state == JobState.QUEUED else INFER_TASK, job.id, job.priority)
+    return "lease_expired"
 
-    stop = threading.Event()
-    thread = threading.Thread(target=loop, name="docbatch-reconciler", daemon=True)
-    thread.start()
-    return thread
+
+def _lost_messages(store: Store, settings: Settings, client: redis.Redis, state: JobState, queue: str) -> list[Job]:
+    """Jobs waiting in `state` whose message is (probably) gone, marked sent again (so that the next sweeps
+    leave them alone for `message_grace_s`); the caller sends them."""
+    grace_s = settings.message_grace_s
+    sent_before = utcnow() - dt.timedelta(seconds=grace_s)
+    broker = read_queue(client, queue)
+    states = store.job_states(d.job_id for d in broker.delivered)
+    waiting = [d for d in broker.delivered if states.get(d.job_id) == state]  # delivered, not claimed yet
+    # A consumer claims what it was delivered within moments; one that has not for message_grace_s died
+    # holding it (Redis gives it back only after visibility_timeout_s): send it again.
+    stale = {d.job_id for d in waiting if time.time() - d.delivered_at > grace_s}
+    jobs = {job.id: job for job in store.waiting_since(state, sent_before, MAX_RESEND_PER_SWEEP, stale)} if stale else {}
+    in_flight = broker.num_listed + len({d.job_id for d in waiting} - stale)
+    missing = store.count_waiting_since(state, sent_before) - in_flight
+    if missing > 0:
+        for job in store.waiting_since(state, sent_before, min(missing, MAX_RESEND_PER_SWEEP)):
+            jobs.setdefault(job.id, job)
+    if jobs:
+        store.mark_sent(list(jobs))
+    return list(jobs.values())

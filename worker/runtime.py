@@ -5,11 +5,14 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from schemas.lifecycle import Holder
 from schemas.settings import Settings
 from schemas.states import DocbatchError, ErrorCode
 from schemas.store import Store
 from schemas.tasks import TaskDefinition
 from worker.extract import ExtractLimits
+from worker.keeper import HeldJobs
+from worker.lane import Lane
 from worker.modelinfo import ModelInfo, input_budget, model_info
 
 
@@ -21,16 +24,25 @@ class Runtime:
     tokenizer: Any = None
     processor: Any = None  # vision models only
     loaded_info: ModelInfo | None = None  # infer workers: from the loaded model
+    lane: Lane = field(default_factory=Lane)  # infer workers: where jobs start (isolation after crashes)
+    held: HeldJobs = field(default_factory=HeldJobs)  # the jobs this process works on: their leases are renewed
     _stores: dict[int, Store] = field(default_factory=dict)
     _tasks: dict[str, TaskDefinition] = field(default_factory=dict)
 
     @property
     def store(self) -> Store:
-        """One store per process: prefork children must not share the parent's database connections."""
+        """One store per process: prefork children must not share the parent's database connections. It
+        waits out database outages for up to `db_retry_s` in the calls a job's task makes."""
         pid = os.getpid()
         if pid not in self._stores:
-            self._stores[pid] = Store(self.settings.effective_database_url, self.settings.blob_dir)
+            self._stores[pid] = Store(self.settings.effective_database_url, self.settings.blob_dir,
+                                      retry_s=self.settings.db_retry_s)
         return self._stores[pid]
+
+    @property
+    def holder(self) -> Holder:
+        """This process as the holder of the jobs it claims (each prefork child is a holder of its own)."""
+        return Holder.this_process(self.worker_name, self.settings.lease_s)
 
     def task(self, task_hash: str | None) -> TaskDefinition:
         """A job's task definition (read once: a hash names one definition forever)."""

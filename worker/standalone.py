@@ -11,9 +11,9 @@ import logging
 
 from celery.signals import celeryd_init
 
+from schemas.messages import INFER_QUEUE, PREPARE_QUEUE
 from schemas.settings import Settings
 from worker import runtime
-from worker.celery_app import INFER_QUEUE, PREPARE_QUEUE
 
 log = logging.getLogger(__name__)
 

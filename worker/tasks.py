@@ -18,37 +18,52 @@ import json
 import logging
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
-from celery import shared_task
+from celery import current_app, shared_task
 from celery.exceptions import SoftTimeLimitExceeded
 from pydantic import BaseModel
 
+from schemas.lifecycle import is_infrastructure_error
+from schemas.messages import INFER_TASK, PREPARE_TASK, send
 from schemas.models import Job
 from schemas.openai import ChatRequest
 from schemas.states import DocbatchError, ErrorCode, JobState
 from schemas.store import StoredPage
 from schemas.tasks import Generation, TaskDefinition, schema_text
-from worker import runtime
-from worker.celery_app import INFER_QUEUE, INFER_TASK, PREPARE_QUEUE, PREPARE_TASK, broker_priority, display_name
+from worker import failpoints, runtime
 from worker.checks import check_answer
 from worker.engine import Completion, GenerationOptions, ModelInput, RequestTooLarge
 from worker.extract import ExtractedPage, extract_pages
-from worker.inputs import Part, document_parts, materialise, plan_job_chunks, reduce_parts
+from worker.inputs import (
+    Part,
+    document_parts,
+    materialise,
+    plan_job_chunks,
+    reduce_parts,
+)
 from worker.merge import conflict_prompt_text, merge_answers
 from worker.ocr import ocr_image
-from worker.prompts import Prompt, build_text_prompt, chat_tokens, prompt_reserve, validate_json
+from worker.prompts import (
+    Prompt,
+    build_text_prompt,
+    chat_tokens,
+    prompt_reserve,
+    validate_json,
+)
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
-def _fail_on_error(job: Job, work: Callable[[], None]) -> None:
-    """Run `work`; turn its failure into the job's failed state (and its document's, for a chunk)."""
-    store = runtime.current().store
+def _fail_on_error(job: Job, work: Callable[[], T]) -> T | None:
+    """Run `work` for a job this process holds and return its value; turn its failure into the job's
+    failed state (and its document's, for a chunk) and return None. A database away for longer than
+    `db_retry_s` is not the job's fault: the job is let go as it is, and comes back when its lease expires."""
+    rt = runtime.current()
     raw_text = None
     try:
-        work()
-        return
+        return work()
     except DocbatchError as e:
         log.info("job %s failed: %s", job.id, e)
         code, message, raw_text = e.code, e.message, e.raw_text
@@ -57,49 +72,58 @@ def _fail_on_error(job: Job, work: Callable[[], None]) -> None:
     except MemoryError:
         code, message = ErrorCode.EXTRACT_MEMORY, "extraction ran out of its memory limit (prepare_memory_mb)"
     except Exception as e:  # noqa: BLE001 - a bug in one job must not stop the worker
+        if is_infrastructure_error(e):
+            log.error("job %s: the database was away for longer than db_retry_s (%s); letting the job go",
+                      job.id, e)
+            return None
         log.exception("job %s failed unexpectedly", job.id)
         code, message = ErrorCode.INTERNAL_ERROR, f"{type(e).__name__}: {e}"
-    store.fail(job.id, code, message, raw_text)
+    rt.store.fail(job.id, code, message, raw_text, holder=rt.holder)
     if job.parent_id:
-        store.fail(job.parent_id, ErrorCode.CHUNK_FAILED, f"chunk {job.chunk_index + 1} (level {job.chunk_level}) "
-                                                          f"failed: {code.value}: {message}")
+        rt.store.fail(job.parent_id, ErrorCode.CHUNK_FAILED, f"chunk {job.chunk_index + 1} (level {job.chunk_level}) "
+                                                             f"failed: {code.value}: {message}", holder=None)
+    return None
 
 
 def send_infer(job_id: str, priority: int, name: str | None = None) -> None:
-    infer.apply_async(args=[job_id], kwargs=display_name(name), queue=INFER_QUEUE, priority=broker_priority(priority))
+    send(current_app, INFER_TASK, job_id, priority, name)
 
 
-def send_prepare(job_id: str, priority: int, name: str | None = None) -> None:
-    prepare.apply_async(args=[job_id], kwargs=display_name(name), queue=PREPARE_QUEUE,
-                        priority=broker_priority(priority))
+def _document(job: Job) -> Callable[[], bytes]:
+    return lambda: runtime.current().store.read_document(job.document_sha256)[0]
 
 
 @shared_task(name=PREPARE_TASK)
 def prepare(job_id: str, name: str | None = None) -> None:
     """`name` is the document's name in its batch, carried for Flower and the logs only."""
     rt = runtime.current()
-    job = rt.store.claim(job_id, JobState.QUEUED, JobState.PREPARING, rt.worker_name, rt.settings.job_timeout_s)
+    job = rt.store.claim(job_id, JobState.QUEUED, JobState.PREPARING, rt.holder)
     if job is None:
         log.info("job %s is not queued any more; nothing to do", job_id)
         return
+    rt.held.add(job_id)
+    try:
+        failpoints.hit("prepare_claimed", rt.settings, _document(job))
+        _fail_on_error(job, lambda: _prepare(job, name))
+    finally:
+        rt.held.discard(job_id)
 
-    def work() -> None:
-        task = rt.task(job.params.get("task"))
-        if task.kind == "chat":
-            rt.store.mark_ready(job_id)
-            send_infer(job_id, job.priority, name)
-            return
+
+def _prepare(job: Job, name: str | None) -> None:
+    rt = runtime.current()
+    task = rt.task(job.params.get("task"))
+    if task.kind == "chat":  # an OpenAI request: nothing to extract
+        chunks = None
+    else:
         pages = ensure_pages(job.document_sha256)
         parts = document_parts(pages, rt.info.is_vision, rt.store)
         chunks = plan_job_chunks(parts, rt.info, _chunk_budget(task), rt.settings.chunk_overlap_tokens)
-        if chunks is None:
-            rt.store.mark_ready(job_id)
-            send_infer(job_id, job.priority, name)
-        else:
-            log.info("job %s: %d parts in %d chunks", job_id, len(parts), len(chunks))
-            start_chunks(job, 1, chunks)
-
-    _fail_on_error(job, work)
+    if chunks is None:
+        if rt.store.mark_ready(job.id, rt.holder):
+            send_infer(job.id, job.priority, name)
+    else:
+        log.info("job %s: %d parts in %d chunks", job.id, len(parts), len(chunks))
+        start_chunks(job, 1, chunks, from_held=True)
 
 
 def ensure_pages(sha256: str) -> list[StoredPage]:
@@ -152,10 +176,11 @@ def _ocr(image) -> str:
     return ocr_image(image, lang=settings.ocr_lang, timeout_s=settings.prepare_timeout_s)
 
 
-def start_chunks(parent: Job, level: int, chunks: list[list[Part]]) -> None:
-    """Make a level of chunk jobs under `parent` and send the ones not yet done to inference."""
+def start_chunks(parent: Job, level: int, chunks: list[list[Part]], from_held: bool = False) -> None:
+    """Make a level of chunk jobs under `parent` (which this process holds, `from_held`, or which waits on its
+    previous level) and send the ones not yet done to inference."""
     rt = runtime.current()
-    pending, all_done = rt.store.create_chunks(parent.id, level, chunks)
+    pending, all_done = rt.store.create_chunks(parent.id, level, chunks, rt.holder if from_held else None)
     for chunk_id in pending:
         send_infer(chunk_id, parent.priority)
     if all_done:
@@ -184,8 +209,8 @@ def advance_parent(parent_id: str, level: int) -> None:
         parts = reduce_parts(outputs)
     chunks = plan_job_chunks(parts, rt.info, _chunk_budget(task), 0)
     if chunks is None:
-        rt.store.set_reduce_input(parent_id, parts)
-        send_infer(parent_id, parent.priority)
+        if rt.store.set_reduce_input(parent_id, parts):
+            send_infer(parent_id, parent.priority)
     else:
         start_chunks(parent, level + 1, chunks)
 
@@ -199,7 +224,8 @@ def _finish_merged(parent_id: str, task: TaskDefinition, value: dict[str, Any]) 
         log.warning("job %s: the merged answer is invalid (%s); the model combines the parts", parent_id, e.message)
         return False
     result = {"json": answer, "reduced_by": "merge", **_checked(task, answer)}
-    runtime.current().store.finish(parent_id, result, text, tokens_in=None, tokens_out=None, batch_size=None)
+    runtime.current().store.finish(parent_id, result, text, tokens_in=None, tokens_out=None, batch_size=None,
+                                   holder=None)
     return True
 
 
@@ -207,36 +233,64 @@ def _finish_merged(parent_id: str, task: TaskDefinition, value: dict[str, Any]) 
 def infer(job_id: str, name: str | None = None) -> None:
     """`name` is the document's name in its batch, carried for Flower and the logs only."""
     rt = runtime.current()
-    job = rt.store.claim(job_id, JobState.READY, JobState.RUNNING, rt.worker_name, rt.settings.job_timeout_s,
-                         count_attempt=True)
-    if job is None:
+    seen = rt.store.get_job(job_id)
+    if seen is None or seen.state != JobState.READY:
         log.info("job %s is not ready any more; nothing to do", job_id)
         return
-    if job.attempts > rt.settings.max_attempts:
-        rt.store.fail(job_id, ErrorCode.TOO_MANY_ATTEMPTS, f"gave up after {job.attempts - 1} attempts")
-        return
+    try:
+        with rt.lane.start(alone=seen.isolate):  # claim and prompt: where a hostile document kills its worker
+            job = rt.store.claim(job_id, JobState.READY, JobState.RUNNING, rt.holder, count_attempt=True)
+            if job is None:
+                log.info("job %s was taken by another worker; nothing to do", job_id)
+                return
+            rt.held.add(job_id)
+            failpoints.hit("infer_claimed", rt.settings, _document(job))
+            request = _fail_on_error(job, lambda: _request(job))
+        if request is not None:
+            if job.isolate:
+                rt.store.pass_isolation(job_id, rt.holder)
+            _fail_on_error(job, lambda: _answer_and_finish(job, request))
+    finally:
+        rt.held.discard(job_id)
 
-    def work() -> None:
-        task = rt.task(job.params.get("task"))
-        if task.kind == "chat":
-            request = ChatRequest.model_validate_json(rt.store.read_document(job.document_sha256)[0])
-            prompt, generation, schema = _chat_prompt(request, task.generation)
-        else:
-            prompt, generation, schema = _document_prompt(job, task), task.generation, task.schema_text
-        answer = _answer(prompt.model_input, generation, schema, task.output_model, repair=task.kind != "chat")
-        result: dict[str, Any] = {"text": answer.text} if answer.value is None or task.kind == "chat" else {}
-        if answer.value is not None:
-            result["json"] = answer.value
-            if job.parent_id is None:
-                result.update(_checked(task, answer.value))
-        result.update(input_truncated=prompt.is_truncated, finish_reason=answer.finish_reason)
-        finished = rt.store.finish(job_id, result, answer.text, tokens_in=len(prompt.model_input.token_ids),
-                                   tokens_out=len(answer.completion.token_ids),
-                                   batch_size=answer.completion.batch_size)
-        if finished and job.parent_id and rt.store.chunk_finished(job.parent_id):
-            advance_parent(job.parent_id, job.chunk_level)
 
-    _fail_on_error(job, work)
+@dataclass(frozen=True)
+class Request:
+    """A claimed job as the model gets it: its prompt, decoding settings and answer schema (text)."""
+
+    task: TaskDefinition
+    prompt: Prompt
+    generation: Generation
+    schema: str | None
+
+
+def _request(job: Job) -> Request:
+    rt = runtime.current()
+    task = rt.task(job.params.get("task"))
+    if task.kind == "chat":
+        request = ChatRequest.model_validate_json(rt.store.read_document(job.document_sha256)[0])
+        return Request(task, *_chat_prompt(request, task.generation))
+    return Request(task, _document_prompt(job, task), task.generation, task.schema_text)
+
+
+def _answer_and_finish(job: Job, request: Request) -> None:
+    rt = runtime.current()
+    task, prompt = request.task, request.prompt
+    answer = _answer(prompt.model_input, request.generation, request.schema, task.output_model,
+                     repair=task.kind != "chat")
+    result: dict[str, Any] = {"text": answer.text} if answer.value is None or task.kind == "chat" else {}
+    if answer.value is not None:
+        result["json"] = answer.value
+        if job.parent_id is None:
+            result.update(_checked(task, answer.value))
+    result.update(input_truncated=prompt.is_truncated, finish_reason=answer.finish_reason)
+    finished = rt.store.finish(job.id, result, answer.text, tokens_in=len(prompt.model_input.token_ids),
+                               tokens_out=len(answer.completion.token_ids), batch_size=answer.completion.batch_size,
+                               holder=rt.holder)
+    if not finished:
+        log.warning("job %s was taken back before its answer was stored (its lease expired); answer dropped", job.id)
+    elif job.parent_id and rt.store.chunk_finished(job.parent_id):
+        advance_parent(job.parent_id, job.chunk_level)
 
 
 def _checked(task: TaskDefinition, answer: Any) -> dict[str, Any]:
@@ -324,7 +378,7 @@ def _generate(model_input: ModelInput, max_new_tokens: int, options: GenerationO
     """Hand one prompt to the batching engine and wait for its answer."""
     rt = runtime.current()
     try:
-        completion = rt.engine.submit(model_input, max_new_tokens, options).result(timeout=rt.settings.job_timeout_s)
+        completion = rt.engine.submit(model_input, max_new_tokens, options).result()
     except RequestTooLarge as e:
         raise DocbatchError(ErrorCode.OUT_OF_MEMORY, str(e)) from e
     return rt.tokenizer.decode(completion.token_ids, skip_special_tokens=True), completion

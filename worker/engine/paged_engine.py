@@ -42,6 +42,9 @@ class PagedEngine:
         self._futures: dict[int, Future] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="docbatch-engine", daemon=True)
+        # What to do when the loop itself breaks (a bug, not a failed step): by default fail every waiting
+        # request; a worker process exits instead, so that its supervisor starts a fresh one.
+        self.on_fatal: Callable[[BaseException], None] = self._fail_all
         blocks = scheduler.blocks
         self.stats = EngineStats(kv_blocks_total=blocks.num_usable_blocks, kv_block_tokens=blocks.block_size)
         self._logged_at = time.monotonic()
@@ -105,6 +108,19 @@ class PagedEngine:
 
     # -- the loop: schedule -> run -> postprocess -------------------------------------------------
     def _loop(self) -> None:
+        try:
+            self._steps()
+        except BaseException as error:  # noqa: BLE001 - nothing would ever answer the waiting requests
+            log.critical("the engine loop broke: %r", error, exc_info=error)
+            self.on_fatal(error)
+
+    def _fail_all(self, error: BaseException) -> None:
+        self._stop.set()
+        for future in list(self._futures.values()):
+            future.set_exception(RuntimeError(f"the engine stopped: {error!r}"))
+        self._futures.clear()
+
+    def _steps(self) -> None:
         while not self._stop.is_set():
             self._take_new(wait=not self.scheduler.has_work)
             step = self.scheduler.schedule()

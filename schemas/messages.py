@@ -1,0 +1,87 @@
+"""The message contract between producers and workers: queues, task names, the Celery app both sides
+build from the settings, and the one way to send a job's message.
+
+A message carries a job id (and the document's name, for Flower and logs); SQL holds everything else.
+Redis broker, JSON only, late acks, one message prefetched per slot. docbatch's Redis transport separates
+the parts of a binding key with ":" (and names its priority queues `infer:3`); every Celery tool must use
+this app (`celery -A worker.celery_app ...`), or it writes bindings the workers cannot split.
+"""
+from __future__ import annotations
+
+import logging
+
+from celery import Celery
+from kombu import Queue
+from kombu.exceptions import OperationalError
+
+from schemas.settings import Settings
+
+log = logging.getLogger(__name__)
+PREPARE_QUEUE = "prepare"
+INFER_QUEUE = "infer"
+PREPARE_TASK = "docbatch.prepare"
+INFER_TASK = "docbatch.infer"
+PRIORITY_STEPS = range(10)  # the Redis transport's priority lists: `infer`, `infer:1` ... `infer:9`
+
+
+def make_celery(settings: Settings) -> Celery:
+    """A Celery app for `settings.broker_url`. Producers only send by task name; they never import tasks."""
+    app = Celery("docbatch", broker=settings.broker_url, set_as_current=True)
+    app.conf.update(
+        task_serializer="json",
+        accept_content=["json"],
+        result_serializer="json",
+        task_ignore_result=True,  # results live in SQL
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        broker_connection_retry_on_startup=True,
+        broker_transport_options={
+            # A message unacknowledged this long is delivered again. Leases, not this, guard running jobs: a
+            # duplicate of a job held by a live worker does nothing, so it can be short, and a message a
+            # dead worker had prefetched comes back within minutes.
+            "visibility_timeout": settings.visibility_timeout_s,
+            "priority_steps": list(PRIORITY_STEPS),
+            "sep": ":",
+            "queue_order_strategy": "priority",
+        },
+        # Extraction of one file is bounded: the soft limit fails the job cleanly (extract_timeout), the
+        # hard one replaces a child stuck in native code.
+        task_annotations={PREPARE_TASK: {"soft_time_limit": settings.prepare_timeout_s,
+                                         "time_limit": settings.prepare_timeout_s + 30}},
+        task_routes={PREPARE_TASK: {"queue": PREPARE_QUEUE}, INFER_TASK: {"queue": INFER_QUEUE}},
+        task_queues=[Queue(PREPARE_QUEUE), Queue(INFER_QUEUE)],  # both listed, so Flower shows both
+        task_default_queue=PREPARE_QUEUE,
+        worker_send_task_events=True,  # Flower
+        task_send_sent_event=True,
+        worker_hijack_root_logger=False,
+        worker_cancel_long_running_tasks_on_connection_loss=False,
+        broker_connection_max_retries=None,  # a Redis outage is waited out, never a reason to exit
+    )
+    return app
+
+
+def display_name(name: str | None) -> dict[str, str]:
+    """A task's keyword arguments: the document's name in its batch, which Flower and the worker's log show.
+    The job id alone decides what a task does; the name is never read for that."""
+    return {"name": name} if name else {}
+
+
+def broker_priority(priority: int) -> int:
+    """User priority 0..9 (9 runs first) to the Redis transport's 0..9 (0 runs first)."""
+    return 9 - max(0, min(9, priority))
+
+
+
+
+def send(app: Celery, task_name: str, job_id: str, priority: int, name: str | None = None) -> bool:
+    """Send a job's message; False (logged) when the broker is unreachable. The job's state is already in
+    SQL, so nothing is lost: the workers' sweep sends it again once the broker is back."""
+    queue = PREPARE_QUEUE if task_name == PREPARE_TASK else INFER_QUEUE
+    try:
+        app.send_task(task_name, args=[job_id], kwargs=display_name(name), queue=queue,
+                      priority=broker_priority(priority))
+        return True
+    except OperationalError as e:
+        log.info("could not send job %s to %s (%s); the sweep sends it when the broker is back", job_id, queue, e)
+        return False

@@ -1,0 +1,25 @@
+"""The fault suite, short version: a real worker on its own Redis (AOF) and PostgreSQL, a batch of small
+contracts, one fault injected at a random point, the invariants checked (`harness.check_invariants`).
+The full suite (every fault, more documents) is `python tests/faults/harness.py --faults all`."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from faults.harness import POSTGRES_BIN, fault_settings, run_fault
+
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(
+    not (POSTGRES_BIN / "initdb").exists() or shutil.which("redis-server") is None or shutil.which("runuser") is None,
+    reason="needs PostgreSQL's server binaries, redis-server and runuser to start services of its own")]
+
+
+@pytest.mark.parametrize("fault", ["kill_infer", "poison", "redis_wiped"])
+def test_nothing_is_lost_and_only_a_poison_document_fails(fault, small_model_dir, tmp_path):
+    outcome = run_fault(fault, tmp_path / fault, num_docs=12, seed=1,
+                        base=fault_settings(tmp_path / "home", str(small_model_dir)))
+    assert outcome.violations == []
+    if fault == "poison":
+        assert outcome.failures == {"docs/hostile.txt": "too_many_attempts"} and outcome.states["done"] == 12
+    else:
+        assert outcome.states == {"done": 12}

@@ -1,0 +1,115 @@
+"""The worker's supervisor: it starts its child processes, restarts any that exits while it is not
+stopping (exit code 0 included: a child has no reason to end on its own), with a growing delay, and gives
+up when one keeps dying: then it stops the others and exits non-zero, so that whatever runs the worker
+(systemd, compose, Kubernetes) sees it fail instead of a worker that looks alive and takes no work.
+A signal (SIGTERM, SIGINT) is passed to every child, and the supervisor exits 0 once they have stopped.
+Children of one group (the ranks of a tensor-parallel GPU group) restart together: when one is restarted,
+the others still running are stopped and started again with it.
+"""
+from __future__ import annotations
+
+import logging
+import signal
+import subprocess
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+log = logging.getLogger(__name__)
+EXIT_GAVE_UP = 3
+
+
+@dataclass(frozen=True)
+class Child:
+    name: str
+    argv: list[str]
+    env: dict[str, str]
+    group: str | None = None  # children of one group restart together
+
+
+@dataclass
+class RestartPolicy:
+    """When to restart a child that died: after `first_delay_s`, doubling while it keeps dying, up to
+    `max_delay_s`; never more than `max_restarts` times within `window_s` (then give up)."""
+
+    first_delay_s: float = 1.0
+    max_delay_s: float = 30.0
+    max_restarts: int = 5
+    window_s: float = 300.0
+    _restarts: deque[float] = field(default_factory=deque)
+
+    def next_delay_s(self, now: float) -> float | None:
+        """The delay before the next restart, or None to give up. Records the restart."""
+        while self._restarts and now - self._restarts[0] > self.window_s:
+            self._restarts.popleft()
+        if len(self._restarts) >= self.max_restarts:
+            return None
+        delay_s = min(self.max_delay_s, self.first_delay_s * 2 ** len(self._restarts))
+        self._restarts.append(now)
+        return delay_s
+
+
+def supervise(children: list[Child], policy: type[RestartPolicy] | None = None, poll_s: float = 0.2) -> int:
+    """Run `children` until a signal (exit 0) or until one cannot be kept alive (exit `EXIT_GAVE_UP`)."""
+    make_policy = policy or RestartPolicy
+    running = {child.name: _start(child) for child in children}
+    policies = {child.name: make_policy() for child in children}
+    restart_at: dict[str, float] = {}
+    stopping: list[int] = []
+
+    def stop(signum, _frame) -> None:
+        stopping.append(signum)
+        for process in running.values():
+            if process.poll() is None:
+                process.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        while not stopping:
+            time.sleep(poll_s)
+            now = time.monotonic()
+            for child in children:
+                code = running[child.name].poll()
+                if code is None or stopping:
+                    continue
+                if child.name not in restart_at:
+                    delay_s = policies[child.name].next_delay_s(now)
+                    if delay_s is None:
+                        log.error("%s keeps exiting (last code %s); giving up: stopping the worker", child.name, code)
+                        _stop_all(running)
+                        return EXIT_GAVE_UP
+                    log.warning("%s exited with code %s; restarting in %.0f s", child.name, code, delay_s)
+                    restart_at[child.name] = now + delay_s
+                elif now >= restart_at[child.name]:
+                    for member in _group(child, children):
+                        restart_at.pop(member.name, None)
+                        _stop_all({member.name: running[member.name]})
+                        running[member.name] = _start(member)
+        for process in running.values():
+            process.wait()
+        return 0
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _group(child: Child, children: list[Child]) -> list[Child]:
+    """`child` and the children of its group."""
+    return [c for c in children if c is child or (child.group is not None and c.group == child.group)]
+
+
+def _start(child: Child) -> subprocess.Popen:
+    return subprocess.Popen(child.argv, env=child.env)
+
+
+def _stop_all(running: dict[str, subprocess.Popen], timeout_s: float = 30) -> None:
+    for process in running.values():
+        if process.poll() is None:
+            process.terminate()
+    deadline = time.monotonic() + timeout_s
+    for process in running.values():
+        try:
+            process.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
