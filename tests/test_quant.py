@@ -133,3 +133,8 @@ def test_formats_on_an_engine_that_cannot_take_them_fail_at_start(small_model_di
     settings = _settings(small_model_dir, engine="hf", weight_format="int8")
     with pytest.raises(ValueError, match="apply to the paged engine"):
         build_engine(settings, small_model)
+    # while the hf engine in bf16 starts, and reports its weights too
+    engine = build_engine(_settings(small_model_dir, engine="hf"), small_model)
+    engine.stop()
+    parameters = sum(p.numel() * p.element_size() for p in small_model.model.parameters())
+    assert 0 <= engine.stats.weight_bytes - parameters < 2**20  # buffers (rope frequencies) included
