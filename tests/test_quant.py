@@ -129,7 +129,7 @@ def test_a_checkpoint_already_quantised_is_left_to_the_hf_engine():
     assert "already quantised (awq)" in unsupported_reason(config)
 
 
-def test_formats_on_an_engine_that_cannot_take_them_fail_at_start(small_model_dir, small_model):
+def test_formats_fail_at_start_on_the_hf_engine_which_reports_its_bf16_weights(small_model_dir, small_model):
     settings = _settings(small_model_dir, engine="hf", weight_format="int8")
     with pytest.raises(ValueError, match="apply to the paged engine"):
         build_engine(settings, small_model)
