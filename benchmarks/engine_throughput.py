@@ -16,6 +16,8 @@ Workloads (random-weight models: answers are noise, costs are real; every answer
    the time from the first job's start to the last one's finish.
 3. Rooflines for the GPU it ran on: decode only (weights plus the batch's KV cache read once per step, at
    the memory bandwidth) and full (that plus the prompts' FLOPs at the peak bf16 rate).
+`--gpus` is passed to docbatch's worker: `0,1` measures data parallelism (a worker per GPU pulling from the
+queue), `0+1` tensor parallelism (one model over both GPUs).
 Prints a JSON line per measurement and a table; writes summary.json under --out.
 """
 from __future__ import annotations
@@ -125,10 +127,10 @@ def baseline(settings: Settings, prompts: list[list[int]], new_tokens: list[int]
             "docs_s": round(len(prompts) / seconds, 2), "peak_gib": round(peak, 1)}
 
 
-def docbatch_run(settings: Settings, arguments: list[str], out: Path) -> dict:
+def docbatch_run(settings: Settings, arguments: list[str], out: Path, gpus: str = "0") -> dict:
     env = {**os.environ, **settings.to_env()}
     started = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "producer.cli", "run", *arguments, "--gpus", "0",
+    done = subprocess.run([sys.executable, "-m", "producer.cli", "run", *arguments, "--gpus", gpus,
                            "--out-dir", str(out)], env=env, capture_output=True, text=True)
     wall = time.perf_counter() - started
     (out / "run.stderr.txt").write_text(done.stderr[-200_000:])
@@ -193,6 +195,8 @@ def main() -> None:
     parser.add_argument("--baseline-batch", type=int, help="rows per static generate call (A: 256, B: 64, C: 64)")
     parser.add_argument("--skip-baseline", action="store_true")
     parser.add_argument("--max-batch-size", type=int, default=256, help="docbatch: sequences per engine step")
+    parser.add_argument("--gpus", default="0", help="docbatch's --gpus: 0; 0,1 (data parallel: a worker per GPU); "
+                                                    "0+1 (tensor parallel: one model over both)")
     parser.add_argument("--out", type=Path, default=Path("bench-out"))
     args = parser.parse_args()
     from transformers import AutoTokenizer
@@ -211,7 +215,7 @@ def main() -> None:
         # json compares docbatch with itself (constrained against free), so it needs no generate baseline
         skip = args.skip_baseline or args.workload == "json"
         measured = [] if skip else [baseline(settings, prompts, new_tokens, batch, order, schema)]
-        measured.append(docbatch_run(settings, arguments, out))
+        measured.append(docbatch_run(settings, arguments, out, args.gpus))
         for row in measured:
             row["workload"] = name
             print(json.dumps(row), flush=True)

@@ -46,6 +46,17 @@ class Settings(BaseSettings):
     kv_cache_gb: float = Field(0, ge=0, description="paged: KV cache size; 0 sizes it from free GPU memory (1 GiB on a CPU)")
     kv_block_tokens: int = Field(16, ge=1, description="paged: tokens per KV cache block")
     cuda_graphs: bool = Field(True, description="paged: replay decode steps from CUDA graphs")
+    weight_format: Literal["bf16", "int8", "fp8", "nf4"] = Field(
+        "bf16", description="paged: the layers' projections as loaded (bf16; float32 on a CPU), int8 or fp8 (weights "
+                            "per channel, activations per token), or nf4 (bitsandbytes, double-quantised)")
+    gpu_weights_gb: float = Field(
+        0, ge=0, description="hf: weights beyond this many GiB per GPU stay in CPU memory (accelerate's offload; slow: "
+                             "copied to the GPU at every forward pass); 0: every weight on the GPUs")
+    gpu_group: Literal["tensor", "layers"] = Field(
+        "tensor", description="--gpus 0+1: tensor parallelism (paged engine, a process per GPU) or a split by layers "
+                              "(accelerate, one process; what the hf engine and image-text models need)")
+    kv_cache_dtype: Literal["auto", "fp8"] = Field(
+        "auto", description="paged: the KV cache in the model's dtype, or in float8 e4m3 (twice the tokens)")
     max_batch_tokens: int = Field(32768, ge=64, description="hf: padded tokens (prompt + new) in one generate call")
     max_wait_ms: int = Field(50, ge=0, description="hf: how long the engine waits for a batch to fill")
     max_new_tokens: int = Field(256, ge=1)
@@ -100,6 +111,9 @@ class Settings(BaseSettings):
     def _check(self) -> "Settings":
         if self.database_url and "://" not in self.database_url:
             raise ValueError(f"DOCBATCH_DATABASE_URL is not a URL: {self.database_url!r}")
+        if self.gpu_weights_gb and (self.weight_format != "bf16" or self.engine == "paged"):
+            raise ValueError("gpu_weights_gb (CPU offload) is the hf engine's: it cannot be combined with "
+                             "engine=paged or a weight_format")
         names = [inbox.name for inbox in self.inbox]
         if len(set(names)) != len(names):
             raise ValueError(f"inbox names must be unique: {sorted(names)}")

@@ -54,13 +54,17 @@ def test_the_engine_collector_exports_the_statistics_the_engine_has_and_leaves_o
     paged = SimpleNamespace(num_running=12, num_waiting=3, num_steps=900, num_requests_finished=40, num_preemptions=1,
                             tokens_in=5000, tokens_out=7000, prefix_cache_hit_tokens=2048, kv_blocks_total=1000,
                             kv_blocks_used=250, kv_block_tokens=16, last_step_seqs=12, last_step_tokens=12,
-                            model_load_s=41.5)
+                            model_load_s=41.5, weight_bytes=5.5 * 2**30, kv_capacity_tokens=1_000_000,
+                            kv_capacity_sequences=244, kv_cache_bytes=None)
     registry = CollectorRegistry()
     registry.register(EngineCollector(lambda: paged))
     value = registry.get_sample_value
     assert value("docbatch_engine_steps_total") == 900 and value("docbatch_engine_tokens_out_total") == 7000
     assert value("docbatch_engine_running_sequences") == 12 and value("docbatch_model_load_seconds") == 41.5
     assert value("docbatch_engine_kv_cache_usage_ratio") == 0.25
+    assert value("docbatch_engine_weight_bytes") == 5.5 * 2**30 and value("docbatch_engine_kv_capacity_tokens") == 1e6
+    assert value("docbatch_engine_kv_capacity_sequences_4k") == 244
+    assert value("docbatch_engine_kv_cache_bytes") is None  # not known: left out
     stats = [today]
     registry = CollectorRegistry()
     registry.register(EngineCollector(lambda: stats[0]))

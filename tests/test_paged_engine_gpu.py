@@ -84,7 +84,8 @@ def test_flashinfer_attention_matches_the_torch_path_on_a_mixed_step():
     saved = cache.data.clone()
     reference = model(inputs.input_ids, inputs.positions, TorchAttention(cache, model.heads).plan(inputs))
     cache.data.copy_(saved)
-    fast = model(inputs.input_ids, inputs.positions, FlashInferAttention(cache, model.heads, workspace).plan(inputs))
+    flashinfer_attention = FlashInferAttention(cache, model.heads, workspace, model.dtype)
+    fast = model(inputs.input_ids, inputs.positions, flashinfer_attention.plan(inputs))
     assert torch.isfinite(fast).all()
     assert _relative_error(fast, reference) < 2e-2
 
@@ -94,7 +95,7 @@ def test_a_graph_replayed_decode_step_matches_the_eager_one():
     model = DecoderModel(_tiny_qwen2())
     cache, _, _ = _mixed_step(model)
     workspace = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device="cuda")
-    attention = FlashInferAttention(cache, model.heads, workspace)
+    attention = FlashInferAttention(cache, model.heads, workspace, model.dtype)
     graphs = DecodeGraphs(model, attention, workspace, max_batch_size=40)
     # Three sequences that each decode one token, with their prompts in the cache
     torch.manual_seed(2)

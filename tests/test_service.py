@@ -151,6 +151,8 @@ def test_each_worker_exports_its_job_counters_and_histograms(service):
     assert total(infer, "docbatch_job_run_seconds_count", stage="infer") == 1
     assert total(infer, "docbatch_job_tokens_out_total") >= 1
     assert total(infer, "docbatch_engine_tokens_out_total") >= 1
+    assert total(infer, "docbatch_engine_weight_bytes") > 0  # the engine's memory report, set at start
+    assert total(infer, "docbatch_engine_kv_capacity_tokens") > 0
     assert total(infer, "docbatch_worker_info", worker=f"cpu@{HOST}", role="infer") == 1
     assert total(infer, "docbatch_gpu_memory_used_bytes") is None  # a CPU worker reads no GPU
     assert total(prepare, "docbatch_jobs_failed_total", stage="prepare", reason="empty_file") == 1

@@ -28,6 +28,12 @@ ENGINE_GAUGES = {
     "last_step_seqs": ("docbatch_engine_last_step_sequences", "sequences in the last engine step"),
     "last_step_tokens": ("docbatch_engine_last_step_tokens", "tokens in the last engine step"),
     "model_load_s": ("docbatch_model_load_seconds", "time the model took to load"),
+    "weight_bytes": ("docbatch_engine_weight_bytes", "device memory the model's weights take, in their format"),
+    "kv_cache_bytes": ("docbatch_engine_kv_cache_bytes", "device memory of the KV cache"),
+    "kv_capacity_tokens": ("docbatch_engine_kv_capacity_tokens", "tokens the KV cache holds"),
+    "kv_capacity_sequences": ("docbatch_engine_kv_capacity_sequences_4k",
+                              "sequences of 4,096 tokens the KV cache holds"),
+    "device_peak_bytes": ("docbatch_engine_device_peak_bytes", "most GPU memory allocated during start-up"),
 }
 
 

@@ -83,20 +83,32 @@ def _convert_gguf(gguf_dir: Path, gguf_file: str, target: Path) -> None:
     tmp.rename(target)
 
 
-def load_model(settings: Settings) -> LoadedModel:
-    """Load `settings.model` once for this process, on the device `settings.device` resolves to."""
+def load_model(settings: Settings, *, keep_on_cpu: bool = False) -> LoadedModel:
+    """Load `settings.model` once for this process, for the device `settings.device` resolves to. The weights
+    stay on the CPU when the paged engine converts them (`weight_format`) or when `keep_on_cpu` (a
+    tensor-parallel rank keeps only its shard): it moves them to the GPU layer by layer."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
 
     from worker.modelinfo import model_source
     from worker.vision import is_vision_config, load_processor
 
+    from worker.engine.quant import check_kv_cache_dtype, check_weight_format
+
     device = pick_device(settings.device)
+    check_weight_format(settings.weight_format, device)
+    check_kv_cache_dtype(settings.kv_cache_dtype, device)
     source = model_source(settings)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    # A worker that owns several GPUs (CUDA_VISIBLE_DEVICES=0,1) shards the model across them.
+    # A worker that owns several GPUs (CUDA_VISIBLE_DEVICES=0,1) shards the model across them by layers.
     device_map = "auto" if device == "cuda" and torch.cuda.device_count() > 1 else device
+    if settings.weight_format != "bf16" or keep_on_cpu:
+        device_map = "cpu"
     options = {"dtype": dtype, "device_map": device_map, "attn_implementation": settings.attn_implementation}
+    if settings.gpu_weights_gb and device == "cuda":
+        # What does not fit stays in CPU memory: accelerate copies it to the GPU at every forward pass.
+        options.update(device_map="auto", max_memory={**{gpu: f"{settings.gpu_weights_gb}GiB" for gpu in
+                                                          range(torch.cuda.device_count())}, "cpu": _host_memory()})
     config = AutoConfig.from_pretrained(source)
     if is_vision_config(config):
         processor = load_processor(str(source), config)
@@ -108,6 +120,13 @@ def load_model(settings: Settings) -> LoadedModel:
         model = AutoModelForCausalLM.from_pretrained(source, **options)
     model.eval()
     return LoadedModel(model, prepare_tokenizer(tokenizer), device, processor)
+
+
+def _host_memory() -> int:
+    """Bytes of this machine's memory: what accelerate may fill with offloaded weights."""
+    import os
+
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def eos_token_ids(model: Any, tokenizer: Any) -> frozenset[int]:

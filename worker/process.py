@@ -1,9 +1,12 @@
-"""One worker process: `python -m worker.process {infer|prepare} NAME`, started by the launcher.
+"""One worker process: `python -m worker.process {infer|prepare|tp-follower} NAME`, started by the launcher.
 
 An infer process loads the model once, starts the batching engine and runs Celery's threads pool on
 the `infer` queue, so many tasks wait on the one engine at the same time. A prepare process runs a
 prefork pool on the `prepare` queue: CPU work, each child under an address-space limit, each file
-under a time limit, so a hostile file costs one failed job and at most one child.
+under a time limit, so a hostile file costs one failed job and at most one child. A tp-follower is a
+rank after the first of a tensor-parallel GPU group: no Celery, only the forward passes its infer
+process (rank 0) sends. A process belongs to a group when the launcher set torch.distributed's `RANK`,
+`WORLD_SIZE`, `MASTER_ADDR` and `MASTER_PORT`.
 """
 from __future__ import annotations
 
@@ -33,8 +36,9 @@ def start_engine(settings: Settings, name: str) -> runtime.Runtime:
     from worker.modelinfo import ModelInfo, input_budget
 
     started = time.perf_counter()
-    loaded = load_model(settings)
-    engine = build_engine(settings, loaded)
+    tp = _join_tensor_parallel_group()
+    loaded = load_model(settings, keep_on_cpu=tp is not None)
+    engine = build_engine(settings, loaded, tp)
     if hasattr(engine, "on_fatal"):
         engine.on_fatal = _exit_for_restart
     engine.stats.model_load_s = time.perf_counter() - started
@@ -43,6 +47,27 @@ def start_engine(settings: Settings, name: str) -> runtime.Runtime:
              "vision" if loaded.is_vision else "text", loaded.context_tokens,
              input_budget(settings, loaded.context_tokens))
     return runtime.Runtime(settings, name, engine, loaded.tokenizer, loaded.processor, info)
+
+
+def _join_tensor_parallel_group():
+    """This process's `TensorParallel` place when the launcher made it a rank of a GPU group, else None."""
+    if "WORLD_SIZE" not in os.environ:
+        return None
+    from worker.engine.tensor_parallel import join_group
+
+    return join_group()
+
+
+def run_follower_rank(settings: Settings) -> None:
+    """A tensor-parallel rank after the first: load this rank's shard, follow rank 0's steps until it stops."""
+    from worker.engine.builder import run_follower
+    from worker.model import load_model
+
+    tp = _join_tensor_parallel_group()
+    if tp is None:
+        raise SystemExit("a tp-follower needs the launcher's RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT")
+    steps = run_follower(settings, load_model(settings, keep_on_cpu=True), tp)
+    log.info("rank %d of %d: the leader stopped after %d steps", tp.rank, tp.world_size, steps)
 
 
 def _exit_for_restart(error: BaseException) -> None:
@@ -95,7 +120,7 @@ def configure(settings: Settings, role: str, name: str) -> list[str]:
                                     weak=False)
         pool = ["-Q", PREPARE_QUEUE, "-P", "prefork", "-c", str(settings.prepare_concurrency)]
     else:
-        raise SystemExit(f"unknown worker role {role!r}; expected infer or prepare")
+        raise SystemExit(f"unknown worker role {role!r}; expected infer, prepare or tp-follower")
     start_telemetry(settings, role, name)
     return pool
 
@@ -103,6 +128,8 @@ def configure(settings: Settings, role: str, name: str) -> list[str]:
 def main(role: str, name: str) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s [%(processName)s] %(name)s: %(message)s")
     settings = Settings.load()
+    if role == "tp-follower":
+        return run_follower_rank(settings)
     app = make_celery(settings)
     import worker.tasks  # noqa: F401 - registers the tasks with the app
 

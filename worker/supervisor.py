@@ -3,6 +3,8 @@ stopping (exit code 0 included: a child has no reason to end on its own), with a
 up when one keeps dying: then it stops the others and exits non-zero, so that whatever runs the worker
 (systemd, compose, Kubernetes) sees it fail instead of a worker that looks alive and takes no work.
 A signal (SIGTERM, SIGINT) is passed to every child, and the supervisor exits 0 once they have stopped.
+Children of one group (the ranks of a tensor-parallel GPU group) restart together: when one is restarted,
+the others still running are stopped and started again with it.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ class Child:
     name: str
     argv: list[str]
     env: dict[str, str]
+    group: str | None = None  # children of one group restart together
 
 
 @dataclass
@@ -78,14 +81,21 @@ def supervise(children: list[Child], policy: type[RestartPolicy] | None = None, 
                     log.warning("%s exited with code %s; restarting in %.0f s", child.name, code, delay_s)
                     restart_at[child.name] = now + delay_s
                 elif now >= restart_at[child.name]:
-                    del restart_at[child.name]
-                    running[child.name] = _start(child)
+                    for member in _group(child, children):
+                        restart_at.pop(member.name, None)
+                        _stop_all({member.name: running[member.name]})
+                        running[member.name] = _start(member)
         for process in running.values():
             process.wait()
         return 0
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def _group(child: Child, children: list[Child]) -> list[Child]:
+    """`child` and the children of its group."""
+    return [c for c in children if c is child or (child.group is not None and c.group == child.group)]
 
 
 def _start(child: Child) -> subprocess.Popen:

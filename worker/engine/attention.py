@@ -65,14 +65,14 @@ class TorchAttention:
             if decode_batch is not None:
                 rows, gather, mask = decode_batch
                 query = q[rows].unsqueeze(2)  # [B, heads, 1, dim]
-                key = keys[gather].transpose(1, 2)  # [B, kv_heads, L, dim]
-                value = values[gather].transpose(1, 2)
+                key = keys[gather].to(q.dtype).transpose(1, 2)  # [B, kv_heads, L, dim]; an fp8 cache is upcast
+                value = values[gather].to(q.dtype).transpose(1, 2)
                 out[rows] = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=self.heads.scale,
                                                            enable_gqa=True).squeeze(2)
             for start, length, gather in chunk_plans:
                 query = q[start:start + length].transpose(0, 1).unsqueeze(0)  # [1, heads, q, dim]
-                key = keys[gather].transpose(0, 1).unsqueeze(0)  # [1, kv_heads, kv, dim]
-                value = values[gather].transpose(0, 1).unsqueeze(0)
+                key = keys[gather].to(q.dtype).transpose(0, 1).unsqueeze(0)  # [1, kv_heads, kv, dim]
+                value = values[gather].to(q.dtype).transpose(0, 1).unsqueeze(0)
                 out[start:start + length] = _causal(query, key, value, self.heads.scale)[0].transpose(0, 1)
             return out
 
@@ -117,11 +117,12 @@ class FlashInferAttention:
 
     name = "flashinfer"
 
-    def __init__(self, cache: KVCache, heads: HeadShape, workspace: torch.Tensor) -> None:
+    def __init__(self, cache: KVCache, heads: HeadShape, workspace: torch.Tensor, q_dtype: torch.dtype) -> None:
         import flashinfer
 
         self.cache = cache
         self.heads = heads
+        self.q_dtype = q_dtype  # the model's; the cache may hold fp8
         self._decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace, "NHD", use_tensor_cores=True)
         self._prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace, "NHD")
 
@@ -129,7 +130,7 @@ class FlashInferAttention:
         shape = self.cache.shape
         kv = (torch.from_numpy(inputs.kv_indptr), torch.from_numpy(inputs.kv_indices),
               torch.from_numpy(inputs.kv_last_page_len))
-        common = dict(q_data_type=shape.dtype, kv_data_type=shape.dtype, sm_scale=self.heads.scale)
+        common = dict(q_data_type=self.q_dtype, kv_data_type=shape.dtype, sm_scale=self.heads.scale)
         if inputs.is_decode_only:
             wrapper = self._decode
             wrapper.plan(*kv, self.heads.num_heads, self.heads.num_kv_heads, self.heads.head_dim, shape.block_size,

@@ -1,14 +1,16 @@
 """Which engine a worker runs (`DOCBATCH_ENGINE`), and building it around the loaded model.
 
 `paged` (continuous batching over a paged KV cache) runs every text model of the Llama family (Llama,
-Qwen2, Qwen2.5) on one device; `hf` (static batches through transformers' `generate`) runs the rest,
-image-text models and models sharded over several GPUs included, and stays as the reference the tests
-compare the paged engine with. `auto` picks `paged` wherever it can.
+Qwen2, Qwen2.5) on one device or over a tensor-parallel group; `hf` (static batches through transformers'
+`generate`) runs the rest, image-text models and models split by layers over several GPUs (or offloaded in
+part to CPU memory) included, and stays as the reference the tests compare the paged engine with. `auto`
+picks `paged` wherever it can.
 """
 from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from schemas.settings import Settings
@@ -28,25 +30,40 @@ def paged_unsupported(loaded: Any) -> str | None:
     if loaded.is_vision:
         return "image-text models run on the hf engine"
     if len({str(d) for d in (getattr(loaded.model, "hf_device_map", None) or {}).values()}) > 1:
-        return "the model is sharded over several GPUs"
+        return "the model is split over several devices (GPUs, or a GPU and CPU memory)"
     return unsupported_reason(loaded.model.config)
 
 
 def engine_kind(settings: Settings, loaded: Any) -> str:
-    if settings.engine == "hf":
-        return "hf"
-    reason = paged_unsupported(loaded)
+    """`paged` or `hf`; ValueError where the settings ask for what the engine that would run cannot do."""
+    reason = "DOCBATCH_ENGINE=hf" if settings.engine == "hf" else paged_unsupported(loaded)
     if reason is None:
         return "paged"
     if settings.engine == "paged":
         raise ValueError(f"DOCBATCH_ENGINE=paged cannot run {settings.model}: {reason}")
+    if settings.weight_format != "bf16" or settings.kv_cache_dtype != "auto":
+        raise ValueError(f"weight_format {settings.weight_format} and kv_cache_dtype {settings.kv_cache_dtype} apply "
+                         f"to the paged engine, which cannot run {settings.model}: {reason}")
     log.info("the hf engine runs %s: %s", settings.model, reason)
     return "hf"
 
 
-def build_engine(settings: Settings, loaded: Any) -> Any:
-    """The started engine for `loaded` (a `worker.model.LoadedModel`), paged or hf."""
+def build_engine(settings: Settings, loaded: Any, tp: Any = None) -> Any:
+    """The started engine for `loaded` (a `worker.model.LoadedModel`), paged or hf. `tp` (a
+    `worker.engine.tensor_parallel.TensorParallel`): this process leads a tensor-parallel group, whose other
+    ranks call `run_follower` with the same settings and model."""
+    if tp is not None:
+        return _paged(settings, loaded, tp).start()
     return (_paged(settings, loaded) if engine_kind(settings, loaded) == "paged" else _static(settings, loaded)).start()
+
+
+def run_follower(settings: Settings, loaded: Any, tp: Any) -> int:
+    """A tensor-parallel rank other than the leader: build this rank's shard and KV cache, then run every step
+    the leader sends until it stops. Returns the number of steps run."""
+    from worker.engine.tensor_parallel import follow
+
+    parts = _PagedParts.build(settings, loaded, tp)
+    return follow(parts.model, parts.attention, tp)
 
 
 def _static(settings: Settings, loaded: Any) -> Any:
@@ -55,66 +72,85 @@ def _static(settings: Settings, loaded: Any) -> Any:
     from worker.engine.hf_generator import HFGenerator
     from worker.engine.static_engine import StaticEngine
 
+    from worker.engine.quant import weight_bytes
+
     generator = HFGenerator(loaded.model, loaded.tokenizer)
     generator([ModelInput([loaded.tokenizer.pad_token_id] * 8)], [2])  # warm-up: CUDA context and kernels
     on_oom = torch.cuda.empty_cache if loaded.device == "cuda" else (lambda: None)
-    return StaticEngine(generator, max_batch_size=settings.max_batch_size, max_batch_tokens=settings.max_batch_tokens,
-                        max_wait_ms=settings.max_wait_ms, on_oom=on_oom)
+    engine = StaticEngine(generator, max_batch_size=settings.max_batch_size,
+                          max_batch_tokens=settings.max_batch_tokens, max_wait_ms=settings.max_wait_ms, on_oom=on_oom)
+    engine.stats.weight_bytes = weight_bytes(loaded.model)  # offloaded layers included: it is the model's size
+    return engine
 
 
-def _paged(settings: Settings, loaded: Any) -> Any:
-    import torch
+@dataclass
+class _PagedParts:
+    """What every rank of a paged engine builds alike: its model (or shard), KV cache and attention."""
 
-    from worker.engine.attention import WORKSPACE_BYTES, FlashInferAttention, TorchAttention, flashinfer_available
+    model: Any
+    cache: Any
+    attention: Any
+    workspace: Any  # FlashInfer's scratch buffer, or None
+
+    @classmethod
+    def build(cls, settings: Settings, loaded: Any, tp: Any = None) -> "_PagedParts":
+        import torch
+
+        from worker.engine.attention import WORKSPACE_BYTES, FlashInferAttention, TorchAttention, flashinfer_available
+        from worker.engine.kv_cache import CacheShape, KVCache
+        from worker.engine.model import DecoderModel
+        from worker.engine.quant import KV_CACHE_DTYPES
+
+        model = DecoderModel(loaded.model, weight_format=settings.weight_format, device=loaded.device, tp=tp)
+        shape = CacheShape(len(model.layers), model.heads.num_kv_heads, model.heads.head_dim, settings.kv_block_tokens,
+                           KV_CACHE_DTYPES[settings.kv_cache_dtype] or model.dtype)
+        on_gpu = model.device.type == "cuda"
+        use_flashinfer = on_gpu and flashinfer_available()
+        workspace = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=model.device) if use_flashinfer else None
+
+        def attention_over(cache: KVCache) -> Any:
+            if use_flashinfer:
+                return FlashInferAttention(cache, model.heads, workspace, model.dtype)
+            return TorchAttention(cache, model.heads)
+
+        if on_gpu:
+            from worker.engine.memory import gpu_kv_bytes
+
+            kv_bytes = settings.kv_cache_gb * GIB or gpu_kv_bytes(model, shape, attention_over, settings,
+                                                                  reserve_bytes=GRAPH_RESERVE_BYTES)
+        else:
+            kv_bytes = settings.kv_cache_gb * GIB or CPU_KV_CACHE_BYTES
+        num_blocks = shape.blocks_in(kv_bytes)
+        if tp is not None:  # one set of block tables serves every rank: the smallest cache sets the size
+            num_blocks = tp.agree_on_min(num_blocks)
+        cache = KVCache(shape, num_blocks, model.device)
+        return cls(model, cache, attention_over(cache), workspace)
+
+
+def _paged(settings: Settings, loaded: Any, tp: Any = None) -> Any:
     from worker.engine.block_manager import BlockManager
     from worker.engine.cuda_graphs import DecodeGraphs
     from worker.engine.grammar import GrammarCache
-    from worker.engine.kv_cache import CacheShape, KVCache
-    from worker.engine.model import DecoderModel
+    from worker.engine.memory import MemoryReport
     from worker.engine.paged_engine import PagedEngine
     from worker.engine.runner import ModelRunner
     from worker.engine.scheduler import Scheduler
     from worker.model import eos_token_ids
 
     started = time.perf_counter()
-    model = DecoderModel(loaded.model)
-    shape = CacheShape(len(model.layers), model.heads.num_kv_heads, model.heads.head_dim, settings.kv_block_tokens,
-                       model.dtype)
-    on_gpu = model.device.type == "cuda"
-    use_flashinfer = on_gpu and flashinfer_available()
-    workspace = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=model.device) if use_flashinfer else None
-
-    def attention_over(cache: KVCache) -> Any:
-        return FlashInferAttention(cache, model.heads, workspace) if use_flashinfer else TorchAttention(cache, model.heads)
-
-    if on_gpu:
-        from worker.engine.memory import gpu_kv_bytes
-
-        kv_bytes = settings.kv_cache_gb * GIB or gpu_kv_bytes(model, shape, attention_over, settings,
-                                                              reserve_bytes=GRAPH_RESERVE_BYTES)
-    else:
-        kv_bytes = settings.kv_cache_gb * GIB or CPU_KV_CACHE_BYTES
-    cache = KVCache(shape, shape.blocks_in(kv_bytes), model.device)
-    attention = attention_over(cache)
-    runner = ModelRunner(model, cache, attention, max_num_seqs=settings.max_batch_size)
-    if use_flashinfer and settings.cuda_graphs:
-        runner.graphs = DecodeGraphs(model, attention, workspace, max_batch_size=settings.max_batch_size)
-    scheduler = Scheduler(BlockManager(cache.num_blocks, shape.block_size), max_num_seqs=settings.max_batch_size,
+    parts = _PagedParts.build(settings, loaded, tp)
+    model, cache, attention = parts.model, parts.cache, parts.attention
+    runner = ModelRunner(model, cache, attention, max_num_seqs=settings.max_batch_size, tp=tp)
+    # Under tensor parallelism every rank would have to replay its own graph in step: not done yet, so eager.
+    if parts.workspace is not None and settings.cuda_graphs and tp is None:
+        runner.graphs = DecodeGraphs(model, attention, parts.workspace, max_batch_size=settings.max_batch_size)
+    scheduler = Scheduler(BlockManager(cache.num_blocks, cache.shape.block_size), max_num_seqs=settings.max_batch_size,
                           max_step_tokens=settings.max_step_tokens, max_model_len=model.max_model_len)
     engine = PagedEngine(runner, scheduler, eos_token_ids=eos_token_ids(loaded.model, loaded.tokenizer),
                          grammars=lambda: GrammarCache(loaded.tokenizer, model.vocab_size))
-    _log_memory(model, cache, attention.name, runner.graphs is not None, time.perf_counter() - started)
+    report = MemoryReport.of(model, cache)
+    report.record(engine.stats)
+    ranks = "" if tp is None else f", rank 0 of {tp.world_size} (tensor parallel; figures per rank)"
+    log.info("paged engine: %s; attention %s, CUDA graphs %s%s; built in %.1f s", report.summary(), attention.name,
+             "on" if runner.graphs is not None else "off", ranks, time.perf_counter() - started)
     return engine
-
-
-def _log_memory(model: Any, cache: Any, attention: str, graphs: bool, build_s: float) -> None:
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    tokens = (cache.num_blocks - 1) * cache.shape.block_size
-    peak = ""
-    if model.device.type == "cuda":
-        import torch
-
-        peak = f", peak {torch.cuda.max_memory_allocated() / GIB:.1f} GiB allocated"
-    log.info("paged engine: weights %.2f GiB, KV cache %.2f GiB = %d tokens (%d sequences of 4 K), attention %s, "
-             "CUDA graphs %s%s; built in %.1f s", weights / GIB, cache.num_bytes / GIB, tokens, tokens // 4096,
-             attention, "on" if graphs else "off", peak, build_s)

@@ -89,4 +89,5 @@ class DecodeGraphs:
         shape, heads = self.attention.cache.shape, self.attention.heads
         self._wrappers[bucket].plan(torch.from_numpy(indptr), torch.from_numpy(indices), torch.from_numpy(last_page_len),
                                     heads.num_heads, heads.num_kv_heads, heads.head_dim, shape.block_size,
-                                    q_data_type=shape.dtype, kv_data_type=shape.dtype, sm_scale=heads.scale)
+                                    q_data_type=self.attention.q_dtype, kv_data_type=shape.dtype,
+                                    sm_scale=heads.scale)

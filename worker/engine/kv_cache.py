@@ -5,6 +5,8 @@ from dataclasses import dataclass
 
 import torch
 
+from worker.engine.block_manager import NULL_BLOCK
+
 
 @dataclass(frozen=True)
 class CacheShape:
@@ -36,9 +38,12 @@ class KVCache:
         self.shape = shape
         self.num_blocks = num_blocks
         # empty, not zeros: a slot is always written before it is read, and on a CPU untouched pages
-        # cost no memory.
+        # cost no memory. Except the null block, which the PyTorch path gathers (masked) as padding: recycled
+        # memory there can hold NaN (any byte 0x7f or 0xff of an fp8 cache is one), and a masked NaN value still
+        # makes the weighted sum NaN.
         self.data = torch.empty((shape.num_layers, 2, num_blocks, shape.block_size, shape.num_kv_heads,
                                  shape.head_dim), dtype=shape.dtype, device=device)
+        self.data[:, :, NULL_BLOCK].zero_()
 
     def keys(self, layer: int) -> torch.Tensor:
         return self.data[layer, 0]
@@ -48,10 +53,16 @@ class KVCache:
 
     def write(self, layer: int, slots: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
         """Store the new tokens' keys and values ([N, kv_heads, head_dim]) at their slots
-        (block * block_size + offset)."""
+        (block * block_size + offset), converted to the cache's dtype (an fp8 cache keeps no scale: keys and
+        values are cast as they are, as vLLM does by default)."""
         flat = (-1, self.shape.num_kv_heads, self.shape.head_dim)
-        self.keys(layer).view(flat).index_copy_(0, slots, key)
-        self.values(layer).view(flat).index_copy_(0, slots, value)
+        dtype = self.shape.dtype
+        key, value = key.to(dtype), value.to(dtype)
+        if dtype.itemsize == 1:  # index_copy_ has no float8 kernel on a CPU: copy the bytes
+            dtype = torch.uint8
+            key, value = key.view(dtype), value.view(dtype)
+        self.keys(layer).view(dtype).view(flat).index_copy_(0, slots, key)
+        self.values(layer).view(dtype).view(flat).index_copy_(0, slots, value)
 
     @property
     def num_bytes(self) -> int:

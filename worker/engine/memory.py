@@ -1,8 +1,10 @@
 """How much GPU memory the KV cache gets: what is left under `gpu_memory_utilization` once the weights and
-the largest step's activations are counted, measured by running that step once (as vLLM profiles)."""
+the largest step's activations are counted, measured by running that step once (as vLLM profiles); and the
+report of where a worker's device memory went, logged at start and exported as gauges."""
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -15,6 +17,46 @@ from worker.engine.sequence import Sequence
 from worker.engine.step_inputs import StepInputs
 
 log = logging.getLogger(__name__)
+GIB = 1024 ** 3
+REPORT_SEQUENCE_TOKENS = 4096  # KV capacity is also reported in sequences of this many tokens
+
+
+@dataclass(frozen=True)
+class MemoryReport:
+    """Device memory of a built paged engine: weights in their format, the KV cache, the start-up peak."""
+
+    weight_format: str
+    weight_bytes: int
+    kv_cache_dtype: str
+    kv_cache_bytes: int
+    kv_capacity_tokens: int  # the null block excluded
+    peak_bytes: int | None  # most the device had allocated since start, graphs included; None on a CPU
+
+    @classmethod
+    def of(cls, model: Any, cache: KVCache) -> "MemoryReport":
+        on_gpu = model.device.type == "cuda"
+        return cls(model.weight_format, model.weight_bytes, str(cache.shape.dtype).removeprefix("torch."),
+                   cache.num_bytes, (cache.num_blocks - 1) * cache.shape.block_size,
+                   torch.cuda.max_memory_allocated(model.device) if on_gpu else None)
+
+    @property
+    def kv_capacity_sequences(self) -> int:
+        """Whole sequences of `REPORT_SEQUENCE_TOKENS` tokens the cache holds at once."""
+        return self.kv_capacity_tokens // REPORT_SEQUENCE_TOKENS
+
+    def summary(self) -> str:
+        peak = "" if self.peak_bytes is None else f", peak {self.peak_bytes / GIB:.2f} GiB allocated"
+        return (f"weights {self.weight_bytes / GIB:.2f} GiB ({self.weight_format}), KV cache "
+                f"{self.kv_cache_bytes / GIB:.2f} GiB ({self.kv_cache_dtype}) = {self.kv_capacity_tokens} tokens "
+                f"({self.kv_capacity_sequences} sequences of {REPORT_SEQUENCE_TOKENS}){peak}")
+
+    def record(self, stats: Any) -> None:
+        """Copy the figures onto the engine's statistics, which the metrics exporter reads."""
+        stats.weight_bytes = self.weight_bytes
+        stats.kv_cache_bytes = self.kv_cache_bytes
+        stats.kv_capacity_tokens = self.kv_capacity_tokens
+        stats.kv_capacity_sequences = self.kv_capacity_sequences
+        stats.device_peak_bytes = self.peak_bytes
 
 
 @torch.inference_mode()

@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from worker.engine.attention import Attend, HeadShape
+from worker.engine.quant import quantize, weight_bytes
+from worker.engine.tensor_parallel import TensorParallel
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
 # Rope variants whose frequencies do not depend on the sequence's length: one table serves every step.
@@ -34,6 +36,10 @@ def unsupported_reason(config: Any) -> str | None:
         return f"rope type {rope_type!r}"
     if getattr(config, "use_sliding_window", False):
         return "sliding-window attention"
+    quantized = getattr(config, "quantization_config", None)
+    if quantized:  # its layers are the quantisation library's, not nn.Linear: transformers' own forward runs them
+        method = quantized.get("quant_method") if isinstance(quantized, dict) else quantized.quant_method
+        return f"a checkpoint already quantised ({method}); set weight_format to quantise a bf16 one"
     return None
 
 
@@ -55,20 +61,39 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, hf_layer: nn.Module, heads: HeadShape, index: int) -> None:
+    """One transformers decoder layer taken over: q/k/v and gate/up fused, under tensor parallelism this rank's
+    shard of each projection (`heads` is then this rank's share), each moved to `device` and converted to
+    `weight_format` there."""
+
+    def __init__(self, hf_layer: nn.Module, heads: HeadShape, index: int, *, weight_format: str = "bf16",
+                 device: torch.device | None = None, tp: TensorParallel | None = None) -> None:
         super().__init__()
         attention, mlp = hf_layer.self_attn, hf_layer.mlp
         self.index = index
         self.heads = heads
-        self.qkv_proj = _fuse([attention.q_proj, attention.k_proj, attention.v_proj])
-        self.o_proj = attention.o_proj
-        self.gate_up_proj = _fuse([mlp.gate_proj, mlp.up_proj])
-        self.down_proj = mlp.down_proj
-        self.input_layernorm = hf_layer.input_layernorm
-        self.post_attention_layernorm = hf_layer.post_attention_layernorm
-        # The fused copies replace the originals: drop those now, so loading peaks one layer above the model.
-        attention.q_proj = attention.k_proj = attention.v_proj = mlp.gate_proj = mlp.up_proj = None
+        self.tp = tp
         self._splits = [heads.num_heads * heads.head_dim] + [heads.num_kv_heads * heads.head_dim] * 2
+        qkv = _fuse([attention.q_proj, attention.k_proj, attention.v_proj])
+        gate_up = _fuse([mlp.gate_proj, mlp.up_proj])
+        o_proj, down_proj = attention.o_proj, mlp.down_proj
+        if tp is not None:
+            full = [part * tp.world_size for part in self._splits]
+            qkv, o_proj = tp.split_outputs(qkv, full), tp.split_inputs(o_proj)
+            gate_up, down_proj = tp.split_outputs(gate_up, [mlp.gate_proj.out_features] * 2), tp.split_inputs(down_proj)
+        # The fused, split and converted copies replace the originals: drop those at once, so loading peaks one
+        # layer above the model.
+        attention.q_proj = attention.k_proj = attention.v_proj = mlp.gate_proj = mlp.up_proj = None
+        attention.o_proj = mlp.down_proj = None
+        self.qkv_proj = quantize(qkv.to(device), weight_format)
+        self.o_proj = quantize(o_proj.to(device), weight_format)
+        self.gate_up_proj = quantize(gate_up.to(device), weight_format)
+        self.down_proj = quantize(down_proj.to(device), weight_format)
+        self.input_layernorm = hf_layer.input_layernorm.to(device)
+        self.post_attention_layernorm = hf_layer.post_attention_layernorm.to(device)
+
+    def _sum_over_ranks(self, partial: torch.Tensor) -> torch.Tensor:
+        """A row-parallel projection's output: this rank's part, summed over the group (as is without one)."""
+        return partial if self.tp is None else self.tp.all_reduce(partial)
 
     def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: Attend) -> torch.Tensor:
         """hidden [N, D] -> [N, D]; cos, sin [N, 1, head_dim]."""
@@ -78,30 +103,41 @@ class DecoderLayer(nn.Module):
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
         out = attend(self.index, q, k, v.view(-1, self.heads.num_kv_heads, self.heads.head_dim))
-        hidden = hidden + self.o_proj(out.reshape(-1, self.heads.num_heads * self.heads.head_dim))
+        hidden = hidden + self._sum_over_ranks(self.o_proj(out.reshape(-1, self.heads.num_heads * self.heads.head_dim)))
         gate, up = self.gate_up_proj(self.post_attention_layernorm(hidden)).chunk(2, dim=-1)
-        return hidden + self.down_proj(F.silu(gate) * up)
+        return hidden + self._sum_over_ranks(self.down_proj(F.silu(gate) * up))
 
 
 class DecoderModel(nn.Module):
-    """Built from a loaded transformers `LlamaForCausalLM` / `Qwen2ForCausalLM`, whose layers it takes over."""
+    """Built from a loaded transformers `LlamaForCausalLM` / `Qwen2ForCausalLM`, whose layers it takes over.
 
-    def __init__(self, hf_model: nn.Module) -> None:
+    `device`: where it computes (default: where the checkpoint was loaded). A model loaded on the CPU is moved
+    layer by layer, each layer converted to `weight_format` on arrival, so the device never holds more than
+    one layer of unconverted weights: a 7B model in nf4 fits a card its bf16 weights would not. `tp`: this
+    process's rank in a tensor-parallel group, whose shard of every layer it keeps (`heads` is then its share).
+    """
+
+    def __init__(self, hf_model: nn.Module, *, weight_format: str = "bf16", device: torch.device | str | None = None,
+                 tp: TensorParallel | None = None) -> None:
         super().__init__()
         config = hf_model.config
         reason = unsupported_reason(config)
         if reason is not None:
             raise ValueError(f"the paged engine cannot run this model: {reason}")
         base = hf_model.model
+        device = torch.device(device) if device is not None else hf_model.lm_head.weight.device
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        self.heads = HeadShape(config.num_attention_heads, config.num_key_value_heads, head_dim)
-        self.embed_tokens = base.embed_tokens
-        self.layers = nn.ModuleList(DecoderLayer(layer, self.heads, i) for i, layer in enumerate(base.layers))
-        self.norm = base.norm
-        self.lm_head = hf_model.lm_head
+        heads = HeadShape(config.num_attention_heads, config.num_key_value_heads, head_dim)
+        self.heads = heads if tp is None else tp.heads(heads)
+        self.embed_tokens = base.embed_tokens.to(device)
+        self.layers = nn.ModuleList(DecoderLayer(layer, self.heads, i, weight_format=weight_format, device=device, tp=tp)
+                                    for i, layer in enumerate(base.layers))
+        self.norm = base.norm.to(device)
+        self.lm_head = hf_model.lm_head.to(device)
+        self.weight_format = weight_format
         self.max_model_len = int(config.max_position_embeddings)
         self.vocab_size = self.lm_head.weight.shape[0]
-        cos, sin = _rope_table(base.rotary_emb, self.max_model_len, self.lm_head.weight.dtype)
+        cos, sin = _rope_table(base.rotary_emb.to(device), self.max_model_len, self.lm_head.weight.dtype)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
         # Inference only: without this, a forward outside inference mode (a CUDA graph's capture) would keep
@@ -115,6 +151,11 @@ class DecoderModel(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.lm_head.weight.device
+
+    @property
+    def weight_bytes(self) -> int:
+        """Device memory the weights take, in their format (the rope tables included)."""
+        return weight_bytes(self)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attend: Attend) -> torch.Tensor:
         """input_ids, positions [N] -> hidden states [N, D] before the final norm."""

@@ -56,6 +56,11 @@ class PagedEngine:
     def stop(self, timeout_s: float = 10) -> None:
         self._stop.set()
         self._thread.join(timeout_s)
+        # Releasing tensor-parallel followers while a step still runs would interleave with its collectives.
+        if self._thread.is_alive():
+            log.warning("the engine's step outlived %s s; tensor-parallel followers are not released", timeout_s)
+        else:
+            self.runner.close()
         for future in list(self._futures.values()):
             future.set_exception(RuntimeError("the engine stopped"))
         self._futures.clear()

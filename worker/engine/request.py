@@ -65,6 +65,12 @@ class EngineStats:
     num_decode_steps: int = 0  # paged engine: steps where every row decodes one token
     decode_step_s: float = 0.0  # their wall time, sampling included
     prefill_step_s: float = 0.0  # wall time of the steps that computed prompt tokens
+    # Set once at start (None: not known for this engine): device memory, `worker.engine.memory.MemoryReport`
+    weight_bytes: int | None = None
+    kv_cache_bytes: int | None = None
+    kv_capacity_tokens: int | None = None
+    kv_capacity_sequences: int | None = None  # of 4,096 tokens
+    device_peak_bytes: int | None = None  # most allocated on the GPU during start-up (graphs included)
 
     def summary(self) -> str:
         """One log line: work done, the mean decode step, how full the KV cache is."""

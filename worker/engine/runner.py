@@ -15,11 +15,12 @@ from worker.engine.step_inputs import StepInputs
 
 class ModelRunner:
     def __init__(self, model: DecoderModel, cache: KVCache, attention: Any, *, max_num_seqs: int,
-                 graphs: Any = None) -> None:
+                 graphs: Any = None, tp: Any = None) -> None:
         self.model = model
         self.cache = cache
         self.attention = attention  # a TorchAttention or FlashInferAttention over `cache`
         self.graphs = graphs  # DecodeGraphs on a GPU, or None (eager)
+        self.tp = tp  # TensorParallel when this runner leads a group: each step goes to the other ranks first
         self.device = model.device
         self.sampler = Sampler(max_num_seqs, model.vocab_size, self.device)
         self.masks = TokenMasks(max_num_seqs, model.vocab_size)
@@ -42,8 +43,16 @@ class ModelRunner:
             sampled[row] = token
         return sampled
 
+    def close(self) -> None:
+        """Release the tensor-parallel followers (they return from `follow`)."""
+        if self.tp is not None:
+            self.tp.send_step(None)
+            self.tp = None
+
     def _forward(self, inputs: StepInputs) -> torch.Tensor:
         """Logits [S, vocab] of the sampling rows."""
+        if self.tp is not None:
+            self.tp.send_step(inputs)
         if self.graphs is not None and inputs.is_decode_only and inputs.num_seqs <= self.graphs.max_batch_size:
             return self.graphs.replay(inputs)
         hidden = self.model(inputs.input_ids, inputs.positions, self.attention.plan(inputs))

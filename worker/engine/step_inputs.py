@@ -17,6 +17,7 @@ class StepInputs:
     input_ids: torch.Tensor  # [N] the tokens computed this step, sequence after sequence
     positions: torch.Tensor  # [N] their positions in their sequences
     slot_mapping: torch.Tensor  # [N] where their keys and values go: block * block_size + offset
+    host_tokens: torch.Tensor  # [3, N] the three rows above on the host (what tensor-parallel followers receive)
     logits_indices: torch.Tensor  # [S] the rows whose logits are sampled (each sampling sequence's last token)
     sample_rows: list[int]  # [S] which sequences of the step those are
     qo_indptr: np.ndarray  # [B + 1] where each sequence's tokens start in the packed row
@@ -56,9 +57,10 @@ class StepInputs:
             pages.append(table[:-(-end // block_size)])
         kv_lens_np = np.asarray(kv_lens, dtype=np.int32)
         num_pages = -(-kv_lens_np // block_size)
-        packed = torch.tensor([ids, positions, slots], dtype=torch.long).to(device, non_blocking=True)
+        host_tokens = torch.tensor([ids, positions, slots], dtype=torch.long)
+        packed = host_tokens.to(device, non_blocking=True)
         return cls(
-            input_ids=packed[0], positions=packed[1], slot_mapping=packed[2],
+            input_ids=packed[0], positions=packed[1], slot_mapping=packed[2], host_tokens=host_tokens,
             logits_indices=torch.tensor(logits_indices, dtype=torch.long).to(device, non_blocking=True),
             sample_rows=sample_rows,
             qo_indptr=np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32),
