@@ -31,8 +31,10 @@ from worker.engine.step_inputs import StepInputs  # noqa: E402
 from worker.model import load_model  # noqa: E402
 
 
-def timed_ms(run, repeats: int) -> float:
+def timed_ms(run, repeats: int = 50) -> float:
+    """The median of `repeats` runs of `run` on the GPU, in ms (CUDA events), after one warm-up run."""
     run()
+    torch.cuda.synchronize()
     times = []
     for _ in range(repeats):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

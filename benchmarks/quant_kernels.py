@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 
 import torch
 import torch.nn.functional as F
+from engine_steps import timed_ms  # noqa: E402 - this folder is on the path of a script run from it
 
 SHAPES = {"qkv": (4608, 3584), "o": (3584, 3584), "gate_up": (37888, 3584), "down": (3584, 18944)}
 FP8_MAX = 448.0
@@ -65,20 +65,6 @@ def candidates(w: torch.Tensor) -> dict:
     except ImportError as error:
         print(json.dumps({"nf4": f"bitsandbytes missing: {error}"}))
     return out
-
-
-def timed_ms(run, repeats: int = 50) -> float:
-    run()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        run()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def graph_ok(run, x: torch.Tensor, expected: torch.Tensor) -> bool | str:
