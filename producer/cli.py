@@ -62,6 +62,8 @@ def main(ctx: click.Context) -> None:
       docbatch results BATCH --format openai --out output.jsonl
     As a service: inboxes scanned on a schedule, a dashboard, a live view, all of it locally:
       docbatch beat        docbatch flower        docbatch top        docbatch up
+    Jobs already queued: who holds what, stop what has not started, run failures again:
+      docbatch workers     docbatch cancel BATCH  docbatch retry BATCH [--failed CODE]
 
     Configuration comes from DOCBATCH_* variables and ./docbatch.toml (see README):
     DOCBATCH_DATABASE_URL, DOCBATCH_BROKER_URL, DOCBATCH_MODEL, DOCBATCH_HOME, ...
