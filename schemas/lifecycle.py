@@ -189,6 +189,13 @@ class Lifecycle:
                 session.merge(Result(job_id=job_id, data={}, raw_text=raw_text, created_at=utcnow()))
             return bool(failed)
 
+    @retried
+    def fail_abandoned(self, job_id: str, state: JobState, code: ErrorCode, message: str) -> bool:
+        """Fail a job still in `state` whose holder is known to be dead (its worker saw it killed), whoever
+        that holder was."""
+        return bool(self.transition([job_id], [state], JobState.FAILED, error_code=code.value,
+                                    error_message=message[:4000], finished_at=utcnow(), **_NO_LEASE))
+
     # -- long documents: chunk jobs under a document's job -------------------------------------------
     @retried
     def create_chunks(self, parent_id: str, level: int, inputs: list[list[dict[str, Any]]],

@@ -135,3 +135,21 @@ def test_jobs_waiting_for_a_message_are_counted_and_the_longest_waiting_come_fir
     store.mark_sent([ids[1]])
     assert [job.id for job in store.waiting_since(JobState.QUEUED, later, 5)] == [ids[2], ids[1]]
     assert [job.id for job in store.waiting_since(JobState.QUEUED, later, 5, job_ids=[ids[1]])] == [ids[1]]
+
+
+def test_an_extraction_killed_at_the_hard_time_limit_fails_with_extract_timeout(store, settings):
+    from billiard.exceptions import TimeLimitExceeded
+    from worker.middleware import fail_hard_timeout
+    from worker.runtime import Runtime
+
+    # Given a job a prepare child was extracting when Celery killed it at the hard time limit
+    _, (job_id, other) = _jobs(store, "hangs", "other")
+    store.claim(job_id, JobState.QUEUED, JobState.PREPARING, PREP)
+    rt = Runtime(settings.model_copy(update={"database_url": store.url}), "prepare@h")
+    # When the parent hears of it (Celery's task_failure), then of an ordinary failure
+    assert fail_hard_timeout(rt, job_id, TimeLimitExceeded(330))
+    assert not fail_hard_timeout(rt, other, ValueError("not a time limit"))
+    # Then the job failed with extract_timeout instead of coming back to hang again; the other is untouched
+    job = store.get_job(job_id)
+    assert (job.state, job.error_code) == (JobState.FAILED, "extract_timeout")
+    assert store.get_job(other).state == JobState.QUEUED

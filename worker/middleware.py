@@ -13,7 +13,7 @@ import contextlib
 import logging
 from typing import Callable, Iterator, TypeVar
 
-from celery.exceptions import SoftTimeLimitExceeded
+from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
 
 from schemas.lifecycle import is_infrastructure_error
 from schemas.models import Job
@@ -66,3 +66,15 @@ def fail_on_error(rt: Runtime, job: Job, work: Callable[[], T]) -> T | None:
         rt.store.fail(job.parent_id, ErrorCode.CHUNK_FAILED, f"chunk {job.chunk_index + 1} (level {job.chunk_level}) "
                                                              f"failed: {code.value}: {message}", holder=None)
     return None
+
+
+def fail_hard_timeout(rt: Runtime, job_id: str, exception: BaseException) -> bool:
+    """In a prepare worker's parent: Celery killed the child extracting `job_id` at its hard time limit (the
+    soft one did not stop it), so the job fails with `extract_timeout` now, rather than coming back by its
+    lease to hang again. True when the job was failed."""
+    if not isinstance(exception, TimeLimitExceeded):
+        return False
+    log.error("job %s: extraction killed at the hard time limit (prepare_timeout_s + 30 s)", job_id)
+    return rt.store.fail_abandoned(job_id, JobState.PREPARING, ErrorCode.EXTRACT_TIMEOUT,
+                                   f"extraction did not stop at prepare_timeout_s ({rt.settings.prepare_timeout_s} s) "
+                                   "and its process was killed")

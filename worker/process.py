@@ -17,13 +17,14 @@ import sys
 import time
 
 from celery import current_app
-from celery.signals import worker_process_init, worker_ready
+from celery.signals import task_failure, worker_process_init, worker_ready
 
-from schemas.messages import INFER_QUEUE, PREPARE_QUEUE, make_celery
+from schemas.messages import INFER_QUEUE, PREPARE_QUEUE, PREPARE_TASK, make_celery
 from schemas.settings import Settings
 from worker import runtime
 from worker.engine import build_engine
 from worker.keeper import Keeper
+from worker.middleware import fail_hard_timeout
 from worker.telemetry import start_telemetry
 
 log = logging.getLogger(__name__)
@@ -92,6 +93,15 @@ def _keeper(rt: runtime.Runtime, role: str, *, sweeps: bool, register: bool = Tr
                   register=register).start()
 
 
+def _hard_timeouts_fail(rt: runtime.Runtime):
+    """A prepare parent's `task_failure` handler: Celery reports there the children it killed at the hard
+    time limit."""
+    def handler(sender=None, exception=None, args=(), **_) -> None:
+        if sender is not None and sender.name == PREPARE_TASK and args:
+            fail_hard_timeout(rt, args[0], exception)
+    return handler
+
+
 def configure(settings: Settings, role: str, name: str) -> list[str]:
     """Make this process an `infer` or `prepare` worker named `name` (its runtime, keeper, signals and
     telemetry); returns the Celery worker options its pool needs.
@@ -118,6 +128,7 @@ def configure(settings: Settings, role: str, name: str) -> list[str]:
         worker_ready.connect(lambda **_: _keeper(rt, "prepare", sweeps=True, register=False), weak=False)
         worker_process_init.connect(lambda **_: (_limit_memory(settings), _keeper(rt, "prepare", sweeps=False)),
                                     weak=False)
+        task_failure.connect(_hard_timeouts_fail(rt), weak=False)
         pool = ["-Q", PREPARE_QUEUE, "-P", "prefork", "-c", str(settings.prepare_concurrency)]
     else:
         raise SystemExit(f"unknown worker role {role!r}; expected infer, prepare or tp-follower")
