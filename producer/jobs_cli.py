@@ -9,6 +9,7 @@ from rich.table import Table
 
 from schemas.messages import PREPARE_TASK, make_celery, send
 from schemas.settings import Settings
+from schemas.states import ErrorCode
 from schemas.store import Store
 
 console = Console(stderr=True)
@@ -38,7 +39,7 @@ def cancel_command(ctx, batch) -> None:
 
 @click.command("retry")
 @click.argument("batch")
-@click.option("--failed", "error_code", metavar="CODE", help="only the jobs that failed with this reason code "
+@click.option("--failed", "error_code", metavar="CODE", type=click.Choice([code.value for code in ErrorCode]), help="only the jobs that failed with this reason code "
               "(e.g. out_of_memory); without it, every failed and cancelled job")
 @click.pass_context
 def retry_command(ctx, batch, error_code) -> None:

@@ -7,6 +7,7 @@ from pathlib import Path
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session, sessionmaker
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
@@ -76,3 +77,8 @@ def _pragma(connection, pragma: str) -> None:
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(engine, expire_on_commit=False)
+
+
+def dialect_insert(session: Session, model: type):
+    """An INSERT for `model` in the session's dialect, so that `on_conflict_do_nothing` is available."""
+    return (postgresql.insert if session.bind.dialect.name == "postgresql" else sqlite.insert)(model)

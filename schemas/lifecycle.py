@@ -22,6 +22,7 @@ from sqlalchemy import func, or_, select, update
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
+from schemas.db import dialect_insert
 from schemas.models import BatchItem, Job, Result, Worker, new_id, utcnow
 from schemas.states import TRANSITIONS, ErrorCode, JobState, check_transition
 
@@ -135,11 +136,12 @@ class Lifecycle:
         if count_attempt:
             values.update(attempts=Job.attempts + 1, started_at=now)
         with self._sessions.begin() as session:
-            mine = session.scalar(select(Job.id).where(Job.id == job_id, Job.state == to_state,
+            job = session.get(Job, job_id) if self.transition([job_id], [from_state], to_state, session=session,
+                                                              **values) else None
+            if job is None:  # not moved: a retried call finds the job already its own
+                job = session.scalar(select(Job).where(Job.id == job_id, Job.state == to_state,
                                                        Job.lease_owner == holder.owner))
-            if mine is None and not self.transition([job_id], [from_state], to_state, session=session, **values):
-                return None
-            return session.get(Job, job_id)
+            return job
 
     @retried
     def mark_ready(self, job_id: str, holder: Holder) -> bool:
@@ -206,8 +208,6 @@ class Lifecycle:
         Returns the chunk jobs still to run, and whether every chunk is already done (then the
         caller moves the parent on at once). Failed or cancelled chunks from an earlier try run again.
         """
-        from schemas.store import _insert
-
         now = utcnow()
         from_states, where = ([JobState.PREPARING], [Job.lease_owner == holder.owner]) if holder else (
             [JobState.WAITING], [])
@@ -224,7 +224,7 @@ class Lifecycle:
                          attempts=0, created_at=now, updated_at=now, sent_at=now, parent_id=parent_id,
                          chunk_level=level, chunk_index=i, input_parts=parts)
                     for i, (key, parts) in enumerate(zip(keys, inputs))]
-            session.execute(_insert(session.bind.dialect.name, Job).values(rows)
+            session.execute(dialect_insert(session, Job).values(rows)
                             .on_conflict_do_nothing(index_elements=["idempotency_key"]))
             again = session.scalars(select(Job.id).where(Job.idempotency_key.in_(keys), Job.state.in_(
                 [JobState.FAILED, JobState.CANCELLED]))).all()

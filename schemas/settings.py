@@ -114,6 +114,9 @@ class Settings(BaseSettings):
         if self.gpu_weights_gb and (self.weight_format != "bf16" or self.engine == "paged"):
             raise ValueError("gpu_weights_gb (CPU offload) is the hf engine's: it cannot be combined with "
                              "engine=paged or a weight_format")
+        bad = [item for item in self.failpoints if "=" not in item or not item.split("=", 1)[1]]
+        if bad:
+            raise ValueError(f"DOCBATCH_FAILPOINTS items are 'point=marker', not {bad}")
         names = [inbox.name for inbox in self.inbox]
         if len(set(names)) != len(names):
             raise ValueError(f"inbox names must be unique: {sorted(names)}")

@@ -13,9 +13,8 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from sqlalchemy import Engine, func, or_, select
-from sqlalchemy.dialects import postgresql, sqlite
 
-from schemas.db import make_engine, make_sessionmaker, migrate
+from schemas.db import dialect_insert, make_engine, make_sessionmaker, migrate
 from schemas.lifecycle import Lifecycle, retried
 from schemas.models import (
     Batch,
@@ -98,7 +97,7 @@ class Store(Lifecycle):
                 tmp.write_bytes(data)
                 tmp.replace(path)
                 blob_uri = path.resolve().as_uri()
-            stmt = _insert(session.bind.dialect.name, Document).values(
+            stmt = dialect_insert(session, Document).values(
                 sha256=sha256, size_bytes=len(data), media_type=media_type,
                 content=None if blob_uri else data, blob_uri=blob_uri, created_at=utcnow())
             session.execute(stmt.on_conflict_do_nothing(index_elements=["sha256"]))
@@ -138,7 +137,7 @@ class Store(Lifecycle):
     def put_task(self, task_hash: str, name: str, definition: dict[str, Any]) -> None:
         """Keep a task definition under its hash (once: the hash covers all of it)."""
         with self._sessions.begin() as session:
-            stmt = _insert(session.bind.dialect.name, TaskDef).values(
+            stmt = dialect_insert(session, TaskDef).values(
                 hash=task_hash, name=name, definition=json.dumps(definition, ensure_ascii=False), created_at=utcnow())
             session.execute(stmt.on_conflict_do_nothing(index_elements=["hash"]))
 
@@ -175,7 +174,7 @@ class Store(Lifecycle):
                                     params=job_params, model=model, state=JobState.QUEUED, priority=priority,
                                     attempts=0, created_at=now, updated_at=now, sent_at=now)
                                for key, (sha, job_params) in new_jobs.items()]
-                stmt = _insert(session.bind.dialect.name, Job).values(insert_rows)
+                stmt = dialect_insert(session, Job).values(insert_rows)
                 session.execute(stmt.on_conflict_do_nothing(index_elements=["idempotency_key"]))
             jobs = {job.idempotency_key: job for job in session.scalars(
                 select(Job).where(Job.idempotency_key.in_(list(new_jobs))))} if new_jobs else {}
@@ -252,8 +251,3 @@ class Store(Lifecycle):
                 select(BatchItem, Job, Result).join(Job, BatchItem.job_id == Job.id)
                 .outerjoin(Result, Result.job_id == Job.id)
                 .where(BatchItem.batch_id == batch_id).order_by(BatchItem.name))]
-
-
-def _insert(dialect: str, model: type):
-    return (postgresql.insert if dialect == "postgresql" else sqlite.insert)(model)
-
