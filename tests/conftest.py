@@ -44,9 +44,11 @@ def vl_model_dir(small_model_dir: Path, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def small_model(small_model_dir: Path):
+    """In float32: the reference the engines' answers are compared with token for token (a worker on a CPU with
+    bfloat16 instructions computes in bfloat16, where two implementations round differently)."""
     from worker.model import load_model
 
-    return load_model(Settings(model=str(small_model_dir), device="cpu", home=small_model_dir.parent))
+    return load_model(Settings(model=str(small_model_dir), device="cpu", home=small_model_dir.parent, dtype="float32"))
 
 
 @pytest.fixture

@@ -31,7 +31,7 @@ KEY_TERMS = json.dumps({"type": "object", "additionalProperties": False, "requir
 
 def _engine(small_model_dir, **overrides) -> PagedEngine:
     settings = Settings(model=str(small_model_dir), device="cpu", home=small_model_dir.parent, engine="paged",
-                        **overrides)
+                        dtype="float32", **overrides)
     return build_engine(settings, load_model(settings))
 
 

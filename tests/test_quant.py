@@ -26,7 +26,7 @@ FLOAT32_BYTES = 4
 
 def _settings(small_model_dir, **overrides) -> Settings:
     return Settings(**{"model": str(small_model_dir), "device": "cpu", "home": small_model_dir.parent,
-                       "engine": "paged", "max_batch_size": 8, **overrides})
+                       "engine": "paged", "max_batch_size": 8, "dtype": "float32", **overrides})
 
 
 @pytest.fixture(scope="module")

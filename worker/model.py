@@ -1,7 +1,8 @@
 """Model loading: a hub id, a local folder, or the packaged SmolLM2-135M-Instruct GGUF.
 
 The GGUF is de-quantised once into `<home>/models/` (about 25 s) so that every later load takes about
-a second. bf16 on a GPU, float32 on a CPU; `sdpa` attention unless configured otherwise. A Qwen2-VL or
+a second. bf16 on a GPU and on CPUs with bfloat16 instructions, float32 on other CPUs (`dtype`); `sdpa`
+attention unless configured otherwise. A Qwen2-VL or
 Qwen2.5-VL folder loads as an image-text model with its processor (`worker/vision.py`).
 """
 from __future__ import annotations
@@ -45,6 +46,26 @@ def pick_device(setting: str) -> str:
     if setting == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return setting
+
+
+def model_dtype(setting: str, device: str):
+    """The torch dtype the model computes in: the setting's, or for `auto` bfloat16 on a GPU and on a CPU that
+    multiplies bfloat16 natively, float32 on other CPUs."""
+    import torch
+
+    if setting != "auto":
+        return getattr(torch, setting)
+    return torch.bfloat16 if device == "cuda" or cpu_has_bf16() else torch.float32
+
+
+def cpu_has_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """Whether this CPU has bfloat16 instructions (x86 AVX512-BF16 or AMX, Arm BF16), from Linux's /proc/cpuinfo.
+    Without them PyTorch emulates bfloat16 products, slower than float32's."""
+    try:
+        flags = set(cpuinfo.read_text().split())
+    except OSError:
+        return False
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
 
 
 def packaged_model_dir(cache_dir: Path) -> Path:
@@ -99,7 +120,7 @@ def load_model(settings: Settings, *, keep_on_cpu: bool = False) -> LoadedModel:
     check_weight_format(settings.weight_format, device)
     check_kv_cache_dtype(settings.kv_cache_dtype, device)
     source = model_source(settings)
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    dtype = model_dtype(settings.dtype, device)
     # A worker that owns several GPUs (CUDA_VISIBLE_DEVICES=0,1) shards the model across them by layers.
     device_map = "auto" if device == "cuda" and torch.cuda.device_count() > 1 else device
     if settings.weight_format != "bf16" or keep_on_cpu:

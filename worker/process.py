@@ -15,6 +15,7 @@ import os
 import resource
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 from celery import current_app
 from celery.signals import task_failure, worker_process_init, worker_ready
@@ -38,16 +39,26 @@ def start_engine(settings: Settings, name: str) -> runtime.Runtime:
 
     started = time.perf_counter()
     tp = _join_tensor_parallel_group()
-    loaded = load_model(settings, keep_on_cpu=tp is not None)
-    engine = build_engine(settings, loaded, tp)
+    loaded = _on_a_passing_thread(load_model, settings, keep_on_cpu=tp is not None)
+    engine = _on_a_passing_thread(build_engine, settings, loaded, tp)
     if hasattr(engine, "on_fatal"):
         engine.on_fatal = _exit_for_restart
     engine.stats.model_load_s = time.perf_counter() - started
     info = ModelInfo(loaded.is_vision, loaded.context_tokens, loaded.tokenizer)
-    log.info("model %s on %s (%s), context %d tokens, input budget %d", settings.model, loaded.device,
-             "vision" if loaded.is_vision else "text", loaded.context_tokens,
+    log.info("model %s on %s in %s (%s), context %d tokens, input budget %d", settings.model, loaded.device,
+             str(loaded.model.dtype).removeprefix("torch."), "vision" if loaded.is_vision else "text",
+             loaded.context_tokens,
              input_budget(settings, loaded.context_tokens))
     return runtime.Runtime(settings, name, engine, loaded.tokenizer, loaded.processor, info)
+
+
+def _on_a_passing_thread(fn, *args, **kwargs):
+    """`fn(*args, **kwargs)` on a thread that ends with it, so that the engine's thread is the only one that ever
+    computes. libgomp keeps an OpenMP pool for each thread that ran a parallel region, as long as the thread
+    lives; with a second pool alive there are more OpenMP threads than CPUs, and the engine thread's workers
+    sleep between regions instead of spinning: a decode step of the small model on 2 cores took twice as long."""
+    with ThreadPoolExecutor(1, thread_name_prefix="docbatch-load") as pool:
+        return pool.submit(fn, *args, **kwargs).result()
 
 
 def _join_tensor_parallel_group():

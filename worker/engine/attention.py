@@ -64,15 +64,14 @@ class TorchAttention:
             out = torch.empty_like(q)
             if decode_batch is not None:
                 rows, gather, mask = decode_batch
-                query = q[rows].unsqueeze(2)  # [B, heads, 1, dim]
-                key = keys[gather].to(q.dtype).transpose(1, 2)  # [B, kv_heads, L, dim]; an fp8 cache is upcast
-                value = values[gather].to(q.dtype).transpose(1, 2)
-                out[rows] = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=self.heads.scale,
-                                                           enable_gqa=True).squeeze(2)
+                # [B, kv_heads, L, dim], copied whole: a CPU's batched product on the strided view is far slower
+                key = _gather(keys, gather, q.dtype).transpose(1, 2).contiguous()
+                value = _gather(values, gather, q.dtype).transpose(1, 2).contiguous()
+                out[rows] = _decode(q[rows], key, value, mask, self.heads.scale)
             for start, length, gather in chunk_plans:
                 query = q[start:start + length].transpose(0, 1).unsqueeze(0)  # [1, heads, q, dim]
-                key = keys[gather].to(q.dtype).transpose(0, 1).unsqueeze(0)  # [1, kv_heads, kv, dim]
-                value = values[gather].to(q.dtype).transpose(0, 1).unsqueeze(0)
+                key = _gather(keys, gather, q.dtype).transpose(0, 1).unsqueeze(0)  # [1, kv_heads, kv, dim]
+                value = _gather(values, gather, q.dtype).transpose(0, 1).unsqueeze(0)
                 out[start:start + length] = _causal(query, key, value, self.heads.scale)[0].transpose(0, 1)
             return out
 
@@ -98,6 +97,29 @@ def _padded_decode(rows: list[int], inputs: StepInputs, slots: list[torch.Tensor
         mask = (torch.arange(longest)[None, :] < torch.tensor(lengths)[:, None])[:, None, None, :].to(device)
     token_rows = torch.from_numpy(inputs.qo_indptr[rows].astype(np.int64)).to(device)
     return token_rows, gather.to(device), mask
+
+
+def _gather(cache: torch.Tensor, slots: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """cache [S, kv_heads, dim] at `slots` (any shape) -> [*slots.shape, kv_heads, dim] in `dtype` (an fp8 cache
+    is upcast). `index_select` over the flattened slots: on a CPU about ten times faster than indexing."""
+    return cache.index_select(0, slots.reshape(-1)).view(*slots.shape, *cache.shape[1:]).to(dtype)
+
+
+def _decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None,
+            scale: float) -> torch.Tensor:
+    """One new token per sequence: query [B, heads, dim] against key, value [B, kv_heads, L, dim] -> [B, heads, dim].
+
+    Two batched matrix products with each key/value head's group of query heads side by side, the softmax in
+    float32. SDPA computes the same, but for one query token in bfloat16 a CPU runs its slow generic path
+    (ten times this on a 2-core EPYC)."""
+    batch, num_heads, dim = query.shape
+    num_kv_heads = key.shape[1]
+    grouped = query.view(batch, num_kv_heads, num_heads // num_kv_heads, dim)  # head h reads kv head h // group
+    scores = torch.matmul(grouped, key.transpose(-1, -2)).float() * scale  # [B, kv_heads, group, L]
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    weights = torch.softmax(scores, dim=-1).to(value.dtype)
+    return torch.matmul(weights, value).view(batch, num_heads, dim)
 
 
 def _causal(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor:

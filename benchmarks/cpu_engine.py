@@ -1,0 +1,103 @@
+"""The paged engine on a CPU, started as an infer worker starts it, against a static-batch `generate`, one run.
+
+    python benchmarks/cpu_engine.py --rows 11 --new-tokens 120 --dtypes float32,bfloat16
+
+The packaged small model (SmolLM2-135M-Instruct). `--rows` summarize prompts cut from the bundled contracts
+(about 150 to 500 tokens), every answer `--new-tokens` long (EOS ignored). For each dtype:
+1. docbatch: `worker.process.start_engine`, the infer worker's own start (model load, engine build, the
+   engine's thread), then every prompt submitted at once; decode ms/step from the engine's statistics.
+2. Baseline: the same prompts in one `generate` call (left padded) through `HFGenerator`, the model loaded
+   again in the same dtype, on a thread of its own as the engine's runs.
+Prints a JSON line per measurement; with --out, writes them to cpu_engine.json there.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.resources
+import json
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from schemas.settings import Settings  # noqa: E402
+from schemas.tasks import builtin_task  # noqa: E402
+from worker.engine import GenerationOptions, ModelInput  # noqa: E402
+from worker.engine.hf_generator import HFGenerator  # noqa: E402
+from worker.extract import extract_pages  # noqa: E402
+from worker.model import load_model  # noqa: E402
+from worker.process import start_engine  # noqa: E402
+from worker.prompts import build_text_prompt  # noqa: E402
+
+OPTIONS = GenerationOptions(repetition_penalty=1.1, ignore_eos=True)
+
+
+def prompts(settings: Settings, tokenizer, rows: int) -> list[ModelInput]:
+    render = builtin_task("summarize", settings).render
+    folder = importlib.resources.files("producer") / "samples" / "contracts"
+    texts = ["\n\n".join(p.text for p in extract_pages(path.read_bytes())) for path in sorted(folder.iterdir())]
+    return [build_text_prompt(tokenizer, render, texts[i % len(texts)][:300 + 90 * i], 4096).model_input
+            for i in range(rows)]
+
+
+def on_own_thread(fn):
+    """fn() on a thread that ends with it (as the engine's and the worker's model load run)."""
+    result: list = []
+    thread = threading.Thread(target=lambda: result.append(fn()))
+    thread.start()
+    thread.join()
+    return result[0]
+
+
+def docbatch(settings: Settings, rows: int, new_tokens: int) -> dict:
+    rt = start_engine(settings, "bench")
+    inputs = prompts(settings, rt.tokenizer, rows)
+    started = time.perf_counter()
+    futures = [rt.engine.submit(p, new_tokens, OPTIONS) for p in inputs]
+    tokens = sum(len(f.result().token_ids) for f in futures)
+    seconds = time.perf_counter() - started
+    stats = rt.engine.stats
+    rt.engine.stop()
+    return {"tokens": tokens, "seconds": round(seconds, 2), "tokens_per_s": round(tokens / seconds, 1),
+            "decode_ms_per_step": round(1000 * stats.decode_step_s / max(1, stats.num_decode_steps), 1),
+            "prompt_tokens": sum(len(p.token_ids) for p in inputs)}
+
+
+def baseline(settings: Settings, rows: int, new_tokens: int) -> dict:
+    loaded = on_own_thread(lambda: load_model(settings))
+    inputs = prompts(settings, loaded.tokenizer, rows)
+    generator = HFGenerator(loaded.model, loaded.tokenizer)
+    started = time.perf_counter()
+    outputs = on_own_thread(lambda: generator(inputs, [new_tokens] * rows, OPTIONS))
+    seconds = time.perf_counter() - started
+    tokens = sum(map(len, outputs))
+    return {"tokens": tokens, "seconds": round(seconds, 2), "tokens_per_s": round(tokens / seconds, 1)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=11)
+    parser.add_argument("--new-tokens", type=int, default=120)
+    parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument("--home", type=Path, default=Path.home() / ".docbatch")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    import torch
+
+    lines = []
+    for dtype in args.dtypes.split(","):
+        settings = Settings(home=args.home, device="cpu", engine="paged", dtype=dtype)
+        for name, run in (("docbatch paged", docbatch), ("generate, one static batch", baseline)):
+            line = {"dtype": dtype, "run": name, "rows": args.rows, "new_tokens": args.new_tokens,
+                    "threads": torch.get_num_threads(), **run(settings, args.rows, args.new_tokens)}
+            print(json.dumps(line), flush=True)
+            lines.append(line)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "cpu_engine.json").write_text(json.dumps(lines, indent=1))
+
+
+if __name__ == "__main__":
+    main()
