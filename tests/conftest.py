@@ -51,6 +51,14 @@ def small_model(small_model_dir: Path):
     return load_model(Settings(model=str(small_model_dir), device="cpu", home=small_model_dir.parent, dtype="float32"))
 
 
+@pytest.fixture(scope="session")
+def small_model_as_worker(small_model_dir: Path):
+    """In the dtype a worker on this machine computes in (`dtype=auto`): for tests of what the model answers."""
+    from worker.model import load_model
+
+    return load_model(Settings(model=str(small_model_dir), device="cpu", home=small_model_dir.parent))
+
+
 @pytest.fixture
 def broker_url() -> str:
     url = f"{REDIS_URL}/{TEST_REDIS_DB}"
@@ -91,11 +99,22 @@ def store(database_url: str) -> Store:
     store.close()
 
 
+PIPELINE = {"device": "cpu", "max_new_tokens": 320, "max_batch_size": 16, "max_wait_ms": 300, "prepare_concurrency": 2}
+
+
 @pytest.fixture
 def settings(tmp_path: Path, broker_url: str, small_model_dir: Path) -> Settings:
     """Settings for a local pipeline: SQLite under tmp_path, test Redis DB, the small model on CPU."""
-    return Settings(home=tmp_path / "home", broker_url=broker_url, model=str(small_model_dir), device="cpu",
-                    max_new_tokens=320, max_batch_size=16, max_wait_ms=300, prepare_concurrency=2)
+    return Settings(home=tmp_path / "home", broker_url=broker_url, model=str(small_model_dir), **PIPELINE)
+
+
+def shared_worker_settings(folder: Path, model_dir: Path, redis_db: int, **overrides) -> Settings:
+    """Settings for a worker that a whole module's tests share: SQLite under `folder`, the Redis database
+    `redis_db` of its own (flushed now), the small model on CPU."""
+    broker_url = f"{REDIS_URL}/{redis_db}"
+    redis.Redis.from_url(broker_url).flushdb()
+    return Settings(home=folder / "home", broker_url=broker_url, model=str(model_dir),
+                    database_url=f"sqlite:///{folder / 'docbatch.sqlite3'}", **{**PIPELINE, **overrides})
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ import io
 import os
 
 import pytest
-from conftest import worker_process
+from conftest import shared_worker_settings, worker_process
 from documents import (
     encrypted_pdf,
     multipage_tiff,
@@ -29,12 +29,21 @@ CLAUSE = ("{n}. The Supplier shall maintain the Services described in Schedule {
           "Customer each month; the Customer shall pay the fees for Schedule {n} within thirty days.")
 
 
-@pytest.fixture
-def worker_settings(settings, tmp_path):
-    """SQLite (test_pipeline.py runs the worker on PostgreSQL too), and an input budget of 2,048 tokens:
-    this CPU suite's stand-in for the small model's 8K context."""
-    return settings.model_copy(update={"database_url": f"sqlite:///{tmp_path / 'docs.sqlite3'}",
-                                       "max_input_tokens": 2048})
+MODULE_REDIS_DB = 10
+
+
+@pytest.fixture(scope="module")
+def worker_settings(tmp_path_factory, small_model_dir):
+    """One worker for the text tests: SQLite (test_pipeline.py runs the worker on PostgreSQL too), and an
+    input budget of 2,048 tokens, this CPU suite's stand-in for the small model's 8K context."""
+    return shared_worker_settings(tmp_path_factory.mktemp("documents"), small_model_dir, MODULE_REDIS_DB,
+                                  max_input_tokens=2048)
+
+
+@pytest.fixture(scope="module")
+def module_worker(worker_settings, tmp_path_factory):
+    with worker_process(worker_settings, tmp_path_factory.mktemp("logs") / "worker.log") as process:
+        yield process
 
 
 def _fixtures(folder, outside):
@@ -76,19 +85,19 @@ def _summarize(store: Store, settings, folder, worker, timeout_s: int):
     return batch, status
 
 
-def test_every_kind_of_input_ends_as_expected_and_the_worker_survives(worker_settings, running_worker, tmp_path):
+def test_every_kind_of_input_ends_as_expected_and_the_worker_survives(worker_settings, module_worker, tmp_path):
     # Given a folder with good, scanned and hostile files, a symlink out of it and a FIFO
     expected = _fixtures(tmp_path / "inbox", tmp_path / "outside.txt")
     store = Store(worker_settings.effective_database_url)
     store.migrate()
     # When it is submitted and run by a real worker (text-only model: scans go through Tesseract)
-    batch, status = _summarize(store, worker_settings, tmp_path / "inbox", running_worker, timeout_s=600)
+    batch, status = _summarize(store, worker_settings, tmp_path / "inbox", module_worker, timeout_s=600)
     # Then each file ends as expected, with its reason code, and nothing is left running
     from producer.export import batch_records
 
     outcomes = {r.name: (r.state.value, r.error_code) for r in batch_records(store, batch.batch_id)}
     assert outcomes == expected
-    assert status.is_finished and running_worker.poll() is None
+    assert status.is_finished and module_worker.poll() is None
     # ... the scans were read by OCR, and the pages are stored for a retry
     scan = next(job for item, job, _ in store.batch_rows(batch.batch_id) if item.name == "inbox/scan.pdf")
     (page,) = store.load_pages(scan.document_sha256)
@@ -96,7 +105,7 @@ def test_every_kind_of_input_ends_as_expected_and_the_worker_survives(worker_set
     store.close()
 
 
-def test_a_long_contract_is_chunked_mapped_and_reduced(worker_settings, running_worker, tmp_path):
+def test_a_long_contract_is_chunked_mapped_and_reduced(worker_settings, module_worker, tmp_path):
     # Given a 64-page contract and an input budget of 2,048 tokens
     settings = worker_settings
     pages = ["\n\n".join(CLAUSE.format(n=p * 10 + k) for k in range(2)) for p in range(64)]
@@ -106,7 +115,7 @@ def test_a_long_contract_is_chunked_mapped_and_reduced(worker_settings, running_
     store = Store(settings.effective_database_url)
     store.migrate()
     # When it runs
-    batch, status = _summarize(store, settings, folder, running_worker, timeout_s=900)
+    batch, status = _summarize(store, settings, folder, module_worker, timeout_s=900)
     # Then the document job is done after a map over several chunks and a reduce over their answers:
     # merged by the schema's rules, the model asked only about what the chunks disagree on (their summaries)
     assert (status.done, status.failed) == (1, 0)

@@ -47,16 +47,16 @@ def _valid(model, text: str) -> bool:
         return False
 
 
-def test_constrained_answers_all_validate_and_mixed_schemas_share_a_batch(small_model):
+def test_constrained_answers_all_validate_and_mixed_schemas_share_a_batch(small_model_as_worker):
     # Given a financial report (extract), a contract (summarize) and a free-text row, in one batch
-    tokenizer = small_model.tokenizer
+    tokenizer = small_model_as_worker.tokenizer
     reports = _prompts(tokenizer, "extract", [_document("financials", REPORT)])
     contract = _prompts(tokenizer, "summarize", [_document("contracts", "mutual_nda.md")])[0]
     free = ModelInput(tokenizer("Name one planet:", add_special_tokens=False)["input_ids"])
     inputs = [ModelInput(p.token_ids, json_schema=TASKS["extract"].schema_text) for p in reports]
     inputs += [ModelInput(contract.token_ids, json_schema=TASKS["summarize"].schema_text), free]
     # When generated together under their own constraints
-    outputs = HFGenerator(small_model.model, tokenizer)(inputs, [ANSWER_TOKENS] * len(inputs), OPTIONS)
+    outputs = HFGenerator(small_model_as_worker.model, tokenizer)(inputs, [ANSWER_TOKENS] * len(inputs), OPTIONS)
     texts = [tokenizer.decode(o, skip_special_tokens=True) for o in outputs]
     # Then every constrained answer is valid JSON of its own schema, and the free row is unconstrained
     assert _valid(FinancialReport, texts[0]), texts[0]
@@ -69,12 +69,12 @@ def test_constrained_answers_all_validate_and_mixed_schemas_share_a_batch(small_
     assert list(json.loads(texts[0])) == list(FinancialReport.model_fields)
 
 
-def test_without_the_constraint_the_same_prompt_gives_invalid_json(small_model):
+def test_without_the_constraint_the_same_prompt_gives_invalid_json(small_model_as_worker):
     # The first report: unconstrained, the model ends its answer on its own (EOS, well within the room
     # given) with JSON that is not a FinancialReport.
-    tokenizer = small_model.tokenizer
+    tokenizer = small_model_as_worker.tokenizer
     report = _prompts(tokenizer, "extract", [_document("financials", REPORT)])
-    output = HFGenerator(small_model.model, tokenizer)(report, [ANSWER_TOKENS], OPTIONS)[0]
+    output = HFGenerator(small_model_as_worker.model, tokenizer)(report, [ANSWER_TOKENS], OPTIONS)[0]
     text = tokenizer.decode(output, skip_special_tokens=True)
     assert len(output) < ANSWER_TOKENS and not _valid(FinancialReport, text), text
 

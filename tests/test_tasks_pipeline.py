@@ -16,7 +16,7 @@ import jsonschema
 import pytest
 import redis
 from click.testing import CliRunner
-from conftest import REDIS_URL, worker_process
+from conftest import REDIS_URL, shared_worker_settings, worker_process
 from rich.console import Console
 
 from producer.cli import main as cli
@@ -37,14 +37,7 @@ UNSERVED_REDIS_DB = 11  # no worker listens here: jobs submitted through it are 
 
 @pytest.fixture(scope="module")
 def module_settings(tmp_path_factory, small_model_dir):
-    from schemas.settings import Settings
-
-    home = tmp_path_factory.mktemp("tasks")
-    broker_url = f"{REDIS_URL}/{MODULE_REDIS_DB}"
-    redis.Redis.from_url(broker_url).flushdb()
-    return Settings(home=home / "home", broker_url=broker_url, model=str(small_model_dir), device="cpu",
-                    max_new_tokens=320, max_batch_size=16, max_wait_ms=300, prepare_concurrency=2,
-                    database_url=f"sqlite:///{home / 'docbatch.sqlite3'}")
+    return shared_worker_settings(tmp_path_factory.mktemp("tasks"), small_model_dir, MODULE_REDIS_DB)
 
 
 @pytest.fixture(scope="module")
