@@ -64,9 +64,8 @@ class TorchAttention:
             out = torch.empty_like(q)
             if decode_batch is not None:
                 rows, gather, mask = decode_batch
-                # [B, kv_heads, L, dim], copied whole: a CPU's batched product on the strided view is far slower
-                key = _gather(keys, gather, q.dtype).transpose(1, 2).contiguous()
-                value = _gather(values, gather, q.dtype).transpose(1, 2).contiguous()
+                key = _gather(keys, gather, q.dtype).transpose(1, 2)  # [B, kv_heads, L, dim]
+                value = _gather(values, gather, q.dtype).transpose(1, 2)
                 out[rows] = _decode(q[rows], key, value, mask, self.heads.scale)
             for start, length, gather in chunk_plans:
                 query = q[start:start + length].transpose(0, 1).unsqueeze(0)  # [1, heads, q, dim]
@@ -109,17 +108,21 @@ def _decode(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: t
             scale: float) -> torch.Tensor:
     """One new token per sequence: query [B, heads, dim] against key, value [B, kv_heads, L, dim] -> [B, heads, dim].
 
-    Two batched matrix products with each key/value head's group of query heads side by side, the softmax in
-    float32. SDPA computes the same, but for one query token in bfloat16 a CPU runs its slow generic path
-    (ten times this on a 2-core EPYC)."""
+    On a GPU, SDPA. On a CPU, two batched products with each key/value head's group of query heads side by
+    side and the softmax in float32: SDPA's one-token path in bfloat16 is ten times slower there, while on an
+    H200 these products take 2.8 times SDPA's time (1.61 against 0.58 ms a layer at 256 rows of 1,280 tokens).
+    Keys and values are copied whole first: a CPU's product over the strided view is slower than the copy."""
+    if query.device.type != "cpu":
+        return F.scaled_dot_product_attention(query.unsqueeze(2), key, value, attn_mask=mask, scale=scale,
+                                              enable_gqa=True).squeeze(2)
     batch, num_heads, dim = query.shape
     num_kv_heads = key.shape[1]
     grouped = query.view(batch, num_kv_heads, num_heads // num_kv_heads, dim)  # head h reads kv head h // group
-    scores = torch.matmul(grouped, key.transpose(-1, -2)).float() * scale  # [B, kv_heads, group, L]
+    scores = torch.matmul(grouped, key.contiguous().transpose(-1, -2)).float() * scale  # [B, kv_heads, group, L]
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     weights = torch.softmax(scores, dim=-1).to(value.dtype)
-    return torch.matmul(weights, value).view(batch, num_heads, dim)
+    return torch.matmul(weights, value.contiguous()).view(batch, num_heads, dim)
 
 
 def _causal(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor:
