@@ -16,7 +16,6 @@ import argparse
 import importlib.resources
 import json
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from worker.engine import GenerationOptions, ModelInput  # noqa: E402
 from worker.engine.hf_generator import HFGenerator  # noqa: E402
 from worker.extract import extract_pages  # noqa: E402
 from worker.model import load_model  # noqa: E402
-from worker.process import start_engine  # noqa: E402
+from worker.process import on_a_passing_thread, start_engine  # noqa: E402
 from worker.prompts import build_text_prompt  # noqa: E402
 
 OPTIONS = GenerationOptions(repetition_penalty=1.1, ignore_eos=True)
@@ -40,15 +39,6 @@ def prompts(settings: Settings, tokenizer, rows: int) -> list[ModelInput]:
     texts = ["\n\n".join(p.text for p in extract_pages(path.read_bytes())) for path in sorted(folder.iterdir())]
     return [build_text_prompt(tokenizer, render, texts[i % len(texts)][:300 + 90 * i], 4096).model_input
             for i in range(rows)]
-
-
-def on_own_thread(fn):
-    """fn() on a thread that ends with it (as the engine's and the worker's model load run)."""
-    result: list = []
-    thread = threading.Thread(target=lambda: result.append(fn()))
-    thread.start()
-    thread.join()
-    return result[0]
 
 
 def docbatch(settings: Settings, rows: int, new_tokens: int) -> dict:
@@ -66,11 +56,11 @@ def docbatch(settings: Settings, rows: int, new_tokens: int) -> dict:
 
 
 def baseline(settings: Settings, rows: int, new_tokens: int) -> dict:
-    loaded = on_own_thread(lambda: load_model(settings))
+    loaded = on_a_passing_thread(lambda: load_model(settings))
     inputs = prompts(settings, loaded.tokenizer, rows)
     generator = HFGenerator(loaded.model, loaded.tokenizer)
     started = time.perf_counter()
-    outputs = on_own_thread(lambda: generator(inputs, [new_tokens] * rows, OPTIONS))
+    outputs = on_a_passing_thread(lambda: generator(inputs, [new_tokens] * rows, OPTIONS))
     seconds = time.perf_counter() - started
     tokens = sum(map(len, outputs))
     return {"tokens": tokens, "seconds": round(seconds, 2), "tokens_per_s": round(tokens / seconds, 1)}

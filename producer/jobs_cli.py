@@ -39,7 +39,8 @@ def cancel_command(ctx, batch) -> None:
 
 @click.command("retry")
 @click.argument("batch")
-@click.option("--failed", "error_code", metavar="CODE", type=click.Choice([code.value for code in ErrorCode]), help="only the jobs that failed with this reason code "
+@click.option("--failed", "error_code", metavar="CODE", type=click.Choice([code.value for code in ErrorCode]),
+              help="only the jobs that failed with this reason code "
               "(e.g. out_of_memory); without it, every failed and cancelled job")
 @click.pass_context
 def retry_command(ctx, batch, error_code) -> None:
@@ -75,7 +76,8 @@ def print_workers(store: Store, seen_within_s: float, out: Console) -> None:
     table = Table("worker", "role", "pid", "host", "holds", "heartbeat", "up since")
     now = dt.datetime.now(dt.timezone.utc)
     for worker, held in rows:
-        beat = worker.heartbeat_at if worker.heartbeat_at.tzinfo else worker.heartbeat_at.replace(tzinfo=dt.timezone.utc)
+        beat = worker.heartbeat_at
+        beat = beat if beat.tzinfo else beat.replace(tzinfo=dt.timezone.utc)
         table.add_row(worker.name, worker.role, str(worker.pid), worker.host, str(held),
                       f"{(now - beat).total_seconds():.0f} s ago", worker.started_at.strftime("%Y-%m-%d %H:%M:%S"))
     out.print(table)

@@ -46,17 +46,19 @@ def vl_model_dir(small_model_dir: Path, tmp_path_factory) -> Path:
 def small_model(small_model_dir: Path):
     """In float32: the reference the engines' answers are compared with token for token (a worker on a CPU with
     bfloat16 instructions computes in bfloat16, where two implementations round differently)."""
-    from worker.model import load_model
-
-    return load_model(Settings(model=str(small_model_dir), device="cpu", home=small_model_dir.parent, dtype="float32"))
+    return _load_small_model(small_model_dir, "float32")
 
 
 @pytest.fixture(scope="session")
 def small_model_as_worker(small_model_dir: Path):
     """In the dtype a worker on this machine computes in (`dtype=auto`): for tests of what the model answers."""
+    return _load_small_model(small_model_dir, "auto")
+
+
+def _load_small_model(small_model_dir: Path, dtype: str):
     from worker.model import load_model
 
-    return load_model(Settings(model=str(small_model_dir), device="cpu", home=small_model_dir.parent))
+    return load_model(Settings(model=str(small_model_dir), device="cpu", home=small_model_dir.parent, dtype=dtype))
 
 
 @pytest.fixture
@@ -115,6 +117,13 @@ def shared_worker_settings(folder: Path, model_dir: Path, redis_db: int, **overr
     redis.Redis.from_url(broker_url).flushdb()
     return Settings(home=folder / "home", broker_url=broker_url, model=str(model_dir),
                     database_url=f"sqlite:///{folder / 'docbatch.sqlite3'}", **{**PIPELINE, **overrides})
+
+
+@pytest.fixture(scope="module")
+def module_worker(module_settings: Settings, tmp_path_factory):
+    """One worker for a whole module, on the module's own `module_settings` (see shared_worker_settings)."""
+    with worker_process(module_settings, tmp_path_factory.mktemp("logs") / "worker.log") as process:
+        yield process
 
 
 @pytest.fixture

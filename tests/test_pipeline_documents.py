@@ -33,17 +33,11 @@ MODULE_REDIS_DB = 10
 
 
 @pytest.fixture(scope="module")
-def worker_settings(tmp_path_factory, small_model_dir):
+def module_settings(tmp_path_factory, small_model_dir):
     """One worker for the text tests: SQLite (test_pipeline.py runs the worker on PostgreSQL too), and an
     input budget of 2,048 tokens, this CPU suite's stand-in for the small model's 8K context."""
     return shared_worker_settings(tmp_path_factory.mktemp("documents"), small_model_dir, MODULE_REDIS_DB,
                                   max_input_tokens=2048)
-
-
-@pytest.fixture(scope="module")
-def module_worker(worker_settings, tmp_path_factory):
-    with worker_process(worker_settings, tmp_path_factory.mktemp("logs") / "worker.log") as process:
-        yield process
 
 
 def _fixtures(folder, outside):
@@ -85,13 +79,13 @@ def _summarize(store: Store, settings, folder, worker, timeout_s: int):
     return batch, status
 
 
-def test_every_kind_of_input_ends_as_expected_and_the_worker_survives(worker_settings, module_worker, tmp_path):
+def test_every_kind_of_input_ends_as_expected_and_the_worker_survives(module_settings, module_worker, tmp_path):
     # Given a folder with good, scanned and hostile files, a symlink out of it and a FIFO
     expected = _fixtures(tmp_path / "inbox", tmp_path / "outside.txt")
-    store = Store(worker_settings.effective_database_url)
+    store = Store(module_settings.effective_database_url)
     store.migrate()
     # When it is submitted and run by a real worker (text-only model: scans go through Tesseract)
-    batch, status = _summarize(store, worker_settings, tmp_path / "inbox", module_worker, timeout_s=600)
+    batch, status = _summarize(store, module_settings, tmp_path / "inbox", module_worker, timeout_s=600)
     # Then each file ends as expected, with its reason code, and nothing is left running
     from producer.export import batch_records
 
@@ -105,9 +99,9 @@ def test_every_kind_of_input_ends_as_expected_and_the_worker_survives(worker_set
     store.close()
 
 
-def test_a_long_contract_is_chunked_mapped_and_reduced(worker_settings, module_worker, tmp_path):
+def test_a_long_contract_is_chunked_mapped_and_reduced(module_settings, module_worker, tmp_path):
     # Given a 64-page contract and an input budget of 2,048 tokens
-    settings = worker_settings
+    settings = module_settings
     pages = ["\n\n".join(CLAUSE.format(n=p * 10 + k) for k in range(2)) for p in range(64)]
     folder = tmp_path / "long"
     folder.mkdir()

@@ -16,7 +16,7 @@ import jsonschema
 import pytest
 import redis
 from click.testing import CliRunner
-from conftest import REDIS_URL, shared_worker_settings, worker_process
+from conftest import REDIS_URL, shared_worker_settings
 from rich.console import Console
 
 from producer.cli import main as cli
@@ -38,12 +38,6 @@ UNSERVED_REDIS_DB = 11  # no worker listens here: jobs submitted through it are 
 @pytest.fixture(scope="module")
 def module_settings(tmp_path_factory, small_model_dir):
     return shared_worker_settings(tmp_path_factory.mktemp("tasks"), small_model_dir, MODULE_REDIS_DB)
-
-
-@pytest.fixture(scope="module")
-def module_worker(module_settings, tmp_path_factory):
-    with worker_process(module_settings, tmp_path_factory.mktemp("logs") / "worker.log") as process:
-        yield process
 
 
 def _cli(settings, *args: str):

@@ -2,8 +2,8 @@
 
 The GGUF is de-quantised once into `<home>/models/` (about 25 s) so that every later load takes about
 a second. bf16 on a GPU and on CPUs with bfloat16 instructions, float32 on other CPUs (`dtype`); `sdpa`
-attention unless configured otherwise. A Qwen2-VL or
-Qwen2.5-VL folder loads as an image-text model with its processor (`worker/vision.py`).
+attention unless configured otherwise. A Qwen2-VL or Qwen2.5-VL folder loads as an image-text model with
+its processor (`worker/vision.py`).
 """
 from __future__ import annotations
 

@@ -39,8 +39,8 @@ def start_engine(settings: Settings, name: str) -> runtime.Runtime:
 
     started = time.perf_counter()
     tp = _join_tensor_parallel_group()
-    loaded = _on_a_passing_thread(load_model, settings, keep_on_cpu=tp is not None)
-    engine = _on_a_passing_thread(build_engine, settings, loaded, tp)
+    loaded = on_a_passing_thread(load_model, settings, keep_on_cpu=tp is not None)
+    engine = on_a_passing_thread(build_engine, settings, loaded, tp)
     if hasattr(engine, "on_fatal"):
         engine.on_fatal = _exit_for_restart
     engine.stats.model_load_s = time.perf_counter() - started
@@ -52,7 +52,7 @@ def start_engine(settings: Settings, name: str) -> runtime.Runtime:
     return runtime.Runtime(settings, name, engine, loaded.tokenizer, loaded.processor, info)
 
 
-def _on_a_passing_thread(fn, *args, **kwargs):
+def on_a_passing_thread(fn, *args, **kwargs):
     """`fn(*args, **kwargs)` on a thread that ends with it, so that the engine's thread is the only one that ever
     computes. libgomp keeps an OpenMP pool for each thread that ran a parallel region, as long as the thread
     lives; with a second pool alive there are more OpenMP threads than CPUs, and the engine thread's workers
