@@ -1,13 +1,15 @@
 """The paged engine on a CPU, started as an infer worker starts it, against a static-batch `generate`, one run.
 
     python benchmarks/cpu_engine.py --rows 11 --new-tokens 120 --dtypes float32,bfloat16
+    python benchmarks/cpu_engine.py --rows 11 --new-tokens 120 --dtypes float32,float16    # an AVX2 CPU
 
 The packaged small model (SmolLM2-135M-Instruct). `--rows` summarize prompts cut from the bundled contracts
 (about 150 to 500 tokens), every answer `--new-tokens` long (EOS ignored). For each dtype:
 1. docbatch: `worker.process.start_engine`, the infer worker's own start (model load, engine build, the
    engine's thread), then every prompt submitted at once; decode ms/step from the engine's statistics.
 2. Baseline: the same prompts in one `generate` call (left padded) through `HFGenerator`, the model loaded
-   again in the same dtype, on a thread of its own as the engine's runs.
+   again in the same dtype (float32 for float16 on a CPU: fp16 weights are the paged engine's), on a thread
+   of its own as the engine's runs.
 Prints a JSON line per measurement; with --out, writes them to cpu_engine.json there.
 """
 from __future__ import annotations
@@ -63,7 +65,8 @@ def baseline(settings: Settings, rows: int, new_tokens: int) -> dict:
     outputs = on_a_passing_thread(lambda: generator(inputs, [new_tokens] * rows, OPTIONS))
     seconds = time.perf_counter() - started
     tokens = sum(map(len, outputs))
-    return {"tokens": tokens, "seconds": round(seconds, 2), "tokens_per_s": round(tokens / seconds, 1)}
+    return {"tokens": tokens, "seconds": round(seconds, 2), "tokens_per_s": round(tokens / seconds, 1),
+            "computed_in": str(loaded.model.dtype).removeprefix("torch.")}  # float16 on a CPU: float32 here
 
 
 def main() -> None:

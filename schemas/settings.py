@@ -35,10 +35,11 @@ class Settings(BaseSettings):
 
     model: str = Field(PACKAGED_MODEL, description="hub id, local folder, or the packaged small model")
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    dtype: Literal["auto", "bfloat16", "float32"] = Field(
-        "auto", description="what the model computes in. auto: bfloat16 on a GPU, and on a CPU with bfloat16 "
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="the model's weights. auto: bfloat16 on a GPU, and on a CPU with bfloat16 "
                             "instructions (AVX512-BF16, AMX, Arm BF16), three to four times float32's speed there; "
-                            "float32 on other CPUs, where bfloat16 is emulated")
+                            "float16 on other x86 CPUs (AVX2), where the paged engine multiplies fp16 weights "
+                            "through FBGEMM into float32, twice float32's speed; float32 elsewhere")
     engine: Literal["auto", "paged", "hf"] = Field(
         "auto", description="paged: continuous batching over a paged KV cache; hf: static batches through "
                             "transformers' generate; auto: paged wherever it runs the model")

@@ -1,11 +1,12 @@
 """The plain-PyTorch attention's decode path against SDPA: grouped heads, padded rows, float32 and bfloat16;
-and the dtype a model computes in."""
+and the dtype of a model's weights."""
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+import worker.engine.quant
 import worker.model
 from worker.engine.attention import _decode
 from worker.model import cpu_has_bf16, model_dtype
@@ -29,9 +30,12 @@ def test_decode_attention_is_sdpas_with_grouped_heads_and_padded_rows(dtype, tol
     assert torch.equal(_decode(query.to(dtype), key.to(dtype), value.to(dtype), mask, 0.125)[0], out[0])
 
 
-def test_auto_is_bfloat16_on_a_gpu_and_on_a_cpu_with_bfloat16_instructions(monkeypatch, tmp_path):
+def test_auto_is_bfloat16_where_it_is_native_else_fp16_weights_where_fbgemm_runs(monkeypatch, tmp_path):
     monkeypatch.setattr(worker.model, "cpu_has_bf16", lambda: False)
-    assert model_dtype("auto", "cpu") == torch.float32 and model_dtype("auto", "cuda") == torch.bfloat16
+    monkeypatch.setattr(worker.engine.quant, "fbgemm_available", lambda: True)
+    assert model_dtype("auto", "cpu") == torch.float16 and model_dtype("auto", "cuda") == torch.bfloat16
+    monkeypatch.setattr(worker.engine.quant, "fbgemm_available", lambda: False)
+    assert model_dtype("auto", "cpu") == torch.float32
     assert model_dtype("bfloat16", "cpu") == torch.bfloat16 and model_dtype("float32", "cuda") == torch.float32
     monkeypatch.setattr(worker.model, "cpu_has_bf16", lambda: True)
     assert model_dtype("auto", "cpu") == torch.bfloat16

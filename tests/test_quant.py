@@ -12,7 +12,7 @@ import pytest
 from schemas.settings import Settings
 from worker.engine import GenerationOptions, ModelInput, build_engine
 from worker.engine.hf_generator import HFGenerator
-from worker.engine.quant import quantize
+from worker.engine.quant import fbgemm_available, quantize
 from worker.model import load_model
 
 pytestmark = pytest.mark.slow
@@ -105,14 +105,35 @@ def test_an_fp8_kv_cache_holds_four_times_the_float32_tokens_and_answers_mostly_
     assert first >= 0.75 and prefix >= 0.5
 
 
-@pytest.mark.parametrize("weight_format, tolerance", [("int8", 0.03), ("fp8", 0.08), ("nf4", 0.15)])
+@pytest.mark.skipif(not fbgemm_available(), reason="fp16 weights on a CPU need FBGEMM (x86 with AVX2)")
+def test_float16_on_a_cpu_keeps_projections_and_head_in_half_precision_and_answers_as_float32(
+        small_model_dir, small_model, questions, reference):
+    # Given the float32 model's size
+    _, full = _answers(small_model_dir, questions[:1])
+    # When the checkpoint loads with dtype float16 on the CPU
+    answers, stats = _answers(small_model_dir, questions, dtype="float16")
+    # Then the projections and the head take 2 bytes a weight (a head tied to the embeddings is a copy beside them)
+    head = small_model.model.lm_head.weight.numel()
+    tied = small_model.model.config.tie_word_embeddings
+    expected = full.weight_bytes - 2 * _projection_params(small_model) + (2 * head if tied else -2 * head)
+    assert stats.weight_bytes == expected
+    # and the answers are float32's: fp16 weights round to 11 bits, the products run in float32
+    first, prefix = _agreement(answers, reference)
+    print(f"fp16 weights: {stats.weight_bytes / 2**20:.1f} MiB against {full.weight_bytes / 2**20:.1f}; first tokens "
+          f"equal {first:.0%}, tokens before the first difference {prefix:.0%}")
+    assert first == 1 and prefix >= 0.9
+
+
+@pytest.mark.parametrize("weight_format, tolerance", [("int8", 0.03), ("fp8", 0.08), ("nf4", 0.15), ("fp16", 1e-3)])
 def test_quantised_projections_compute_what_their_weights_say(small_model, weight_format, tolerance):
     # One layer's down projection in the format against float32, on the same activations (relative error:
-    # int8 keeps 8 bits a value, e4m3 4 of mantissa, nf4 16 levels a weight)
+    # int8 keeps 8 bits a value, e4m3 4 of mantissa, nf4 16 levels a weight, fp16 11 bits a weight)
     import torch
 
     if weight_format == "nf4":
         pytest.importorskip("bitsandbytes", reason="nf4 needs bitsandbytes (pip install 'docbatch[quant]')")
+    if weight_format == "fp16" and not fbgemm_available():
+        pytest.skip("fp16 weights on a CPU need FBGEMM (x86 with AVX2)")
     linear = small_model.model.model.layers[0].mlp.down_proj
     x = torch.randn(5, linear.in_features)
     expected = linear(x)

@@ -1,7 +1,8 @@
 """Model loading: a hub id, a local folder, or the packaged SmolLM2-135M-Instruct GGUF.
 
 The GGUF is de-quantised once into `<home>/models/` (about 25 s) so that every later load takes about
-a second. bf16 on a GPU and on CPUs with bfloat16 instructions, float32 on other CPUs (`dtype`); `sdpa`
+a second. bf16 on a GPU and on CPUs with bfloat16 instructions, fp16 weights computed in float32 on other
+x86 CPUs, float32 elsewhere (`dtype`); `sdpa`
 attention unless configured otherwise. A Qwen2-VL or Qwen2.5-VL folder loads as an image-text model with
 its processor (`worker/vision.py`).
 """
@@ -28,6 +29,16 @@ class LoadedModel:
     tokenizer: Any  # a transformers tokenizer, left padding (a vision model's: its processor's tokenizer)
     device: str  # "cuda" or "cpu"
     processor: Any = None  # a vision model's processor (images + chat template); None for a text model
+    # dtype float16 on a CPU: the model is loaded in float32 and the paged engine keeps its projections and head
+    # in fp16 (FBGEMM), computing in float32; the hf engine runs it in float32
+    cpu_fp16: bool = False
+
+    @property
+    def precision(self) -> str:
+        """What the model computes in, for the logs."""
+        if self.cpu_fp16:
+            return "float16 weights in the paged engine (FBGEMM), float32 activations"
+        return str(self.model.dtype).removeprefix("torch.")
 
     @property
     def is_vision(self) -> bool:
@@ -49,13 +60,18 @@ def pick_device(setting: str) -> str:
 
 
 def model_dtype(setting: str, device: str):
-    """The torch dtype the model computes in: the setting's, or for `auto` bfloat16 on a GPU and on a CPU that
-    multiplies bfloat16 natively, float32 on other CPUs."""
+    """The torch dtype of the model's weights: the setting's, or for `auto` bfloat16 on a GPU and on a CPU that
+    multiplies bfloat16 natively, float16 on other CPUs where FBGEMM runs (x86 with AVX2: its fp16 kernels
+    compute in float32 at twice float32's speed there), float32 elsewhere."""
     import torch
+
+    from worker.engine.quant import fbgemm_available
 
     if setting != "auto":
         return getattr(torch, setting)
-    return torch.bfloat16 if device == "cuda" or cpu_has_bf16() else torch.float32
+    if device == "cuda" or cpu_has_bf16():
+        return torch.bfloat16
+    return torch.float16 if fbgemm_available() else torch.float32
 
 
 def cpu_has_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
@@ -114,13 +130,18 @@ def load_model(settings: Settings, *, keep_on_cpu: bool = False) -> LoadedModel:
     from worker.modelinfo import model_source
     from worker.vision import is_vision_config, load_processor
 
-    from worker.engine.quant import check_kv_cache_dtype, check_weight_format
+    from worker.engine.quant import check_kv_cache_dtype, check_weight_format, fbgemm_available
 
     device = pick_device(settings.device)
     check_weight_format(settings.weight_format, device)
     check_kv_cache_dtype(settings.kv_cache_dtype, device)
     source = model_source(settings)
     dtype = model_dtype(settings.dtype, device)
+    cpu_fp16 = device == "cpu" and dtype == torch.float16
+    if cpu_fp16:
+        if not fbgemm_available():
+            raise ValueError("dtype float16 on a CPU needs FBGEMM (PyTorch on x86 with AVX2): use float32")
+        dtype = torch.float32
     # A worker that owns several GPUs (CUDA_VISIBLE_DEVICES=0,1) shards the model across them by layers.
     device_map = "auto" if device == "cuda" and torch.cuda.device_count() > 1 else device
     if settings.weight_format != "bf16" or keep_on_cpu:
@@ -140,7 +161,7 @@ def load_model(settings: Settings, *, keep_on_cpu: bool = False) -> LoadedModel:
         tokenizer = AutoTokenizer.from_pretrained(source)
         model = AutoModelForCausalLM.from_pretrained(source, **options)
     model.eval()
-    return LoadedModel(model, prepare_tokenizer(tokenizer), device, processor)
+    return LoadedModel(model, prepare_tokenizer(tokenizer), device, processor, cpu_fp16=cpu_fp16)
 
 
 def _host_memory() -> int:

@@ -46,7 +46,7 @@ def start_engine(settings: Settings, name: str) -> runtime.Runtime:
     engine.stats.model_load_s = time.perf_counter() - started
     info = ModelInfo(loaded.is_vision, loaded.context_tokens, loaded.tokenizer)
     log.info("model %s on %s in %s (%s), context %d tokens, input budget %d", settings.model, loaded.device,
-             str(loaded.model.dtype).removeprefix("torch."), "vision" if loaded.is_vision else "text",
+             loaded.precision, "vision" if loaded.is_vision else "text",
              loaded.context_tokens,
              input_budget(settings, loaded.context_tokens))
     return runtime.Runtime(settings, name, engine, loaded.tokenizer, loaded.processor, info)

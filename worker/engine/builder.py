@@ -101,7 +101,8 @@ class _PagedParts:
         from worker.engine.model import DecoderModel
         from worker.engine.quant import KV_CACHE_DTYPES
 
-        model = DecoderModel(loaded.model, weight_format=settings.weight_format, device=loaded.device, tp=tp)
+        weight_format = "fp16" if loaded.cpu_fp16 and settings.weight_format == "bf16" else settings.weight_format
+        model = DecoderModel(loaded.model, weight_format=weight_format, device=loaded.device, tp=tp)
         shape = CacheShape(len(model.layers), model.heads.num_kv_heads, model.heads.head_dim, settings.kv_block_tokens,
                            KV_CACHE_DTYPES[settings.kv_cache_dtype] or model.dtype)
         on_gpu = model.device.type == "cuda"

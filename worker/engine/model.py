@@ -133,11 +133,14 @@ class DecoderModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(layer, self.heads, i, weight_format=weight_format, device=device, tp=tp)
                                     for i, layer in enumerate(base.layers))
         self.norm = base.norm.to(device)
-        self.lm_head = hf_model.lm_head.to(device)
+        head = hf_model.lm_head.to(device)
+        self.vocab_size = head.weight.shape[0]
+        self._dtype = head.weight.dtype  # the activations' (fp16 weights on a CPU compute in float32)
+        # fp16 weights on a CPU convert the head too: there it is the largest product of a step
+        self.lm_head = quantize(head, weight_format) if weight_format == "fp16" else head
         self.weight_format = weight_format
         self.max_model_len = int(config.max_position_embeddings)
-        self.vocab_size = self.lm_head.weight.shape[0]
-        cos, sin = _rope_table(base.rotary_emb.to(device), self.max_model_len, self.lm_head.weight.dtype)
+        cos, sin = _rope_table(base.rotary_emb.to(device), self.max_model_len, self._dtype)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
         # Inference only: without this, a forward outside inference mode (a CUDA graph's capture) would keep
@@ -146,11 +149,11 @@ class DecoderModel(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.lm_head.weight.dtype
+        return self._dtype
 
     @property
     def device(self) -> torch.device:
-        return self.lm_head.weight.device
+        return self.embed_tokens.weight.device
 
     @property
     def weight_bytes(self) -> int:
