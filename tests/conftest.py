@@ -51,8 +51,10 @@ def small_model(small_model_dir: Path):
 
 @pytest.fixture(scope="session")
 def small_model_as_worker(small_model_dir: Path):
-    """In the dtype a worker on this machine computes in (`dtype=auto`): for tests of what the model answers."""
-    return _load_small_model(small_model_dir, "auto")
+    """As the hf engine of a worker on this machine runs it (`dtype=auto`): for tests of what the model answers."""
+    loaded = _load_small_model(small_model_dir, "auto")
+    loaded.hf_engine_model()
+    return loaded
 
 
 def _load_small_model(small_model_dir: Path, dtype: str):

@@ -41,6 +41,19 @@ def reference(small_model, questions) -> list[list[int]]:
     return [generator([q], [NEW_TOKENS], GREEDY)[0] for q in questions]
 
 
+@pytest.fixture(scope="module")
+def full_bytes(small_model_dir, questions):
+    """The float32 model's weight bytes on an engine, each measured once."""
+    sizes: dict[str, int] = {}
+
+    def measure(engine: str = "paged") -> int:
+        if engine not in sizes:
+            sizes[engine] = _answers(small_model_dir, questions[:1], engine=engine)[1].weight_bytes
+        return sizes[engine]
+
+    return measure
+
+
 def _answers(small_model_dir, questions, **overrides) -> tuple[list[list[int]], object]:
     """Greedy answers of an engine built as a worker builds it, and its statistics."""
     settings = _settings(small_model_dir, **overrides)
@@ -77,19 +90,18 @@ def _projection_params(small_model) -> int:
     ("nf4", 0.5 + 1 / 64, 0.5, 0.1),  # 4 bits, one uint8 block scale per 64
 ])
 def test_a_quantised_model_is_smaller_and_answers_mostly_as_the_full_one(
-        small_model_dir, small_model, questions, reference, weight_format, bytes_per_weight, min_first, min_prefix):
+        small_model_dir, small_model, questions, reference, full_bytes, weight_format, bytes_per_weight, min_first,
+        min_prefix):
     if weight_format == "nf4":
         pytest.importorskip("bitsandbytes", reason="nf4 needs bitsandbytes (pip install 'docbatch[quant]')")
-    # Given the float32 model's size
-    _, full = _answers(small_model_dir, questions[:1])
-    # When the same checkpoint loads in the format
+    # When the checkpoint loads in the format
     answers, stats = _answers(small_model_dir, questions, weight_format=weight_format)
-    # Then the projections take `bytes_per_weight` instead of 4 (scales within 1 % of the whole)
-    expected = full.weight_bytes - _projection_params(small_model) * (FLOAT32_BYTES - bytes_per_weight)
+    # Then the projections take `bytes_per_weight` instead of float32's 4 (scales within 1 % of the whole)
+    expected = full_bytes() - _projection_params(small_model) * (FLOAT32_BYTES - bytes_per_weight)
     assert expected <= stats.weight_bytes <= expected * 1.01
     # and the answers agree with the full-precision model's on most tokens
     first, prefix = _agreement(answers, reference)
-    print(f"{weight_format}: weights {stats.weight_bytes / 2**20:.1f} MiB against {full.weight_bytes / 2**20:.1f}; "
+    print(f"{weight_format}: weights {stats.weight_bytes / 2**20:.1f} MiB against {full_bytes() / 2**20:.1f}; "
           f"first tokens equal {first:.0%}, tokens before the first difference {prefix:.0%}")
     assert first >= min_first and prefix >= min_prefix
 
@@ -106,20 +118,19 @@ def test_an_fp8_kv_cache_holds_four_times_the_float32_tokens_and_answers_mostly_
 
 
 @pytest.mark.skipif(not fbgemm_available(), reason="fp16 weights on a CPU need FBGEMM (x86 with AVX2)")
+@pytest.mark.parametrize("engine", ["paged", "hf"])
 def test_float16_on_a_cpu_keeps_projections_and_head_in_half_precision_and_answers_as_float32(
-        small_model_dir, small_model, questions, reference):
-    # Given the float32 model's size
-    _, full = _answers(small_model_dir, questions[:1])
+        small_model_dir, small_model, questions, reference, full_bytes, engine):
     # When the checkpoint loads with dtype float16 on the CPU
-    answers, stats = _answers(small_model_dir, questions, dtype="float16")
+    answers, stats = _answers(small_model_dir, questions, dtype="float16", engine=engine)
     # Then the projections and the head take 2 bytes a weight (a head tied to the embeddings is a copy beside them)
     head = small_model.model.lm_head.weight.numel()
     tied = small_model.model.config.tie_word_embeddings
-    expected = full.weight_bytes - 2 * _projection_params(small_model) + (2 * head if tied else -2 * head)
+    expected = full_bytes(engine) - 2 * _projection_params(small_model) + (2 * head if tied else -2 * head)
     assert stats.weight_bytes == expected
     # and the answers are float32's: fp16 weights round to 11 bits, the products run in float32
     first, prefix = _agreement(answers, reference)
-    print(f"fp16 weights: {stats.weight_bytes / 2**20:.1f} MiB against {full.weight_bytes / 2**20:.1f}; first tokens "
+    print(f"fp16 weights ({engine}): {stats.weight_bytes / 2**20:.1f} MiB against {full_bytes(engine) / 2**20:.1f}; first tokens "
           f"equal {first:.0%}, tokens before the first difference {prefix:.0%}")
     assert first == 1 and prefix >= 0.9
 

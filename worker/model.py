@@ -29,16 +29,26 @@ class LoadedModel:
     tokenizer: Any  # a transformers tokenizer, left padding (a vision model's: its processor's tokenizer)
     device: str  # "cuda" or "cpu"
     processor: Any = None  # a vision model's processor (images + chat template); None for a text model
-    # dtype float16 on a CPU: the model is loaded in float32 and the paged engine keeps its projections and head
-    # in fp16 (FBGEMM), computing in float32; the hf engine runs it in float32
+    # dtype float16 on a CPU: the model is loaded in float32, and the engine that runs it keeps its linear
+    # layers' weights in fp16 (FBGEMM), computing in float32
     cpu_fp16: bool = False
 
     @property
     def precision(self) -> str:
         """What the model computes in, for the logs."""
         if self.cpu_fp16:
-            return "float16 weights in the paged engine (FBGEMM), float32 activations"
+            return "float16 weights (FBGEMM), float32 activations"
         return str(self.model.dtype).removeprefix("torch.")
+
+    def hf_engine_model(self) -> Any:
+        """The transformers model as the hf engine runs it: for dtype float16 on a CPU its linear layers become
+        fp16 in place (the paged engine, which takes the layers over and converts them itself, cannot be built
+        from it afterwards)."""
+        if self.cpu_fp16:
+            from worker.engine.quant import fp16_linears
+
+            fp16_linears(self.model)
+        return self.model
 
     @property
     def is_vision(self) -> bool:

@@ -74,7 +74,7 @@ def _static(settings: Settings, loaded: Any) -> Any:
 
     from worker.engine.quant import weight_bytes
 
-    generator = HFGenerator(loaded.model, loaded.tokenizer)
+    generator = HFGenerator(loaded.hf_engine_model(), loaded.tokenizer)
     generator([ModelInput([loaded.tokenizer.pad_token_id] * 8)], [2])  # warm-up: CUDA context and kernels
     on_oom = torch.cuda.empty_cache if loaded.device == "cuda" else (lambda: None)
     engine = StaticEngine(generator, max_batch_size=settings.max_batch_size,

@@ -85,7 +85,7 @@ class HFGenerator:
 
     def _schema_processor(self, inputs: Sequence[ModelInput], width: int) -> SchemaLogitsProcessor:
         if self._grammars is None:
-            vocab_size = self.model.get_output_embeddings().weight.shape[0]
+            vocab_size = self.model.get_output_embeddings().out_features  # an Fp16Linear has no weight
             self._grammars = GrammarCache(self.tokenizer, vocab_size)
         matchers = [self._grammars.matcher(i.json_schema) if i.json_schema else None for i in inputs]
         return SchemaLogitsProcessor(matchers, width, self._grammars.vocab_size)

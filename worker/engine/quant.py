@@ -177,3 +177,13 @@ class Fp16Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [N, in] float32 -> [N, out] float32."""
         return torch.ops.quantized.linear_dynamic_fp16(x, self.packed)
+
+
+def fp16_linears(model: nn.Module) -> None:
+    """Make every `nn.Linear` of a CPU model an `Fp16Linear`, in place (what the hf engine runs for dtype
+    float16 on a CPU)."""
+    for name, child in model.named_children():
+        if isinstance(child, nn.Linear):
+            setattr(model, name, Fp16Linear(child))
+        else:
+            fp16_linears(child)
