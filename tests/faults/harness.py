@@ -141,47 +141,68 @@ class Outcome:
 
 
 def write_documents(folder: Path, count: int, poison: bool) -> None:
+    """`count` small contracts (their text names the folder's parent, so that the runs of one rig share no
+    document), and with `poison` the document that kills its worker."""
     folder.mkdir(parents=True)
+    run = folder.parent.name
     for i in range(count):
         (folder / f"contract_{i:03d}.txt").write_text(
-            f"Services agreement no. {i} between Party {i} Ltd and Client {i + 1} plc, dated {1 + i % 28} March "
-            f"2024. The supplier delivers item {i} within {10 + i} days; payment within 30 days.")
+            f"Services agreement no. {i} ({run}) between Party {i} Ltd and Client {i + 1} plc, dated {1 + i % 28} "
+            f"March 2024. The supplier delivers item {i} within {10 + i} days; payment within 30 days.")
     if poison:
         (folder / "hostile.txt").write_text(f"A document that kills its worker: {POISON}.")
 
 
-def run_fault(fault: str, workdir: Path, num_docs: int, seed: int, base: Settings) -> Outcome:
-    """One run: services and a worker of its own, `num_docs` documents, `fault` injected once."""
+class Rig:
+    """Services and a worker of their own for one or more runs: redis-server with AOF, a PostgreSQL cluster,
+    `docbatch worker` with the poison failpoint armed (inert where no document holds the marker)."""
+
+    def __init__(self, workdir: Path, base: Settings) -> None:
+        self.workdir = workdir
+        self.redis, self.postgres = Redis(workdir / "redis"), Postgres()
+        self.settings = base.model_copy(update={
+            "broker_url": self.redis.url, "database_url": self.postgres.url, "failpoints": (f"infer_claimed={POISON}",)})
+        self.store: Store | None = None
+        self.worker = Worker(self.settings, workdir / "worker.log")
+
+    def __enter__(self) -> "Rig":
+        self.redis.start()
+        try:
+            self.postgres.start(create=True)
+            self.store = Store(self.settings.effective_database_url)
+            self.store.migrate()
+            self.worker.start()
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *_) -> None:
+        self.worker.stop()
+        self.redis.kill()
+        if self.store is not None:
+            self.store.close()
+        self.postgres.remove()
+
+
+def run_fault(fault: str, rig: Rig, num_docs: int, seed: int) -> Outcome:
+    """One run on `rig`: `num_docs` documents of their own (and the poison one for `poison`), `fault` injected
+    once at a random point, the invariants checked once every job has ended."""
     rng = random.Random(seed)
-    redis, postgres = Redis(workdir / "redis"), Postgres()
-    redis.start()
-    postgres.start(create=True)
-    settings = base.model_copy(update={
-        "broker_url": redis.url, "database_url": postgres.url,
-        "failpoints": (f"infer_claimed={POISON}",) if fault == "poison" else ()})
-    store = Store(settings.effective_database_url)
-    store.migrate()
-    worker = Worker(settings, workdir / "worker.log")
-    try:
-        worker.start()
-        folder = workdir / "docs"
-        write_documents(folder, num_docs, poison=fault == "poison")
-        started = time.monotonic()
-        batch_id = _submit(settings, store, folder)
-        # a random point of the run: once between none and half of the jobs are done
-        threshold = rng.randint(0, num_docs // 2)
-        _wait_for(lambda: _count(store, batch_id, JobState.DONE) >= threshold and (
-            threshold or _count(store, batch_id, JobState.RUNNING)), "the run to reach its fault", timeout_s=600)
-        done_before = _count(store, batch_id, JobState.DONE)
-        fault_ended = _inject(fault, worker, redis, postgres, rng)
-        _wait_for(lambda: _all_ended(store, batch_id), "every job to end", timeout_s=900)
-        ended = time.monotonic()
-        return _outcome(fault, store, batch_id, done_before, ended - fault_ended, ended - started)
-    finally:
-        worker.stop()
-        redis.kill()
-        store.close()
-        postgres.remove()
+    store, worker = rig.store, rig.worker
+    folder = rig.workdir / fault / "docs"
+    write_documents(folder, num_docs, poison=fault == "poison")
+    started = time.monotonic()
+    batch_id = _submit(rig.settings, store, folder)
+    # a random point of the run: once between none and half of the jobs are done
+    threshold = rng.randint(0, num_docs // 2)
+    _wait_for(lambda: _count(store, batch_id, JobState.DONE) >= threshold and (
+        threshold or _count(store, batch_id, JobState.RUNNING)), "the run to reach its fault", timeout_s=600)
+    done_before = _count(store, batch_id, JobState.DONE)
+    fault_ended = _inject(fault, worker, rig.redis, rig.postgres, rng)
+    _wait_for(lambda: _all_ended(store, batch_id), "every job to end", timeout_s=900)
+    ended = time.monotonic()
+    return _outcome(fault, store, batch_id, done_before, ended - fault_ended, ended - started)
 
 
 def _inject(fault: str, worker: Worker, redis: Redis, postgres: Postgres, rng: random.Random) -> float:
@@ -297,7 +318,8 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     outcomes = []
     for i, fault in enumerate(faults):
-        outcome = run_fault(fault, args.out / f"{i}-{fault}", args.docs, args.seed + i, fault_settings(args.out / "home"))
+        with Rig(args.out / f"{i}-{fault}", fault_settings(args.out / "home")) as rig:
+            outcome = run_fault(fault, rig, args.docs, args.seed + i)
         outcomes.append(asdict(outcome))
         print(json.dumps(outcomes[-1]), flush=True)
     (args.out / "outcomes.json").write_text(json.dumps(outcomes, indent=1))
