@@ -81,6 +81,12 @@ def test_a_message_delivered_to_a_consumer_that_died_is_sent_again(settings, tmp
     # Then the job's message is on its queue again
     assert counts["resent"] == 1
     assert read_queue(client, PREPARE_QUEUE).num_listed == 1
+    # and only once: later sweeps, while the dead consumer's copy waits out its visibility timeout and no
+    # consumer takes the new one (the worker is down), send nothing more
+    for _ in range(3):
+        assert sweep(store, settings, app, client)["resent"] == 0
+    state = read_queue(client, PREPARE_QUEUE)
+    assert (state.num_listed, [d.job_id for d in state.delivered]) == (1, [job_id])
 
 
 def test_a_document_waiting_on_its_chunks_behind_a_long_backlog_is_never_run_early(settings, tmp_path):

@@ -69,10 +69,15 @@ def _lost_messages(store: Store, settings: Settings, client: redis.Redis, state:
     states = store.job_states(d.job_id for d in broker.delivered)
     waiting = [d for d in broker.delivered if states.get(d.job_id) == state]  # delivered, not claimed yet
     # A consumer claims what it was delivered within moments; one that has not for message_grace_s died
-    # holding it (Redis gives it back only after visibility_timeout_s): send it again.
-    stale = {d.job_id for d in waiting if time.time() - d.delivered_at > grace_s}
-    jobs = {job.id: job for job in store.waiting_since(state, sent_before, MAX_RESEND_PER_SWEEP, stale)} if stale else {}
-    in_flight = broker.num_listed + len({d.job_id for d in waiting} - stale)
+    # holding it (Redis gives it back only after visibility_timeout_s): send it again, once a delivery (its
+    # copy stays in `unacked` until then, and no consumer may come for the new one while the worker is down).
+    stale: dict[str, float] = {}
+    for d in waiting:
+        if time.time() - d.delivered_at > grace_s:
+            stale[d.job_id] = max(d.delivered_at, stale.get(d.job_id, 0.0))
+    jobs = {job.id: job for job in store.waiting_since(state, sent_before, MAX_RESEND_PER_SWEEP, set(stale))
+            if _unix(job.sent_at) < stale[job.id]} if stale else {}
+    in_flight = broker.num_listed + len({d.job_id for d in waiting} - set(stale))
     missing = store.count_waiting_since(state, sent_before) - in_flight
     if missing > 0:
         for job in store.waiting_since(state, sent_before, min(missing, MAX_RESEND_PER_SWEEP)):
@@ -80,3 +85,10 @@ def _lost_messages(store: Store, settings: Settings, client: redis.Redis, state:
     if jobs:
         store.mark_sent(list(jobs))
     return list(jobs.values())
+
+
+def _unix(moment: dt.datetime | None) -> float:
+    """A stored time as Unix time (the databases give it back without its UTC zone)."""
+    if moment is None:
+        return 0.0
+    return (moment if moment.tzinfo else moment.replace(tzinfo=dt.timezone.utc)).timestamp()
