@@ -1,8 +1,9 @@
 """`docbatch run`: the whole pipeline on one machine in one command.
 
-Uses the configured Redis when it answers, else an embedded one; starts a local worker (GPU if
-present, else CPU); submits; shows progress; writes `./docbatch-results/BATCH.jsonl` (and, for an OpenAI
-Batch input, `BATCH.openai.jsonl` in its output format); stops what it started.
+Uses the configured Redis when it answers, else an embedded one; submits; starts a local worker (GPU if
+present, else CPU) when the batch has work left (not when every job is already done); shows progress;
+writes `./docbatch-results/BATCH.jsonl` (and, for an OpenAI Batch input, `BATCH.openai.jsonl` in its output
+format); stops what it started.
 """
 from __future__ import annotations
 
@@ -83,13 +84,16 @@ def run(settings: Settings, source: Source, task: TaskDefinition, *, gpus: str =
     with contextlib.ExitStack() as stack:
         url = stack.enter_context(redis_for(settings.broker_url, console))
         settings = settings.model_copy(update={"broker_url": url})
-        worker = stack.enter_context(local_worker(settings, gpus))
-        console.print(f"started a local worker (model {settings.model}); its log: {worker.log_path}")
         submission = submit(settings, store, make_celery(settings), source, task, label=label, console=console)
         batch = submission.batch
         console.print(f"batch {batch.batch_id}: {batch.num_jobs} jobs, {batch.num_reused_done} already done, "
                       f"{len(batch.to_enqueue)} queued")
-        status = wait_for_batch(store, batch.batch_id, console=console, check_alive=worker.check_alive)
+        watch = {}
+        if any(not state.is_terminal for state in store.batch_counts(batch.batch_id)):
+            worker = stack.enter_context(local_worker(settings, gpus))
+            console.print(f"started a local worker (model {settings.model}); its log: {worker.log_path}")
+            watch["check_alive"] = worker.check_alive
+        status = wait_for_batch(store, batch.batch_id, console=console, **watch)
     records = batch_records(store, batch.batch_id)
     out_dir.mkdir(parents=True, exist_ok=True)
     results_path = out_dir / f"{batch.batch_id}.jsonl"
