@@ -130,8 +130,8 @@ def test_float16_on_a_cpu_keeps_projections_and_head_in_half_precision_and_answe
     assert stats.weight_bytes == expected
     # and the answers are float32's: fp16 weights round to 11 bits, the products run in float32
     first, prefix = _agreement(answers, reference)
-    print(f"fp16 weights ({engine}): {stats.weight_bytes / 2**20:.1f} MiB against {full_bytes(engine) / 2**20:.1f}; first tokens "
-          f"equal {first:.0%}, tokens before the first difference {prefix:.0%}")
+    print(f"fp16 weights ({engine}): {stats.weight_bytes / 2**20:.1f} MiB against {full_bytes(engine) / 2**20:.1f}; "
+          f"first tokens equal {first:.0%}, tokens before the first difference {prefix:.0%}")
     assert first == 1 and prefix >= 0.9
 
 

@@ -13,8 +13,9 @@
   quantisation); products through `bitsandbytes.matmul_4bit`, which de-quantises to the activations' dtype
   for a batch (a fused 4-bit kernel only for a single row).
 
-Only the four projections of each layer (q/k/v, o, gate/up, down: 86 % of Qwen2.5-7B's weights) change;
-embeddings, norms and, but for `fp16`, `lm_head` stay as loaded. Every format here is made of kernels a CUDA graph captures.
+Only the four projections of each layer (q/k/v, o, gate/up, down: 86 % of Qwen2.5-7B's weights) change
+(and, for `fp16`, `lm_head`); embeddings and norms stay as loaded. Every GPU format here is made of kernels
+a CUDA graph captures.
 Why activations are quantised for int8 and fp8 rather than weights de-quantised: on an H200, at 256 decode
 rows, one gate/up product of Qwen2.5-7B took 0.35 ms in int8 x int8 and 0.78 ms de-quantising int8 to bf16
 first (0.11 ms in bf16; `benchmarks/quant_kernels.py`). These formats save memory; none is faster than bf16
