@@ -115,12 +115,12 @@ def settings(tmp_path: Path, broker_url: str, small_model_dir: Path) -> Settings
 
 
 def shared_worker_settings(folder: Path, model_dir: Path, redis_db: int, **overrides) -> Settings:
-    """Settings for a worker that a whole module's tests share: SQLite under `folder`, the Redis database
-    `redis_db` of its own (flushed now), the small model on CPU."""
+    """Settings for a worker that a whole module's tests share: SQLite under `folder` (unless `overrides` name
+    another database), the Redis database `redis_db` of its own (flushed now), the small model on CPU."""
     broker_url = f"{REDIS_URL}/{redis_db}"
     redis.Redis.from_url(broker_url).flushdb()
-    return Settings(home=folder / "home", broker_url=broker_url, model=str(model_dir),
-                    database_url=f"sqlite:///{folder / 'docbatch.sqlite3'}", **{**PIPELINE, **overrides})
+    return Settings(**{"home": folder / "home", "broker_url": broker_url, "model": str(model_dir),
+                       "database_url": f"sqlite:///{folder / 'docbatch.sqlite3'}", **PIPELINE, **overrides})
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from conftest import POSTGRES_URL, _drop_postgres_database, _postgres_database, shared_worker_settings
 from rich.console import Console
 
 from producer.cli import main as cli
@@ -43,23 +44,34 @@ def write_documents(folder: Path, count: int) -> None:
     (folder / "bail.txt").write_bytes(LATIN1_TEXT.encode("latin-1"))
 
 
-# The whole pipeline runs once on each database: this test on PostgreSQL, the --wait test (and every other
-# pipeline module) on SQLite. The store's own tests run on both.
-@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+MODULE_REDIS_DB = 9
+
+
+@pytest.fixture(scope="module")
+def module_settings(tmp_path_factory, small_model_dir):
+    """One worker on PostgreSQL for this module's two worker tests: the whole pipeline runs once on each
+    database, here on PostgreSQL, in every other pipeline module on SQLite (the store's own tests run on both)."""
+    name = _postgres_database()
+    base = POSTGRES_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://")
+    yield shared_worker_settings(tmp_path_factory.mktemp("pipeline"), small_model_dir, MODULE_REDIS_DB,
+                                 database_url=f"{base}/{name}")
+    _drop_postgres_database(name)
+
+
 def test_documents_run_batched_bad_files_fail_with_reasons_and_resubmit_adds_nothing(
-        worker_settings, running_worker, tmp_path):
+        module_settings, module_worker, tmp_path):
     # Given 10 contracts, a corrupt PDF, an empty file and a Latin-1 text in one folder
     folder = tmp_path / "inbox"
     write_documents(folder, 10)
-    store = Store(worker_settings.effective_database_url)
+    store = Store(module_settings.effective_database_url)
     store.migrate()
-    app = make_celery(worker_settings)
+    app = make_celery(module_settings)
 
     # When the folder is submitted and the batch runs to its end
-    first = submit(worker_settings, store, app,
-                   Source(paths=(folder,)), builtin_task("summarize", worker_settings), console=QUIET)
+    first = submit(module_settings, store, app,
+                   Source(paths=(folder,)), builtin_task("summarize", module_settings), console=QUIET)
     status = wait_for_batch(store, first.batch.batch_id, console=QUIET, timeout_s=600,
-                            check_alive=lambda: running_worker.poll() is None or pytest.fail("worker died"))
+                            check_alive=lambda: module_worker.poll() is None or pytest.fail("worker died"))
 
     # Then the good documents are done and the bad ones failed with stable reason codes
     assert (status.total, status.done, status.failed) == (13, 11, 2)
@@ -77,8 +89,8 @@ def test_documents_run_batched_bad_files_fail_with_reasons_and_resubmit_adds_not
     assert all(result.data["json"]["summary"] is not None for job, result in rows.values() if job.state == JobState.DONE)
 
     # When the same folder is submitted again
-    second = submit(worker_settings, store, app,
-                    Source(paths=(folder,)), builtin_task("summarize", worker_settings), console=QUIET)
+    second = submit(module_settings, store, app,
+                    Source(paths=(folder,)), builtin_task("summarize", module_settings), console=QUIET)
     # Then no new job is made: the done ones are reused, only the two failed ones are retried
     job_ids = lambda batch_id: {job.id for _, job, _ in store.batch_rows(batch_id)}
     assert job_ids(second.batch.batch_id) == job_ids(first.batch.batch_id)
@@ -88,7 +100,7 @@ def test_documents_run_batched_bad_files_fail_with_reasons_and_resubmit_adds_not
     assert (again.done, again.failed) == (11, 2)
 
     # And the CLI reports it: status as JSON, results as CSV with one record per job
-    env = worker_settings.to_env()
+    env = module_settings.to_env()
     result = CliRunner().invoke(cli, ["status", second.batch.batch_id, "--json"], env=env)
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout) == {"batch": second.batch.batch_id, "total": 13, "queued": 0,
@@ -139,22 +151,21 @@ def test_run_exits_1_when_a_job_failed(settings, tmp_path):
     assert "empty_file" in done.stdout
 
 
-@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
-def test_submit_wait_prints_the_batch_id_and_exits_1_when_a_job_failed(worker_settings, running_worker, tmp_path):
+def test_submit_wait_prints_the_batch_id_and_exits_1_when_a_job_failed(module_settings, module_worker, tmp_path):
     folder = tmp_path / "mixed"
     folder.mkdir()
     (folder / "nda.md").write_text("Mutual NDA between Acme Corp and Globex Ltd, effective 1 May 2024, two years.")
     (folder / "empty.txt").write_bytes(b"")
     (folder / "escape.txt").symlink_to(tmp_path / "elsewhere.txt")
     (tmp_path / "elsewhere.txt").write_text("outside the submitted folder")
-    env = {**os.environ, **worker_settings.to_env()}
+    env = {**os.environ, **module_settings.to_env()}
     done = subprocess.run([sys.executable, "-m", "producer.cli", "submit", str(folder), "--task", "summarize",
                            "--wait", "--label", "cli test", "--priority", "9"],
                           env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 1, done.stderr[-3000:]
     batch_id = done.stdout.strip().splitlines()[0]
     assert "rejected mixed/escape.txt: symlink_escape: symlink leaves the submitted folder" in done.stderr
-    store = Store(worker_settings.effective_database_url)
+    store = Store(module_settings.effective_database_url)
     assert store.get_batch(batch_id).label == "cli test"
     states = {r.name: (r.state, r.error_code) for r in batch_records(store, batch_id)}
     assert states == {"mixed/empty.txt": (JobState.FAILED, "empty_file"), "mixed/nda.md": (JobState.DONE, None),

@@ -15,6 +15,10 @@ from worker.supervisor import EXIT_GAVE_UP, Child, RestartPolicy, supervise
 def test_restart_delays_grow_and_the_policy_gives_up_within_its_window():
     policy = RestartPolicy(first_delay_s=1, max_delay_s=5, max_restarts=4, window_s=100)
     assert [policy.next_delay_s(t) for t in (0, 1, 2, 3, 4)] == [1, 2, 4, 5, None]
+    # a child that ran a while before dying starts over at the first delay; the restart limit still counts it
+    policy = RestartPolicy(first_delay_s=1, max_delay_s=30, max_restarts=4, window_s=100, stable_s=10)
+    assert [policy.next_delay_s(t, ran_s) for t, ran_s in ((0, 1), (2, 1), (30, 25), (31, 1), (32, 1))] == [
+        1, 2, 1, 2, None]
     # restarts older than the window are forgotten
     assert RestartPolicy(max_restarts=1, window_s=10).next_delay_s(0) == 1
 

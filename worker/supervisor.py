@@ -29,22 +29,29 @@ class Child:
 
 @dataclass
 class RestartPolicy:
-    """When to restart a child that died: after `first_delay_s`, doubling while it keeps dying, up to
-    `max_delay_s`; never more than `max_restarts` times within `window_s` (then give up)."""
+    """When to restart a child that died: after `first_delay_s`, doubling while it keeps dying soon after
+    its start, up to `max_delay_s` (a child that ran `stable_s` before dying starts over at `first_delay_s`);
+    never more than `max_restarts` times within `window_s` (then give up)."""
 
     first_delay_s: float = 1.0
     max_delay_s: float = 30.0
     max_restarts: int = 5
     window_s: float = 300.0
+    stable_s: float = 10.0
     _restarts: deque[float] = field(default_factory=deque)
+    _quick_deaths: int = 0
 
-    def next_delay_s(self, now: float) -> float | None:
-        """The delay before the next restart, or None to give up. Records the restart."""
+    def next_delay_s(self, now: float, ran_s: float = 0.0) -> float | None:
+        """The delay before the next restart of a child that ran `ran_s`, or None to give up. Records the
+        restart."""
         while self._restarts and now - self._restarts[0] > self.window_s:
             self._restarts.popleft()
         if len(self._restarts) >= self.max_restarts:
             return None
-        delay_s = min(self.max_delay_s, self.first_delay_s * 2 ** len(self._restarts))
+        if ran_s >= self.stable_s:
+            self._quick_deaths = 0
+        delay_s = min(self.max_delay_s, self.first_delay_s * 2 ** self._quick_deaths)
+        self._quick_deaths += 1
         self._restarts.append(now)
         return delay_s
 
@@ -53,6 +60,7 @@ def supervise(children: list[Child], policy: type[RestartPolicy] | None = None, 
     """Run `children` until a signal (exit 0) or until one cannot be kept alive (exit `EXIT_GAVE_UP`)."""
     make_policy = policy or RestartPolicy
     running = {child.name: _start(child) for child in children}
+    started_at = dict.fromkeys(running, time.monotonic())
     policies = {child.name: make_policy() for child in children}
     restart_at: dict[str, float] = {}
     stopping: list[int] = []
@@ -73,7 +81,7 @@ def supervise(children: list[Child], policy: type[RestartPolicy] | None = None, 
                 if code is None or stopping:
                     continue
                 if child.name not in restart_at:
-                    delay_s = policies[child.name].next_delay_s(now)
+                    delay_s = policies[child.name].next_delay_s(now, ran_s=now - started_at[child.name])
                     if delay_s is None:
                         log.error("%s keeps exiting (last code %s); giving up: stopping the worker", child.name, code)
                         _stop_all(running)
@@ -85,6 +93,7 @@ def supervise(children: list[Child], policy: type[RestartPolicy] | None = None, 
                         restart_at.pop(member.name, None)
                         _stop_all({member.name: running[member.name]})
                         running[member.name] = _start(member)
+                        started_at[member.name] = time.monotonic()
         for process in running.values():
             process.wait()
         return 0
