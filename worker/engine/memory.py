@@ -35,7 +35,9 @@ class MemoryReport:
     @classmethod
     def of(cls, model: Any, cache: KVCache) -> "MemoryReport":
         on_gpu = model.device.type == "cuda"
-        return cls(model.weight_format, model.weight_bytes, str(cache.shape.dtype).removeprefix("torch."),
+        # `bf16` means the weights as loaded: name their dtype (float32 on a CPU)
+        weights = str(model.dtype).removeprefix("torch.") if model.weight_format == "bf16" else model.weight_format
+        return cls(weights, model.weight_bytes, str(cache.shape.dtype).removeprefix("torch."),
                    cache.num_bytes, (cache.num_blocks - 1) * cache.shape.block_size,
                    torch.cuda.max_memory_allocated(model.device) if on_gpu else None)
 

@@ -10,6 +10,7 @@ the norms, embeddings and rotary frequencies are transformers' own, so the numbe
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -130,14 +131,24 @@ class DecoderModel(nn.Module):
         heads = HeadShape(config.num_attention_heads, config.num_key_value_heads, head_dim)
         self.heads = heads if tp is None else tp.heads(heads)
         self.embed_tokens = base.embed_tokens.to(device)
-        self.layers = nn.ModuleList(DecoderLayer(layer, self.heads, i, weight_format=weight_format, device=device, tp=tp)
-                                    for i, layer in enumerate(base.layers))
-        self.norm = base.norm.to(device)
         head = hf_model.lm_head.to(device)
         self.vocab_size = head.weight.shape[0]
         self._dtype = head.weight.dtype  # the activations' (fp16 weights on a CPU compute in float32)
-        # fp16 weights on a CPU convert the head too: there it is the largest product of a step
-        self.lm_head = quantize(head, weight_format) if weight_format == "fp16" else head
+
+        def take_over(numbered: tuple[int, nn.Module]) -> DecoderLayer:
+            return DecoderLayer(numbered[1], self.heads, numbered[0], weight_format=weight_format, device=device, tp=tp)
+
+        if weight_format == "fp16":
+            # fp16 weights on a CPU convert the head too: there it is the largest product of a step. FBGEMM packs
+            # outside the GIL, so two threads pack the head and the layers (an engine built 3.6 -> 2.5 s here).
+            with ThreadPoolExecutor(2, thread_name_prefix="docbatch-pack") as pool:
+                packed_head = pool.submit(quantize, head, weight_format)
+                self.layers = nn.ModuleList(pool.map(take_over, enumerate(base.layers)))
+                self.lm_head = packed_head.result()
+        else:
+            self.layers = nn.ModuleList(map(take_over, enumerate(base.layers)))
+            self.lm_head = head
+        self.norm = base.norm.to(device)
         self.weight_format = weight_format
         self.max_model_len = int(config.max_position_embeddings)
         cos, sin = _rope_table(base.rotary_emb.to(device), self.max_model_len, self._dtype)
