@@ -70,17 +70,17 @@ def broker_url() -> str:
     return url
 
 
-def _postgres_database() -> str:
-    """A fresh, empty PostgreSQL database; the caller drops it."""
+@contextlib.contextmanager
+def postgres_database():
+    """The SQLAlchemy URL of a fresh, empty PostgreSQL database, dropped afterwards."""
     name = f"docbatch_test_{uuid.uuid4().hex[:12]}"
     with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
-    return name
-
-
-def _drop_postgres_database(name: str) -> None:
-    with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    try:
+        yield POSTGRES_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://") + f"/{name}"
+    finally:
+        with psycopg.connect(POSTGRES_URL, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
@@ -89,10 +89,8 @@ def database_url(request, tmp_path: Path) -> str:
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path / 'docbatch.sqlite3'}"
         return
-    name = _postgres_database()
-    base = POSTGRES_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://")
-    yield f"{base}/{name}"
-    _drop_postgres_database(name)
+    with postgres_database() as url:
+        yield url
 
 
 @pytest.fixture
@@ -146,9 +144,3 @@ def worker_process(settings: Settings, log_path: Path):
         finally:
             process.terminate()
             process.wait(60)
-
-
-@pytest.fixture
-def running_worker(worker_settings: Settings, tmp_path: Path):
-    with worker_process(worker_settings, tmp_path / "worker.log") as process:
-        yield process

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from conftest import POSTGRES_URL, _drop_postgres_database, _postgres_database, shared_worker_settings
+from conftest import postgres_database, shared_worker_settings
 from rich.console import Console
 
 from producer.cli import main as cli
@@ -51,11 +51,9 @@ MODULE_REDIS_DB = 9
 def module_settings(tmp_path_factory, small_model_dir):
     """One worker on PostgreSQL for this module's two worker tests: the whole pipeline runs once on each
     database, here on PostgreSQL, in every other pipeline module on SQLite (the store's own tests run on both)."""
-    name = _postgres_database()
-    base = POSTGRES_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://")
-    yield shared_worker_settings(tmp_path_factory.mktemp("pipeline"), small_model_dir, MODULE_REDIS_DB,
-                                 database_url=f"{base}/{name}")
-    _drop_postgres_database(name)
+    with postgres_database() as url:
+        yield shared_worker_settings(tmp_path_factory.mktemp("pipeline"), small_model_dir, MODULE_REDIS_DB,
+                                     database_url=url)
 
 
 def test_documents_run_batched_bad_files_fail_with_reasons_and_resubmit_adds_nothing(

@@ -4,11 +4,11 @@ fault injected at a random point of the run, and the invariants checked at the e
     python tests/faults/harness.py --docs 24 --faults all --out /tmp/faults     # the full suite
     python tests/faults/harness.py --docs 200 --faults kill_infer,redis_wiped    # larger, chosen faults
 
-Each fault of the full suite gets services and a worker of its own (`Rig`);
-`tests/faults/test_faults.py` runs a short version in CI, two faults on one rig. Everything is real: redis-server with AOF,
-PostgreSQL (initdb into a temporary folder, run as the `postgres` user), `docbatch worker --gpus cpu`
-with the packaged small model. Recovery time is measured from the moment the fault ends (the worker or
-the service is back) to the moment the last job ends.
+Each fault of the full suite gets services and a worker of its own (`Rig`); `tests/faults/test_faults.py`
+runs a short version in CI, two faults on one rig. Everything is real: redis-server with AOF, PostgreSQL
+(initdb into a temporary folder, run as the `postgres` user), `docbatch worker --gpus cpu` with the packaged
+small model. Recovery time is measured from the moment the fault ends (the worker or the service is back)
+to the moment the last job ends.
 """
 from __future__ import annotations
 

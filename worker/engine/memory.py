@@ -25,7 +25,7 @@ REPORT_SEQUENCE_TOKENS = 4096  # KV capacity is also reported in sequences of th
 class MemoryReport:
     """Device memory of a built paged engine: weights in their format, the KV cache, the start-up peak."""
 
-    weight_format: str
+    weights_stored_as: str  # float32, bfloat16, or a converted format: fp16, int8, fp8, nf4
     weight_bytes: int
     kv_cache_dtype: str
     kv_cache_bytes: int
@@ -48,7 +48,7 @@ class MemoryReport:
 
     def summary(self) -> str:
         peak = "" if self.peak_bytes is None else f", peak {self.peak_bytes / GIB:.2f} GiB allocated"
-        return (f"weights {self.weight_bytes / GIB:.2f} GiB ({self.weight_format}), KV cache "
+        return (f"weights {self.weight_bytes / GIB:.2f} GiB ({self.weights_stored_as}), KV cache "
                 f"{self.kv_cache_bytes / GIB:.2f} GiB ({self.kv_cache_dtype}) = {self.kv_capacity_tokens} tokens "
                 f"({self.kv_capacity_sequences} sequences of {REPORT_SEQUENCE_TOKENS}){peak}")
 
