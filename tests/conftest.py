@@ -3,6 +3,7 @@ packaged SmolLM2-135M-Instruct (converted once per test session)."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import subprocess
 import sys
@@ -15,10 +16,31 @@ import redis
 
 from schemas.settings import Settings
 from schemas.store import Store
+from schemas.tasks import Generation, TaskDefinition
 
 REDIS_URL = os.environ.get("DOCBATCH_TEST_REDIS", "redis://127.0.0.1:6379")
 POSTGRES_URL = os.environ.get("DOCBATCH_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres")
 TEST_REDIS_DB = 13  # a database of its own, flushed before each test that uses it
+# A custom task whose answers are short by their schema (at most two names of up to 40 characters, well within
+# 128 tokens): for the pipeline tests about what happens around the model, where a long answer is only time.
+# The built-in tasks' answers are tested where they are the point (test_structured, test_tasks_pipeline,
+# the long contract of test_pipeline_documents, `submit --wait` in test_pipeline).
+PARTIES_TASK = TaskDefinition(
+    name="parties", prompt="Name the parties of this document.\n\n{{ text }}",
+    json_schema={"type": "object", "required": ["parties"], "additionalProperties": False, "properties": {
+        "parties": {"type": "array", "maxItems": 2, "items": {"type": "string", "maxLength": 40}}}},
+    generation=Generation(max_new_tokens=128))
+
+
+def write_task_file(task: TaskDefinition, folder: Path) -> Path:
+    """`task` as a `--task-file`: TOML, with its JSON schema in a file beside it."""
+    (folder / f"{task.name}.schema.json").write_text(json.dumps(task.json_schema))
+    path = folder / f"{task.name}.toml"
+    path.write_text(f'name = "{task.name}"\nprompt = {json.dumps(task.prompt)}\n'
+                    f'json_schema_file = "{task.name}.schema.json"\n[generation]\n'
+                    f"max_new_tokens = {task.generation.max_new_tokens}\n"
+                    f"repetition_penalty = {task.generation.repetition_penalty}\n")
+    return path
 
 
 @pytest.fixture(scope="session")
@@ -28,7 +50,7 @@ def model_cache(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def small_model_dir(model_cache: Path) -> Path:
-    """The packaged GGUF converted by the product's own code path (slow once, about 25 s)."""
+    """The packaged GGUF converted by the product's own code path (slow once, about 15 s)."""
     from worker.model import packaged_model_dir
 
     return packaged_model_dir(model_cache)

@@ -5,7 +5,7 @@ import io
 import os
 
 import pytest
-from conftest import shared_worker_settings, worker_process
+from conftest import PARTIES_TASK, shared_worker_settings, worker_process
 from documents import (
     encrypted_pdf,
     multipage_tiff,
@@ -70,10 +70,11 @@ def _fixtures(folder, outside):
     return expected
 
 
-def _summarize(store: Store, settings, folder, worker, timeout_s: int):
-    """Submit `folder` for summaries and wait while `worker` runs them: (the new batch, its final status)."""
-    batch = submit(settings, store, make_celery(settings), Source(paths=(folder,)), builtin_task("summarize", settings),
-                   console=QUIET).batch
+def _run(store: Store, settings, folder, worker, timeout_s: int, task=None):
+    """Submit `folder` for `task` (summaries by default) and wait while `worker` runs them: (the new batch, its
+    final status)."""
+    batch = submit(settings, store, make_celery(settings), Source(paths=(folder,)),
+                   task or builtin_task("summarize", settings), console=QUIET).batch
     status = wait_for_batch(store, batch.batch_id, console=QUIET, timeout_s=timeout_s,
                             check_alive=lambda: worker.poll() is None or pytest.fail("worker died"))
     return batch, status
@@ -84,8 +85,9 @@ def test_every_kind_of_input_ends_as_expected_and_the_worker_survives(module_set
     expected = _fixtures(tmp_path / "inbox", tmp_path / "outside.txt")
     store = Store(module_settings.effective_database_url)
     store.migrate()
-    # When it is submitted and run by a real worker (text-only model: scans go through Tesseract)
-    batch, status = _summarize(store, module_settings, tmp_path / "inbox", module_worker, timeout_s=600)
+    # When it is submitted and run by a real worker (text-only model: scans go through Tesseract), for a task
+    # of short answers (what is tested here is all before and around the model)
+    batch, status = _run(store, module_settings, tmp_path / "inbox", module_worker, timeout_s=600, task=PARTIES_TASK)
     # Then each file ends as expected, with its reason code, and nothing is left running
     from producer.export import batch_records
 
@@ -109,7 +111,7 @@ def test_a_long_contract_is_chunked_mapped_and_reduced(module_settings, module_w
     store = Store(settings.effective_database_url)
     store.migrate()
     # When it runs
-    batch, status = _summarize(store, settings, folder, module_worker, timeout_s=900)
+    batch, status = _run(store, settings, folder, module_worker, timeout_s=900)
     # Then the document job is done after a map over several chunks and a reduce over their answers:
     # merged by the schema's rules, the model asked only about what the chunks disagree on (their summaries)
     assert (status.done, status.failed) == (1, 0)
@@ -138,7 +140,7 @@ def test_a_vision_model_worker_reads_scans_as_images_not_ocr(settings, vl_model_
         store = Store(vl_settings.effective_database_url)
         store.migrate()
         # When both are submitted and run
-        batch, status = _summarize(store, vl_settings, folder, worker, timeout_s=600)
+        batch, status = _run(store, vl_settings, folder, worker, timeout_s=600)
     # Then both are done, and the scan reached the model as an image (stored, never OCR'd)
     assert (status.done, status.failed) == (2, 0)
     rows = {item.name: job for item, job, _ in store.batch_rows(batch.batch_id)}

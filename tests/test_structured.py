@@ -1,9 +1,10 @@
 """Schema-constrained decoding on the real small model: every constrained answer validates, rows with
-different schemas (or none) share one batch, and without the constraint the same prompts fail."""
+different schemas (or none) share one batch, and without the constraint the same prompt leaves the schema."""
 from __future__ import annotations
 
 import importlib.resources
 import json
+import re
 
 import pytest
 from pydantic import ValidationError
@@ -25,6 +26,7 @@ OPTIONS = GenerationOptions(repetition_penalty=1.1)
 # max_new_tokens, this test gives the one call that much. A ContractSummary in its schema's order starts
 # with the summary (up to 800 characters).
 ANSWER_TOKENS = 640
+PREFIX_TOKENS = 64  # enough of an unconstrained answer to name a few of its fields
 TASKS = {name: builtin_task(name, Settings(max_new_tokens=ANSWER_TOKENS)) for name in ("summarize", "extract")}
 
 
@@ -69,14 +71,15 @@ def test_constrained_answers_all_validate_and_mixed_schemas_share_a_batch(small_
     assert list(json.loads(texts[0])) == list(FinancialReport.model_fields)
 
 
-def test_without_the_constraint_the_same_prompt_gives_invalid_json(small_model_as_worker):
-    # The first report: unconstrained, the model ends its answer on its own (EOS, well within the room
-    # given) with JSON that is not a FinancialReport.
+def test_without_the_constraint_the_same_prompt_leaves_the_schema(small_model_as_worker):
+    # The first report, unconstrained: within its first 64 tokens the answer already names fields that
+    # FinancialReport does not have (what the constraint prevents; a cut-off answer alone would prove nothing)
     tokenizer = small_model_as_worker.tokenizer
     report = _prompts(tokenizer, "extract", [_document("financials", REPORT)])
-    output = HFGenerator(small_model_as_worker.model, tokenizer)(report, [ANSWER_TOKENS], OPTIONS)[0]
+    output = HFGenerator(small_model_as_worker.model, tokenizer)(report, [PREFIX_TOKENS], OPTIONS)[0]
     text = tokenizer.decode(output, skip_special_tokens=True)
-    assert len(output) < ANSWER_TOKENS and not _valid(FinancialReport, text), text
+    keys = set(re.findall(r'"(\w+)"\s*:', text))
+    assert keys and not keys <= set(FinancialReport.model_fields), text
 
 
 def test_each_schema_is_compiled_once(small_model):
