@@ -24,10 +24,9 @@ system-deps:
 	  || echo "could not install docker-compose: tests/test_compose.py will be skipped"; }
 
 # uv installs in parallel and compiles the bytecode on every core (pip took 65-90 s here, uv about 30 s).
-# uv reads no pip.conf: it gets pip's find-links, where this machine's CPU build of torch lies.
-PIP_FIND_LINKS ?= $(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null)
-export UV_FIND_LINKS ?= $(PIP_FIND_LINKS)
 UV := $(BIN)/uv pip install --quiet --python $(BIN)/python --compile-bytecode
+# uv reads no pip.conf: the venv's build gets pip's find-links, where this machine's CPU build of torch lies.
+$(STAMP): export UV_FIND_LINKS ?= $(or $(PIP_FIND_LINKS),$(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null))
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)

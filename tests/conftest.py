@@ -3,7 +3,6 @@ packaged SmolLM2-135M-Instruct (converted once per test session)."""
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import subprocess
 import sys
@@ -16,31 +15,14 @@ import redis
 
 from schemas.settings import Settings
 from schemas.store import Store
-from schemas.tasks import Generation, TaskDefinition
+from schemas.tasks import load_task_file
 
 REDIS_URL = os.environ.get("DOCBATCH_TEST_REDIS", "redis://127.0.0.1:6379")
 POSTGRES_URL = os.environ.get("DOCBATCH_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres")
 TEST_REDIS_DB = 13  # a database of its own, flushed before each test that uses it
-# A custom task whose answers are short by their schema (at most two names of up to 40 characters, well within
-# 128 tokens): for the pipeline tests about what happens around the model, where a long answer is only time.
-# The built-in tasks' answers are tested where they are the point (test_structured, test_tasks_pipeline,
-# the long contract of test_pipeline_documents, `submit --wait` in test_pipeline).
-PARTIES_TASK = TaskDefinition(
-    name="parties", prompt="Name the parties of this document.\n\n{{ text }}",
-    json_schema={"type": "object", "required": ["parties"], "additionalProperties": False, "properties": {
-        "parties": {"type": "array", "maxItems": 2, "items": {"type": "string", "maxLength": 40}}}},
-    generation=Generation(max_new_tokens=128))
-
-
-def write_task_file(task: TaskDefinition, folder: Path) -> Path:
-    """`task` as a `--task-file`: TOML, with its JSON schema in a file beside it."""
-    (folder / f"{task.name}.schema.json").write_text(json.dumps(task.json_schema))
-    path = folder / f"{task.name}.toml"
-    path.write_text(f'name = "{task.name}"\nprompt = {json.dumps(task.prompt)}\n'
-                    f'json_schema_file = "{task.name}.schema.json"\n[generation]\n'
-                    f"max_new_tokens = {task.generation.max_new_tokens}\n"
-                    f"repetition_penalty = {task.generation.repetition_penalty}\n")
-    return path
+# A custom task of short answers (see the file), for the pipeline tests about what happens around the model
+PARTIES_TASK_FILE = Path(__file__).parent / "tasks" / "parties.toml"
+PARTIES_TASK = load_task_file(PARTIES_TASK_FILE, Settings())
 
 
 @pytest.fixture(scope="session")

@@ -14,9 +14,9 @@ import pytest
 from click.testing import CliRunner
 from conftest import (
     PARTIES_TASK,
+    PARTIES_TASK_FILE,
     postgres_database,
     shared_worker_settings,
-    write_task_file,
 )
 from rich.console import Console
 
@@ -120,7 +120,7 @@ def test_run_uses_an_embedded_redis_and_a_second_run_reuses_the_done_jobs(settin
         (folder / name).unlink()
     env = {**os.environ, **settings.to_env(), "DOCBATCH_BROKER_URL": f"redis://127.0.0.1:{free_port()}/0"}
     command = [sys.executable, "-m", "producer.cli", "run", str(folder),
-               "--task-file", str(write_task_file(PARTIES_TASK, tmp_path)), "--out-dir", str(tmp_path / "out")]
+               "--task-file", str(PARTIES_TASK_FILE), "--out-dir", str(tmp_path / "out")]
 
     # When `docbatch run` is called twice
     first = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
