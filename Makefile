@@ -21,7 +21,7 @@ system-deps:
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq tesseract-ocr >/dev/null; }
 	@command -v docker-compose >/dev/null 2>&1 || { echo "installing docker-compose (validates compose.yaml)"; \
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq docker-compose >/dev/null \
-	  || echo "could not install docker-compose: tests/test_compose.py will be skipped"; }
+	  || echo "could not install docker-compose: tests/system/test_compose.py will be skipped"; }
 
 # uv installs in parallel and compiles the bytecode on every core (pip took 65-90 s here, uv about 30 s).
 UV := $(BIN)/uv pip install --quiet --python $(BIN)/python --compile-bytecode

@@ -20,11 +20,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from schemas.outputs import FinancialReport  # noqa: E402
 from schemas.settings import Settings  # noqa: E402
 from worker.engine import GenerationOptions, ModelInput  # noqa: E402
-from worker.extract import extract_pages  # noqa: E402
+from worker.documents.extract import extract_pages  # noqa: E402
 from worker.engine.hf_generator import HFGenerator  # noqa: E402
-from worker.model import load_model  # noqa: E402
+from worker.models.loading import load_model  # noqa: E402
 from schemas.tasks import builtin_task  # noqa: E402
-from worker.prompts import build_text_prompt  # noqa: E402
+from worker.answers.prompts import build_text_prompt  # noqa: E402
 
 
 def main() -> None:

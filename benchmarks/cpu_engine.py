@@ -5,7 +5,7 @@
 
 The packaged small model (SmolLM2-135M-Instruct). `--rows` summarize prompts cut from the bundled contracts
 (about 150 to 500 tokens), every answer `--new-tokens` long (EOS ignored). For each dtype:
-1. docbatch: `worker.process.start_engine`, the infer worker's own start (model load, engine build, the
+1. docbatch: `worker.service.process.start_engine`, the infer worker's own start (model load, engine build, the
    engine's thread), then every prompt submitted at once; decode ms/step from the engine's statistics.
 2. Baseline: the same prompts in one `generate` call (left padded) through `HFGenerator`, the model loaded
    again in the same dtype (float32 for float16 on a CPU: fp16 weights are the paged engine's), on a thread
@@ -27,10 +27,10 @@ from schemas.settings import Settings  # noqa: E402
 from schemas.tasks import builtin_task  # noqa: E402
 from worker.engine import GenerationOptions, ModelInput  # noqa: E402
 from worker.engine.hf_generator import HFGenerator  # noqa: E402
-from worker.extract import extract_pages  # noqa: E402
-from worker.model import load_model  # noqa: E402
-from worker.process import on_a_passing_thread, start_engine  # noqa: E402
-from worker.prompts import build_text_prompt  # noqa: E402
+from worker.documents.extract import extract_pages  # noqa: E402
+from worker.models.loading import load_model  # noqa: E402
+from worker.service.process import on_a_passing_thread, start_engine  # noqa: E402
+from worker.answers.prompts import build_text_prompt  # noqa: E402
 
 OPTIONS = GenerationOptions(repetition_penalty=1.1, ignore_eos=True)
 

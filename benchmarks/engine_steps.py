@@ -24,11 +24,11 @@ import torch  # noqa: E402
 
 from schemas.settings import Settings  # noqa: E402
 from worker.engine import GenerationOptions, build_engine  # noqa: E402
-from worker.engine.attention import TorchAttention  # noqa: E402
-from worker.engine.scheduler import ScheduledStep  # noqa: E402
-from worker.engine.sequence import Sequence  # noqa: E402
-from worker.engine.step_inputs import StepInputs  # noqa: E402
-from worker.model import load_model  # noqa: E402
+from worker.engine.paged.attention import TorchAttention  # noqa: E402
+from worker.engine.paged.scheduler import ScheduledStep  # noqa: E402
+from worker.engine.paged.sequence import Sequence  # noqa: E402
+from worker.engine.paged.step_inputs import StepInputs  # noqa: E402
+from worker.models.loading import load_model  # noqa: E402
 
 
 def timed_ms(run, repeats: int = 50) -> float:

@@ -70,7 +70,7 @@ def workload(name: str, docs: int) -> tuple[list[int], list[int]]:
 
 def build_inputs(name: str, out: Path, tokenizer, settings: Settings, docs: int):
     """Writes the inputs; returns (docbatch run arguments, baseline prompts [token ids], new tokens, schema)."""
-    from worker.prompts import build_text_prompt, chat_tokens
+    from worker.answers.prompts import build_text_prompt, chat_tokens
 
     lengths, new_tokens = workload(name, docs)
     texts = [contract(i, tokenizer, n) for i, n in enumerate(lengths)]
@@ -102,7 +102,7 @@ def baseline(settings: Settings, prompts: list[list[int]], new_tokens: list[int]
 
     from worker.engine import GenerationOptions, ModelInput
     from worker.engine.hf_generator import HFGenerator
-    from worker.model import load_model
+    from worker.models.loading import load_model
 
     loaded = load_model(settings.model_copy(update={"engine": "hf"}))
     generator = HFGenerator(loaded.model, loaded.tokenizer)

@@ -22,8 +22,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from producer.embedded import free_port  # noqa: E402 - after the path set-up above
-from producer.top_data import parse_metrics  # noqa: E402
+from producer.service.embedded import free_port  # noqa: E402 - after the path set-up above
+from producer.service.top_data import parse_metrics  # noqa: E402
 
 NVIDIA_SMI_QUERY = "index,name,utilization.gpu,memory.used,memory.total,temperature.gpu,power.draw"
 
@@ -42,7 +42,7 @@ def busy_gpu(stop: threading.Event, size: int) -> None:
 def start_exporter() -> tuple[str, bool]:
     """The endpoint of an exporter started here, and whether it reads a GPU."""
     from schemas.settings import Settings
-    from worker.telemetry import start_telemetry
+    from worker.telemetry.exporter import start_telemetry
 
     home = Path(tempfile.mkdtemp(prefix="docbatch-telemetry-"))
     settings = Settings(home=home, metrics_port=free_port(), alert_interval_s=1)

@@ -17,7 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from schemas.settings import Settings  # noqa: E402
-from schemas.store import Store  # noqa: E402
+from schemas.sql.store import Store  # noqa: E402
 
 
 def main() -> None:

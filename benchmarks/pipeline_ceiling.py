@@ -40,10 +40,10 @@ class InstantRunner:
 
 def instant_engine(settings: Settings, loaded):
     """The real paged engine around `InstantRunner` (the small model's config gives its vocabulary)."""
-    from worker.engine.block_manager import BlockManager
-    from worker.engine.paged_engine import PagedEngine
-    from worker.engine.scheduler import Scheduler
-    from worker.model import eos_token_ids
+    from worker.engine.paged.block_manager import BlockManager
+    from worker.engine.paged.engine import PagedEngine
+    from worker.engine.paged.scheduler import Scheduler
+    from worker.models.loading import eos_token_ids
 
     class Model:  # what the engine reads of a model
         vocab_size = loaded.model.config.vocab_size
@@ -58,10 +58,10 @@ def instant_engine(settings: Settings, loaded):
 
 def serve_infer(name: str) -> None:
     """This file as an infer worker process whose engine answers at once."""
-    import worker.process
+    import worker.service.process
 
-    worker.process.build_engine = instant_engine
-    worker.process.main("infer", name)
+    worker.service.process.build_engine = instant_engine
+    worker.service.process.main("infer", name)
 
 
 def main() -> None:
@@ -76,7 +76,7 @@ def main() -> None:
     if args.infer_worker:
         serve_infer(args.infer_worker)
         return
-    from producer.embedded import embedded_redis
+    from producer.service.embedded import embedded_redis
 
     inputs = write_inputs(args)
     with embedded_redis() as broker:
@@ -85,7 +85,7 @@ def main() -> None:
         env = {**os.environ, **settings.to_env()}
         logs = args.out / "logs"
         logs.mkdir(exist_ok=True)
-        workers = [subprocess.Popen([sys.executable, "-m", "worker.process", "prepare", "prepare@bench"],
+        workers = [subprocess.Popen([sys.executable, "-m", "worker.service.process", "prepare", "prepare@bench"],
                                     env=env, stdout=open(logs / "prepare.log", "wb"), stderr=subprocess.STDOUT),
                    subprocess.Popen([sys.executable, __file__, "--infer-worker", "instant@bench"], env=env,
                                     stdout=open(logs / "infer.log", "wb"), stderr=subprocess.STDOUT)]

@@ -23,13 +23,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import redis  # noqa: E402 - after the path set-up above
 from rich.console import Console  # noqa: E402
 
-from producer.embedded import embedded_redis, free_port  # noqa: E402
-from producer.inbox import Scanner  # noqa: E402
-from producer.submit import Source, submit  # noqa: E402
+from producer.service.embedded import embedded_redis, free_port  # noqa: E402
+from producer.service.inbox import Scanner  # noqa: E402
+from producer.intake.submit import Source, submit  # noqa: E402
 from schemas.inboxes import InboxConfig  # noqa: E402
 from schemas.messages import make_celery  # noqa: E402
 from schemas.settings import Settings  # noqa: E402
-from schemas.store import Store  # noqa: E402
+from schemas.sql.store import Store  # noqa: E402
 from schemas.tasks import builtin_task  # noqa: E402
 
 
@@ -96,8 +96,8 @@ def observation_cost(root: Path) -> float:
 
 def scrape_cost(root: Path, num_outcomes: int, num_scrapes: int) -> tuple[float, int]:
     """Median seconds of one scrape of an exporter holding `num_outcomes` recorded jobs, and its size."""
-    from worker import metrics
-    from worker.telemetry import start_telemetry
+    from worker.telemetry.exporter import metrics
+    from worker.telemetry.exporter import start_telemetry
 
     settings = Settings(home=root / "metrics-home", metrics_port=free_port(), alert_interval_s=3600)
     telemetry = start_telemetry(settings, "infer", "bench@local")

@@ -31,10 +31,10 @@ import torch  # noqa: E402
 
 from schemas.settings import Settings  # noqa: E402
 from worker.engine import GenerationOptions, ModelInput, build_engine  # noqa: E402
-from worker.engine.scheduler import ScheduledStep  # noqa: E402
-from worker.engine.sequence import Sequence  # noqa: E402
-from worker.engine.step_inputs import StepInputs  # noqa: E402
-from worker.model import LoadedModel, load_model, prepare_tokenizer  # noqa: E402
+from worker.engine.paged.scheduler import ScheduledStep  # noqa: E402
+from worker.engine.paged.sequence import Sequence  # noqa: E402
+from worker.engine.paged.step_inputs import StepInputs  # noqa: E402
+from worker.models.loading import LoadedModel, load_model, prepare_tokenizer  # noqa: E402
 
 GREEDY_TO_THE_END = GenerationOptions(ignore_eos=True)
 

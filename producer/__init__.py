@@ -1,4 +1,4 @@
 """Producers: the `docbatch` CLI (submit, status, results, run, demo) and the folder walk."""
-from producer.submit import Submission, submit
+from producer.intake.submit import Submission, submit
 
 __all__ = ["Submission", "submit"]

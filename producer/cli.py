@@ -11,13 +11,13 @@ import click
 from rich.console import Console
 from rich.table import Column, Table
 
-from producer.export import FORMATS
+from producer.results.export import FORMATS
 from producer.jobs_cli import COMMANDS as JOB_COMMANDS
 from producer.service_cli import COMMANDS as SERVICE_COMMANDS
 from schemas.records import BatchStatus, JobRecord
 from schemas.settings import Settings
 from schemas.states import JobState
-from schemas.store import Store
+from schemas.sql.store import Store
 from schemas.tasks import (
     BUILTIN_TASKS,
     CHAT_TASK,
@@ -88,7 +88,7 @@ def _task_options(command):
 def _resolve(settings: Settings, paths: tuple[Path, ...], task: str | None, task_file: Path | None,
              openai_batch: Path | None):
     """The inputs and the task definition the options name, or a usage error that says what to give."""
-    from producer.submit import Source
+    from producer.intake.submit import Source
 
     chosen = [name for name, value in (("--task", task), ("--task-file", task_file), ("--openai-batch", openai_batch))
               if value is not None]
@@ -127,8 +127,8 @@ def submit_command(ctx, paths, task, task_file, openai_batch, wait, priority, la
     Exit codes: 0 done (or queued, without --wait); 1 a job failed; 2 bad usage (a path that does not
     exist, say); 3 Redis unreachable (the batch is recorded, its jobs go out when Redis is back).
     """
-    from producer.progress import wait_for_batch
-    from producer.submit import BrokerUnreachable, submit
+    from producer.results.progress import wait_for_batch
+    from producer.intake.submit import BrokerUnreachable, submit
     from schemas.messages import make_celery
 
     settings = _settings(ctx)
@@ -162,7 +162,7 @@ def status_command(ctx, batch, as_json) -> None:
     """Job counts by state for BATCH, or for the 20 newest batches and the workers alive now (what each
     holds)."""
     from producer.jobs_cli import print_workers
-    from producer.progress import batch_status
+    from producer.results.progress import batch_status
 
     store = _store(_settings(ctx))
     batch_ids = [batch] if batch else store.latest_batch_ids()
@@ -187,7 +187,7 @@ def status_command(ctx, batch, as_json) -> None:
 def results_command(ctx, batch, fmt, out) -> None:
     """One record per job of BATCH: job_id, name, sha256, task, state, result or error (with the
     consistency checks' warnings), worker, batch_size, tokens_in, tokens_out, timings."""
-    from producer.export import batch_records, render
+    from producer.results.export import batch_records, render
 
     store = _store(_settings(ctx))
     if store.get_batch(batch) is None:
@@ -211,7 +211,7 @@ def results_command(ctx, batch, fmt, out) -> None:
 @click.pass_context
 def worker_command(ctx, gpus, max_batch_size, max_batch_tokens, max_wait_ms, no_prepare) -> None:
     """Start one inference worker per GPU (named gpuN@host) and a prepare worker; Ctrl-C stops them."""
-    from worker.launcher import launch
+    from worker.service.launcher import launch
 
     overrides = {k: v for k, v in dict(max_batch_size=max_batch_size, max_batch_tokens=max_batch_tokens,
                                        max_wait_ms=max_wait_ms).items() if v is not None}
@@ -247,7 +247,7 @@ def demo_command(ctx, gpus, out_dir) -> None:
     """`run` over the bundled sample documents: contracts summarized, financial reports extracted.
 
     Answers are capped at DEMO_MAX_NEW_TOKENS so that the demo takes a few minutes on a laptop CPU."""
-    from producer.submit import Source
+    from producer.intake.submit import Source
 
     samples = importlib.resources.files("producer") / "samples"
     settings = _settings(ctx)

@@ -10,7 +10,7 @@ from rich.table import Table
 from schemas.messages import PREPARE_TASK, make_celery, send
 from schemas.settings import Settings
 from schemas.states import ErrorCode
-from schemas.store import Store
+from schemas.sql.store import Store
 
 console = Console(stderr=True)
 

@@ -17,14 +17,14 @@ from typing import Iterator
 
 from rich.console import Console
 
-from producer.embedded import redis_for
-from producer.export import batch_records, render
-from producer.progress import wait_for_batch
-from producer.submit import Source, Submission, submit
+from producer.service.embedded import redis_for
+from producer.results.export import batch_records, render
+from producer.results.progress import wait_for_batch
+from producer.intake.submit import Source, Submission, submit
 from schemas.messages import make_celery
 from schemas.records import BatchStatus, JobRecord
 from schemas.settings import Settings
-from schemas.store import Store
+from schemas.sql.store import Store
 from schemas.tasks import TaskDefinition
 
 WORKER_STOP_TIMEOUT_S = 60

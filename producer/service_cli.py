@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from schemas.settings import Settings
-from schemas.store import Store
+from schemas.sql.store import Store
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 INBOX_HELP = """\b
@@ -38,7 +38,7 @@ def _open(settings: Settings) -> tuple[Store, redis.Redis]:
 
 
 def _scanner(settings: Settings):
-    from producer.inbox import Scanner
+    from producer.service.inbox import Scanner
     from schemas.messages import make_celery
 
     if not settings.inbox:
@@ -56,7 +56,7 @@ def beat_command(settings: Settings) -> None:
     Each tick takes the files that have settled and are new into one batch, and moves or deletes the files
     whose jobs have ended. A file is never taken twice, even by two beats; a tick that finds nothing new
     makes no batch."""
-    from producer.beat import run_beat
+    from producer.service.beat import run_beat
 
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     scanner = _scanner(settings)
@@ -72,7 +72,7 @@ def inbox_group() -> None:
 @click.pass_obj
 def inbox_list_command(settings: Settings) -> None:
     """Each inbox: its folder, task, schedule, last scan, the files it took and the batches it made."""
-    from producer.inbox_status import inbox_rows
+    from producer.service.inbox_status import inbox_rows
 
     if not settings.inbox:
         raise click.ClickException("no inbox is configured: add [[inbox]] tables to the settings file")
@@ -120,7 +120,7 @@ def flower_command(settings: Settings, address, port, read_only, insecure_local)
     \b
     It requires basic auth: set DOCBATCH_FLOWER_USER and DOCBATCH_FLOWER_PASSWORD (or flower_user and
     flower_password in the settings file). Same as: celery -A worker.celery_app flower"""
-    from producer.flower import FlowerRefused, flower_launch
+    from producer.service.flower import FlowerRefused, flower_launch
 
     try:
         launch = flower_launch(settings, address=address or settings.flower_address,
@@ -140,7 +140,7 @@ def top_command(settings: Settings, once: bool, interval_s: float) -> None:
     """A live view: workers (role, queues, what they run, jobs done and failed, tokens/s, alerts), GPUs
     (utilisation, memory, temperature, power), queue lengths, and the newest batches' progress.
     Ctrl-C quits."""
-    from producer.top import run_top
+    from producer.service.top import run_top
     from schemas.messages import make_celery
 
     store, client = _open(settings)
@@ -159,8 +159,8 @@ def up_command(settings: Settings, gpus: str, no_flower: bool, insecure_local: b
     """Everything on this machine without Docker: Redis (the configured one, else one started here), a
     worker per visible GPU or the CPU plus a prepare worker, beat (when inboxes are configured) and Flower.
     Logs go to HOME/logs/. Ctrl-C stops it all."""
-    from producer.flower import FlowerRefused, flower_launch
-    from producer.up import up
+    from producer.service.flower import FlowerRefused, flower_launch
+    from producer.service.up import up
 
     if not no_flower:
         try:  # refuse here, before anything starts, rather than lose Flower a moment later

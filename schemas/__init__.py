@@ -2,6 +2,6 @@
 from schemas.records import BatchStatus, JobRecord
 from schemas.settings import Settings
 from schemas.states import DocbatchError, ErrorCode, JobState
-from schemas.store import Store
+from schemas.sql.store import Store
 
 __all__ = ["BatchStatus", "DocbatchError", "ErrorCode", "JobRecord", "JobState", "Settings", "Store"]

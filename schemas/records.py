@@ -6,7 +6,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from schemas.models import BatchItem, BatchReject, Job, Result
+from schemas.sql.models import BatchItem, BatchReject, Job, Result
 from schemas.states import JobState
 
 

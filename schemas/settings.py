@@ -94,7 +94,7 @@ class Settings(BaseSettings):
                                                               "long (a duplicate of a running job does nothing)")
     db_retry_s: float = Field(600, ge=0, description="how long a worker waits out a database outage in one call")
     failpoints: tuple[str, ...] = Field((), description="fault injection for the fault suite: 'point=marker' "
-                                        "items; see worker/failpoints.py. Never set in production")
+                                        "items; see worker/service/failpoints.py. Never set in production")
 
     # Running as a service: scheduled ingestion, Flower, metrics and alerts.
     inbox: tuple[InboxConfig, ...] = Field((), description="folders `docbatch beat` scans (TOML [[inbox]] tables)")

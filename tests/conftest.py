@@ -14,7 +14,7 @@ import pytest
 import redis
 
 from schemas.settings import Settings
-from schemas.store import Store
+from schemas.sql.store import Store
 from schemas.tasks import load_task_file
 
 REDIS_URL = os.environ.get("DOCBATCH_TEST_REDIS", "redis://127.0.0.1:6379")
@@ -33,7 +33,7 @@ def model_cache(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def small_model_dir(model_cache: Path) -> Path:
     """The packaged GGUF converted by the product's own code path (slow once, about 15 s)."""
-    from worker.model import packaged_model_dir
+    from worker.models.loading import packaged_model_dir
 
     return packaged_model_dir(model_cache)
 
@@ -62,7 +62,7 @@ def small_model_as_worker(small_model_dir: Path):
 
 
 def _load_small_model(small_model_dir: Path, dtype: str):
-    from worker.model import load_model
+    from worker.models.loading import load_model
 
     return load_model(Settings(model=str(small_model_dir), device="cpu", home=small_model_dir.parent, dtype=dtype))
 

@@ -14,10 +14,10 @@ from schemas.settings import Settings
 
 @functools.cache
 def _module_app() -> Celery:
-    import worker.telemetry  # noqa: F401 - registers `celery inspect docbatch_telemetry` with Celery's command line
+    import worker.telemetry.exporter  # noqa: F401 - registers `celery inspect docbatch_telemetry` with Celery's command line
 
     app = make_celery(Settings.load())
-    app.conf.include = ["worker.tasks", "worker.standalone"]  # what a `celery -A worker.celery_app worker` runs
+    app.conf.include = ["worker.service.tasks", "worker.service.standalone"]  # what a `celery -A worker.celery_app worker` runs
     return app
 
 

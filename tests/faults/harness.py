@@ -30,12 +30,12 @@ from typing import Callable
 ROOT = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from producer.embedded import free_port  # noqa: E402
+from producer.service.embedded import free_port  # noqa: E402
 from schemas.messages import make_celery  # noqa: E402
-from schemas.models import Job, Result  # noqa: E402
+from schemas.sql.models import Job, Result  # noqa: E402
 from schemas.settings import Settings  # noqa: E402
 from schemas.states import JobState  # noqa: E402
-from schemas.store import Store  # noqa: E402
+from schemas.sql.store import Store  # noqa: E402
 
 POSTGRES_BIN = Path("/usr/lib/postgresql") / (sorted(os.listdir("/usr/lib/postgresql"))[-1] if Path(
     "/usr/lib/postgresql").exists() else "none") / "bin"
@@ -111,7 +111,7 @@ class Worker:
 
     def kill_infer(self) -> None:
         """SIGKILL of the infer process alone; the worker's supervisor restarts it."""
-        pids = subprocess.run(["pgrep", "-g", str(self.process.pid), "-f", "worker.process infer"],
+        pids = subprocess.run(["pgrep", "-g", str(self.process.pid), "-f", "worker.service.process infer"],
                               capture_output=True, text=True).stdout.split()
         for pid in pids:
             os.kill(int(pid), signal.SIGKILL)
@@ -231,7 +231,7 @@ def _inject(fault: str, worker: Worker, redis: Redis, postgres: Postgres, rng: r
 def _submit(settings: Settings, store: Store, folder: Path) -> str:
     from rich.console import Console
 
-    from producer.submit import Source, submit
+    from producer.intake.submit import Source, submit
     from schemas.tasks import builtin_task
 
     result = submit(settings, store, make_celery(settings), Source(paths=(folder,)),

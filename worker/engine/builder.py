@@ -25,7 +25,7 @@ GRAPH_RESERVE_BYTES = GIB // 2  # activations of the captured decode graphs, tak
 
 def paged_unsupported(loaded: Any) -> str | None:
     """Why the paged engine cannot run this loaded model, or None."""
-    from worker.engine.model import unsupported_reason
+    from worker.engine.paged.model import unsupported_reason
 
     if loaded.is_vision:
         return "image-text models run on the hf engine"
@@ -49,8 +49,8 @@ def engine_kind(settings: Settings, loaded: Any) -> str:
 
 
 def build_engine(settings: Settings, loaded: Any, tp: Any = None) -> Any:
-    """The started engine for `loaded` (a `worker.model.LoadedModel`), paged or hf. `tp` (a
-    `worker.engine.tensor_parallel.TensorParallel`): this process leads a tensor-parallel group, whose other
+    """The started engine for `loaded` (a `worker.models.loading.LoadedModel`), paged or hf. `tp` (a
+    `worker.engine.paged.tensor_parallel.TensorParallel`): this process leads a tensor-parallel group, whose other
     ranks call `run_follower` with the same settings and model."""
     if tp is not None:
         return _paged(settings, loaded, tp).start()
@@ -60,7 +60,7 @@ def build_engine(settings: Settings, loaded: Any, tp: Any = None) -> Any:
 def run_follower(settings: Settings, loaded: Any, tp: Any) -> int:
     """A tensor-parallel rank other than the leader: build this rank's shard and KV cache, then run every step
     the leader sends until it stops. Returns the number of steps run."""
-    from worker.engine.tensor_parallel import follow
+    from worker.engine.paged.tensor_parallel import follow
 
     parts = _PagedParts.build(settings, loaded, tp)
     return follow(parts.model, parts.attention, tp)
@@ -96,9 +96,9 @@ class _PagedParts:
     def build(cls, settings: Settings, loaded: Any, tp: Any = None) -> "_PagedParts":
         import torch
 
-        from worker.engine.attention import WORKSPACE_BYTES, FlashInferAttention, TorchAttention, flashinfer_available
-        from worker.engine.kv_cache import CacheShape, KVCache
-        from worker.engine.model import DecoderModel
+        from worker.engine.paged.attention import WORKSPACE_BYTES, FlashInferAttention, TorchAttention, flashinfer_available
+        from worker.engine.paged.kv_cache import CacheShape, KVCache
+        from worker.engine.paged.model import DecoderModel
         from worker.engine.quant import KV_CACHE_DTYPES
 
         weight_format = "fp16" if loaded.cpu_fp16 and settings.weight_format == "bf16" else settings.weight_format
@@ -115,7 +115,7 @@ class _PagedParts:
             return TorchAttention(cache, model.heads)
 
         if on_gpu:
-            from worker.engine.memory import gpu_kv_bytes
+            from worker.engine.paged.memory import gpu_kv_bytes
 
             kv_bytes = settings.kv_cache_gb * GIB or gpu_kv_bytes(model, shape, attention_over, settings,
                                                                   reserve_bytes=GRAPH_RESERVE_BYTES)
@@ -129,14 +129,14 @@ class _PagedParts:
 
 
 def _paged(settings: Settings, loaded: Any, tp: Any = None) -> Any:
-    from worker.engine.block_manager import BlockManager
-    from worker.engine.cuda_graphs import DecodeGraphs
+    from worker.engine.paged.block_manager import BlockManager
+    from worker.engine.paged.cuda_graphs import DecodeGraphs
     from worker.engine.grammar import GrammarCache
-    from worker.engine.memory import MemoryReport
-    from worker.engine.paged_engine import PagedEngine
-    from worker.engine.runner import ModelRunner
-    from worker.engine.scheduler import Scheduler
-    from worker.model import eos_token_ids
+    from worker.engine.paged.memory import MemoryReport
+    from worker.engine.paged.engine import PagedEngine
+    from worker.engine.paged.runner import ModelRunner
+    from worker.engine.paged.scheduler import Scheduler
+    from worker.models.loading import eos_token_ids
 
     started = time.perf_counter()
     parts = _PagedParts.build(settings, loaded, tp)

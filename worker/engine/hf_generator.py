@@ -7,7 +7,7 @@ import torch
 
 from worker.engine.grammar import GrammarCache, SchemaLogitsProcessor
 from worker.engine.request import GenerationOptions, ModelInput
-from worker.model import eos_token_ids
+from worker.models.loading import eos_token_ids
 
 
 def collate(inputs: Sequence[ModelInput], pad_token_id: int,

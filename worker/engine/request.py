@@ -65,7 +65,7 @@ class EngineStats:
     num_decode_steps: int = 0  # paged engine: steps where every row decodes one token
     decode_step_s: float = 0.0  # their wall time, sampling included
     prefill_step_s: float = 0.0  # wall time of the steps that computed prompt tokens
-    # Set once at start (None: not known for this engine): device memory, `worker.engine.memory.MemoryReport`
+    # Set once at start (None: not known for this engine): device memory, `worker.engine.paged.memory.MemoryReport`
     weight_bytes: int | None = None
     kv_cache_bytes: int | None = None
     kv_capacity_tokens: int | None = None

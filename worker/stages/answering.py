@@ -9,13 +9,13 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from schemas.models import Job
+from schemas.sql.models import Job
 from schemas.states import DocbatchError, ErrorCode
 from schemas.tasks import Generation
-from worker.checks import result_warnings
+from worker.answers.checks import result_warnings
 from worker.engine import Completion, GenerationOptions, ModelInput, RequestTooLarge
-from worker.prompts import validate_json
-from worker.runtime import Runtime
+from worker.answers.prompts import validate_json
+from worker.service.runtime import Runtime
 from worker.stages.prompting import Request
 from worker.stages.reducing import advance_parent
 

@@ -6,13 +6,13 @@ import hashlib
 import io
 import logging
 
-from schemas.models import Job
+from schemas.sql.models import Job
 from schemas.states import DocbatchError, ErrorCode
-from schemas.store import StoredPage
-from worker.extract import ExtractedPage, extract_pages
-from worker.inputs import document_parts, plan_job_chunks
-from worker.ocr import ocr_image
-from worker.runtime import Runtime
+from schemas.sql.store import StoredPage
+from worker.documents.extract import ExtractedPage, extract_pages
+from worker.documents.inputs import document_parts, plan_job_chunks
+from worker.documents.ocr import ocr_image
+from worker.service.runtime import Runtime
 from worker.stages.reducing import chunk_budget, send_infer, start_chunks
 
 log = logging.getLogger(__name__)

@@ -6,15 +6,15 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, Callable
 
-from schemas.models import Job
+from schemas.sql.models import Job
 from schemas.openai import ChatRequest
 from schemas.states import DocbatchError, ErrorCode
-from schemas.store import StoredPage
+from schemas.sql.store import StoredPage
 from schemas.tasks import Generation, TaskDefinition, schema_text
 from worker.engine import ModelInput
-from worker.inputs import Part, document_parts, materialise
-from worker.prompts import Prompt, build_text_prompt, chat_tokens
-from worker.runtime import Runtime
+from worker.documents.inputs import Part, document_parts, materialise
+from worker.answers.prompts import Prompt, build_text_prompt, chat_tokens
+from worker.service.runtime import Runtime
 
 
 @dataclass(frozen=True)
@@ -76,7 +76,7 @@ def _build_prompt(rt: Runtime, task: TaskDefinition, parts: list[Part], *, reduc
                   metadata: dict[str, Any]) -> Prompt:
     try:
         if rt.processor is not None:
-            from worker.vision import build_vision_prompt
+            from worker.models.vision import build_vision_prompt
 
             return build_vision_prompt(rt.processor, task.around_text(reduce=reduce, **metadata),
                                        materialise(parts, rt.store), rt.max_input_tokens)

@@ -8,14 +8,14 @@ import logging
 from typing import Any
 
 from schemas.messages import INFER_TASK, send
-from schemas.models import Job
+from schemas.sql.models import Job
 from schemas.states import DocbatchError
 from schemas.tasks import TaskDefinition
-from worker.checks import result_warnings
-from worker.inputs import Part, plan_job_chunks, reduce_parts
-from worker.merge import conflict_prompt_text, merge_answers
-from worker.prompts import prompt_reserve, validate_json
-from worker.runtime import Runtime
+from worker.answers.checks import result_warnings
+from worker.documents.inputs import Part, plan_job_chunks, reduce_parts
+from worker.answers.merge import conflict_prompt_text, merge_answers
+from worker.answers.prompts import prompt_reserve, validate_json
+from worker.service.runtime import Runtime
 
 log = logging.getLogger(__name__)
 

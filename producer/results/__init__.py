@@ -1,0 +1,1 @@
+"""What goes out: result exports, the Markdown report, progress over a batch."""

@@ -1,0 +1,1 @@
+"""docbatch as a service: beat and inbox scans, Flower, `up`, `top`, the embedded Redis."""

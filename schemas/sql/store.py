@@ -1,0 +1,253 @@
+"""The store: every read and write of the system of record goes through `Store`.
+
+Producers add documents and batches; workers claim jobs with compare-and-set state changes (so a
+duplicated message does nothing), record pages, results and failures; the CLI reads counts and records.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+from sqlalchemy import Engine, func, or_, select
+
+from schemas.sql.db import dialect_insert, make_engine, make_sessionmaker, migrate
+from schemas.sql.lifecycle import Lifecycle, retried
+from schemas.sql.models import (
+    Batch,
+    BatchItem,
+    BatchReject,
+    Document,
+    Job,
+    Page,
+    Result,
+    TaskDef,
+    new_id,
+    utcnow,
+)
+from schemas.states import ErrorCode, JobState
+
+
+def idempotency_key(document_sha256: str, task: str, params: dict[str, Any], model: str) -> str:
+    """sha256 over document, task, canonical params and model: the identity of a unit of work."""
+    canonical = json.dumps(params, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(f"{document_sha256}\n{task}\n{canonical}\n{model}".encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class StoredPage:
+    text: str
+    source: str  # "text", "ocr" or "image" (see schemas.sql.models.Page)
+    image_sha256: str | None = None
+
+
+@dataclass(frozen=True)
+class Reject:
+    """A submitted path that never became a document, and why."""
+
+    name: str
+    code: ErrorCode
+    message: str
+
+
+@dataclass(frozen=True)
+class NewBatch:
+    """What `Store.create_batch` made: the batch, and the jobs that still need a worker."""
+
+    batch_id: str
+    num_jobs: int
+    to_enqueue: list[str]
+    num_reused_done: int
+    names: dict[str, str] = field(default_factory=dict)  # job id -> a name the batch lists it under
+
+
+class Store(Lifecycle):
+    """Data access over one database. Thread-safe: each call opens its own session.
+
+    Job state changes, leases and workers are `schemas.sql.lifecycle.Lifecycle`'s part. A worker's store waits
+    out database outages for up to `retry_s` in the calls it makes while holding a job (0: fail at once)."""
+
+    def __init__(self, url: str, blob_dir: Path | None = None, retry_s: float = 0) -> None:
+        self.url = url
+        self.retry_s = retry_s
+        self.engine: Engine = make_engine(url)
+        self._sessions = make_sessionmaker(self.engine)
+        self.blob_dir = blob_dir
+
+    def migrate(self) -> None:
+        migrate(self.engine)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # -- documents -----------------------------------------------------------------------------
+    def put_document(self, sha256: str, data: bytes, media_type: str) -> bool:
+        """Store a document's bytes once (inline, or under `blob_dir`). Returns False if it was there."""
+        with self._sessions.begin() as session:
+            if session.get(Document, sha256) is not None:
+                return False
+            blob_uri = None
+            if self.blob_dir is not None:
+                path = self.blob_dir / sha256[:2] / sha256
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_suffix(".part")
+                tmp.write_bytes(data)
+                tmp.replace(path)
+                blob_uri = path.resolve().as_uri()
+            stmt = dialect_insert(session, Document).values(
+                sha256=sha256, size_bytes=len(data), media_type=media_type,
+                content=None if blob_uri else data, blob_uri=blob_uri, created_at=utcnow())
+            session.execute(stmt.on_conflict_do_nothing(index_elements=["sha256"]))
+            return True
+
+    def read_document(self, sha256: str) -> tuple[bytes, str]:
+        """A document's bytes and media type, wherever they are kept."""
+        with self._sessions() as session:
+            row = session.execute(select(Document.content, Document.blob_uri, Document.media_type)
+                                  .where(Document.sha256 == sha256)).one()
+        if row.blob_uri:
+            return Path(row.blob_uri.removeprefix("file://")).read_bytes(), row.media_type
+        return bytes(row.content), row.media_type
+
+    def save_pages(self, sha256: str, pages: list[StoredPage]) -> None:
+        """Record a document's extracted pages (numbered from 1), replacing any earlier extraction."""
+        with self._sessions.begin() as session:
+            for page_no, page in enumerate(pages, start=1):
+                session.merge(Page(document_sha256=sha256, page_no=page_no, text=page.text, source=page.source,
+                                   image_sha256=page.image_sha256))
+
+    def load_pages(self, sha256: str) -> list[StoredPage] | None:
+        """Extracted pages in page order, or None if the document was never extracted."""
+        with self._sessions() as session:
+            rows = session.execute(select(Page.text, Page.source, Page.image_sha256)
+                                   .where(Page.document_sha256 == sha256).order_by(Page.page_no)).all()
+        return [StoredPage(*row) for row in rows] or None
+
+    def document_meta(self, sha256: str) -> dict[str, Any]:
+        """What a prompt template may say of a document besides its text: media type and page count."""
+        with self._sessions() as session:
+            media_type = session.scalar(select(Document.media_type).where(Document.sha256 == sha256))
+            num_pages = session.scalar(select(func.count()).select_from(Page).where(Page.document_sha256 == sha256))
+        return {"media_type": media_type, "num_pages": num_pages, "sha256": sha256}
+
+    # -- task definitions ----------------------------------------------------------------------
+    def put_task(self, task_hash: str, name: str, definition: dict[str, Any]) -> None:
+        """Keep a task definition under its hash (once: the hash covers all of it)."""
+        with self._sessions.begin() as session:
+            stmt = dialect_insert(session, TaskDef).values(
+                hash=task_hash, name=name, definition=json.dumps(definition, ensure_ascii=False), created_at=utcnow())
+            session.execute(stmt.on_conflict_do_nothing(index_elements=["hash"]))
+
+    def get_task(self, task_hash: str) -> dict[str, Any]:
+        with self._sessions() as session:
+            definition = session.scalar(select(TaskDef.definition).where(TaskDef.hash == task_hash))
+        if definition is None:
+            raise KeyError(f"no task definition {task_hash}")
+        return json.loads(definition)
+
+    # -- batches -------------------------------------------------------------------------------
+    def create_batch(self, task: str, params: dict[str, Any], model: str, items: Iterable[tuple[str, str]],
+                     label: str | None = None, priority: int = 0,
+                     rejects: Iterable[Reject] = (), task_hash: str | None = None,
+                     key_by_name: bool = False) -> NewBatch:
+        """Make a batch over `items` (name, document sha256), reusing any job that already exists.
+
+        Names are unique in a batch; several names with the same content share one job, unless
+        `key_by_name` (the task's prompt uses the name): then the name is one of the job's params.
+        Failed and cancelled jobs go back to `queued`; every queued job of the batch is returned for
+        (re-)enqueueing. (Jobs a dead worker held come back by their leases, not here.)
+        """
+        keys_by_name: dict[str, str] = {}
+        new_jobs: dict[str, tuple[str, dict[str, Any]]] = {}  # key -> (sha, params)
+        for name, sha in items:
+            job_params = {**params, "filename": name} if key_by_name else params
+            key = idempotency_key(sha, task, job_params, model)
+            keys_by_name.setdefault(name, key)
+            new_jobs.setdefault(key, (sha, job_params))
+        now = utcnow()
+        with self._sessions.begin() as session:
+            if new_jobs:
+                insert_rows = [dict(id=new_id(), idempotency_key=key, document_sha256=sha, task=task,
+                                    params=job_params, model=model, state=JobState.QUEUED, priority=priority,
+                                    attempts=0, created_at=now, updated_at=now, sent_at=now)
+                               for key, (sha, job_params) in new_jobs.items()]
+                stmt = dialect_insert(session, Job).values(insert_rows)
+                session.execute(stmt.on_conflict_do_nothing(index_elements=["idempotency_key"]))
+            jobs = {job.idempotency_key: job for job in session.scalars(
+                select(Job).where(Job.idempotency_key.in_(list(new_jobs))))} if new_jobs else {}
+            batch = Batch(task=task, task_hash=task_hash, model=model, label=label, priority=priority, created_at=now)
+            session.add(batch)
+            session.flush()
+            session.add_all(BatchItem(batch_id=batch.id, job_id=jobs[key].id, name=name)
+                            for name, key in keys_by_name.items())
+            session.add_all(BatchReject(batch_id=batch.id, name=r.name, error_code=r.code.value, error_message=r.message)
+                            for r in {r.name: r for r in rejects}.values())
+            again = [job.id for job in jobs.values() if job.state in (JobState.FAILED, JobState.CANCELLED)]
+            self.transition(again, [JobState.FAILED, JobState.CANCELLED], JobState.QUEUED, session=session,
+                            error_code=None, error_message=None, attempts=0, lost_runs=0, isolate=False,
+                            finished_at=None, priority=priority, sent_at=now)
+            states = dict(session.execute(select(Job.id, Job.state).where(
+                Job.id.in_([job.id for job in jobs.values()]))).all()) if jobs else {}
+            to_enqueue = [job_id for job_id, state in states.items() if state == JobState.QUEUED]
+            reused = sum(state == JobState.DONE for state in states.values())
+            names = {jobs[key].id: name for name, key in keys_by_name.items()}
+            return NewBatch(batch.id, len(jobs), to_enqueue, reused, names)
+
+    @retried
+    def get_job(self, job_id: str) -> Job | None:
+        with self._sessions() as session:
+            return session.get(Job, job_id)
+
+    def chunk_outputs(self, parent_id: str, level: int) -> list[dict[str, Any]]:
+        """The results of a parent's chunks at `level` (as `finish` stored them), in chunk order."""
+        with self._sessions() as session:
+            return list(session.scalars(
+                select(Result.data).join(Job, Job.id == Result.job_id)
+                .where(Job.parent_id == parent_id, Job.chunk_level == level).order_by(Job.chunk_index)))
+
+    # -- reading -------------------------------------------------------------------------------
+    def latest_batch_ids(self, limit: int = 20) -> list[str]:
+        with self._sessions() as session:
+            return list(session.scalars(select(Batch.id).order_by(Batch.created_at.desc()).limit(limit)))
+
+    def get_batch(self, batch_id: str) -> Batch | None:
+        with self._sessions() as session:
+            return session.get(Batch, batch_id)
+
+    def batch_counts(self, batch_id: str) -> Counter[JobState]:
+        """Number of the batch's documents in each state; paths rejected at submit count as failed."""
+        with self._sessions() as session:
+            rows = session.execute(select(Job.state, func.count()).join(BatchItem, BatchItem.job_id == Job.id)
+                                   .where(BatchItem.batch_id == batch_id).group_by(Job.state)).all()
+            rejected = session.scalar(select(func.count()).select_from(BatchReject)
+                                      .where(BatchReject.batch_id == batch_id))
+        counts = Counter({state: n for state, n in rows})
+        counts[JobState.FAILED] += rejected
+        return +counts
+
+    def unit_counts(self, batch_id: str) -> tuple[int, int]:
+        """(finished, total) units of work: documents plus the chunk jobs of long documents."""
+        in_batch = select(BatchItem.job_id).where(BatchItem.batch_id == batch_id)
+        with self._sessions() as session:
+            rows = session.execute(select(Job.state, func.count()).where(
+                or_(Job.id.in_(in_batch), Job.parent_id.in_(in_batch))).group_by(Job.state)).all()
+            rejected = session.scalar(select(func.count()).select_from(BatchReject)
+                                      .where(BatchReject.batch_id == batch_id))
+        finished = sum(n for state, n in rows if state.is_terminal) + rejected
+        return finished, sum(n for _, n in rows) + rejected
+
+    def batch_rejects(self, batch_id: str) -> list[BatchReject]:
+        with self._sessions() as session:
+            return list(session.scalars(select(BatchReject).where(BatchReject.batch_id == batch_id)
+                                        .order_by(BatchReject.name)))
+
+    def batch_rows(self, batch_id: str) -> list[tuple[BatchItem, Job, Result | None]]:
+        """Every job of a batch with its submitted name and result, in name order."""
+        with self._sessions() as session:
+            return [tuple(row) for row in session.execute(
+                select(BatchItem, Job, Result).join(Job, BatchItem.job_id == Job.id)
+                .outerjoin(Result, Result.job_id == Job.id)
+                .where(BatchItem.batch_id == batch_id).order_by(BatchItem.name))]

@@ -1,0 +1,42 @@
+"""Helpers for the tests that drive docbatch's service processes (worker, beat, Flower, `up`) over the network."""
+from __future__ import annotations
+
+import base64
+import json
+import socket
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from schemas.settings import Settings
+
+FLOWER_USER, FLOWER_PASSWORD = "ops", "s3cret-flower"
+HOST = socket.gethostname()
+
+
+def wait_for(condition, what: str, timeout_s: float = 300, every_s: float = 0.5):
+    """Poll `condition` until it returns something true; fail naming `what` after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        found = condition()
+        if found:
+            return found
+        time.sleep(every_s)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+def flower_get(settings: Settings, path: str, auth: bool = True, method: str = "GET") -> tuple[int, object]:
+    request = urllib.request.Request(f"http://127.0.0.1:{settings.flower_port}{path}", method=method,
+                                     data=b"" if method == "POST" else None)
+    if auth:
+        token = base64.b64encode(f"{FLOWER_USER}:{FLOWER_PASSWORD}".encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, json.loads(response.read() or b"null")
+    except urllib.error.HTTPError as e:
+        return e.code, None
+    except (urllib.error.URLError, ConnectionError):
+        return 0, None

@@ -1,0 +1,47 @@
+"""`docbatch worker --gpus`: which processes start, pinned to which GPUs."""
+import pytest
+
+from worker.service.launcher import WorkerSpec, plan_workers
+
+
+def test_auto_uses_every_gpu_or_falls_back_to_cpu():
+    assert plan_workers("auto", 2, "h") == [WorkerSpec("infer", "gpu0@h", "0"), WorkerSpec("infer", "gpu1@h", "1"),
+                                            WorkerSpec("prepare", "prepare@h", "")]
+    assert plan_workers("auto", 0, "h", with_prepare=False) == [WorkerSpec("infer", "cpu@h", "")]
+
+
+def test_listed_gpus_get_a_process_each_and_a_group_shares_one():
+    assert [s.cuda_visible_devices for s in plan_workers("1,3", 4, "h", with_prepare=False)] == ["1", "3"]
+    (group,) = plan_workers("0+1", 2, "h", with_prepare=False, gpu_group="layers")
+    assert (group.name, group.cuda_visible_devices) == ("gpu0+1@h", "0,1")
+
+
+def test_a_tensor_parallel_group_gets_a_process_per_gpu_led_by_the_infer_worker():
+    assert plan_workers("0,1+2+3", 4, "h", with_prepare=False) == [
+        WorkerSpec("infer", "gpu0@h", "0"),
+        WorkerSpec("infer", "gpu1+2+3@h", "1", (0, 3, 29501)),
+        WorkerSpec("tp-follower", "gpu1+2+3-rank1@h", "2", (1, 3, 29501)),
+        WorkerSpec("tp-follower", "gpu1+2+3-rank2@h", "3", (2, 3, 29501))]
+
+
+
+def test_none_starts_the_prepare_worker_alone():
+    assert plan_workers("none", 2, "h") == [WorkerSpec("prepare", "prepare@h", "")]
+    with pytest.raises(ValueError, match="no worker to start"):
+        plan_workers("none", 2, "h", with_prepare=False)
+
+
+@pytest.mark.parametrize("spec, num_gpus, message", [
+    ("all", 0, "no GPU found"), ("2", 2, "GPU 2 does not exist"), ("0,,1", 2, "expected all, cpu"),
+    ("x", 1, "GPU x does not exist")])
+def test_bad_gpu_specs_are_explained(spec, num_gpus, message):
+    with pytest.raises(ValueError, match=message):
+        plan_workers(spec, num_gpus, "h")
+
+
+def test_a_worker_started_by_celerys_command_line_takes_its_role_from_its_queue():
+    from worker.service.standalone import role_for_queues
+
+    assert role_for_queues(["infer"]) == "infer" and role_for_queues(["prepare"]) == "prepare"
+    with pytest.raises(ValueError, match="exactly one of the queues infer and prepare"):
+        role_for_queues(["infer", "prepare"])

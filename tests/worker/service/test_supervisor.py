@@ -1,0 +1,95 @@
+"""The worker's supervisor restarts a child that exits (code 0 too), gives up with a non-zero exit when one
+keeps dying, and stops every child on a signal. Real child processes; short delays."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from worker.service.supervisor import EXIT_GAVE_UP, Child, RestartPolicy, supervise
+
+
+def test_restart_delays_grow_and_the_policy_gives_up_within_its_window():
+    policy = RestartPolicy(first_delay_s=1, max_delay_s=5, max_restarts=4, window_s=100)
+    assert [policy.next_delay_s(t) for t in (0, 1, 2, 3, 4)] == [1, 2, 4, 5, None]
+    # a child that ran a while before dying starts over at the first delay; the restart limit still counts it
+    policy = RestartPolicy(first_delay_s=1, max_delay_s=30, max_restarts=4, window_s=100, stable_s=10)
+    assert [policy.next_delay_s(t, ran_s) for t, ran_s in ((0, 1), (2, 1), (30, 25), (31, 1), (32, 1))] == [
+        1, 2, 1, 2, None]
+    # restarts older than the window are forgotten
+    assert RestartPolicy(max_restarts=1, window_s=10).next_delay_s(0) == 1
+
+
+def _child(name: str, code: str) -> Child:
+    return Child(name, [sys.executable, "-c", code], dict(os.environ))
+
+
+def _fast(**kwargs):
+    return lambda: RestartPolicy(first_delay_s=0.05, max_delay_s=0.05, **kwargs)
+
+
+def test_a_child_that_exits_cleanly_is_restarted_and_one_that_keeps_dying_stops_the_worker(tmp_path: Path):
+    # Given a child that exits 0 at once (as the prepare process did after a Redis outage), beside a healthy one
+    starts = tmp_path / "starts"
+    quitter = _child("quitter", f"open({str(starts)!r}, 'a').write('x')")
+    healthy = _child("healthy", "import time; time.sleep(60)")
+    # When they run under the supervisor
+    code = supervise([quitter, healthy], policy=_fast(max_restarts=3, window_s=60), poll_s=0.02)
+    # Then the quitter was restarted each time, and when it kept exiting the worker gave up, non-zero
+    assert starts.read_text() == "xxxx"
+    assert code == EXIT_GAVE_UP
+
+
+def test_a_signal_stops_every_child_and_exits_zero(tmp_path: Path):
+    marker, ready = tmp_path / "stopped", tmp_path / "ready"
+    handler = (f"import signal, sys, time\n"
+               f"def stop(*_):\n    open({str(marker)!r}, 'a').write('x'); sys.exit(0)\n"
+               f"signal.signal(signal.SIGTERM, stop)\nopen({str(ready)!r}, 'a').write('x')\ntime.sleep(60)")
+    script = tmp_path / "supervise.py"
+    script.write_text(
+        "import os, sys\nfrom worker.service.supervisor import Child, supervise\n"
+        f"child = Child('c', [sys.executable, '-c', {handler!r}], dict(os.environ))\n"
+        "sys.exit(supervise([child, Child('d', child.argv, child.env)], poll_s=0.02))\n")
+    process = subprocess.Popen([sys.executable, str(script)], env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    deadline = time.monotonic() + 30
+    while (not ready.exists() or ready.read_text() != "xx") and time.monotonic() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(30) == 0
+    assert marker.read_text() == "xx"
+
+
+def test_a_child_killed_by_a_signal_is_restarted(tmp_path: Path):
+    # Given a child that is killed (SIGKILL) in its first life and exits in the next ones
+    pids = tmp_path / "pids"
+    child = _child("victim", f"import os, signal\nwith open({str(pids)!r}, 'a') as f: f.write(f'{{os.getpid()}}\\n')\n"
+                             f"if len(open({str(pids)!r}).read().split()) == 1: os.kill(os.getpid(), signal.SIGKILL)")
+    # When it runs under the supervisor
+    code = supervise([child], policy=_fast(max_restarts=2), poll_s=0.02)
+    # Then the killed child came back, as a new process
+    assert len(set(pids.read_text().split())) == 3 and code == EXIT_GAVE_UP
+
+
+def test_the_children_of_a_group_restart_together(tmp_path: Path):
+    # Given a group of two (the ranks of a tensor-parallel pair) whose leader exits at once, beside a child
+    # outside the group
+    starts = tmp_path / "starts"
+
+    def child(name: str, mark: str, then: str, group: str | None) -> Child:
+        code = f"import time\nopen({str(starts)!r}, 'a').write({mark!r})\n{then}"
+        return Child(name, [sys.executable, "-c", code], dict(os.environ), group)
+
+    # (each life of the leader exits once this life of its follower has started)
+    wait = f"for _ in range(500):\n    t = open({str(starts)!r}).read()\n    if t.count('F') >= t.count('L'): break\n" \
+           f"    time.sleep(0.02)"
+    leader = child("leader", "L", wait, "tp:29500")
+    follower = child("follower", "F", "time.sleep(60)", "tp:29500")
+    alone = child("alone", "A", "time.sleep(60)", None)
+    # When the supervisor restarts the leader once, then gives up on it
+    code = supervise([leader, follower, alone], policy=_fast(max_restarts=1), poll_s=0.02)
+    # Then the follower was started again with the leader, and the child outside the group was not
+    text = starts.read_text()
+    assert (text.count("L"), text.count("F"), text.count("A")) == (2, 2, 1) and code == EXIT_GAVE_UP

@@ -1,0 +1,1 @@
+"""Prompts and answers: chat-templated prompts, answer validation, consistency checks, chunk merges."""

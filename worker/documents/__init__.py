@@ -1,0 +1,1 @@
+"""Documents to model input: extraction of pages, OCR, and chunks of long documents."""

@@ -1,0 +1,1 @@
+"""docbatch's own paged engine: scheduler, block manager, KV cache, runner, sampler (nano-vllm's shape)."""

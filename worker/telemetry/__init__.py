@@ -1,0 +1,1 @@
+"""A worker's telemetry: job and engine metrics, GPU readings, alerts, the Prometheus endpoint."""
