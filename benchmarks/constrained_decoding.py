@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from schemas.outputs import FinancialReport  # noqa: E402
 from schemas.settings import Settings  # noqa: E402
-from worker.engine import GenerationOptions, ModelInput  # noqa: E402
+from worker.engine.request import GenerationOptions, ModelInput  # noqa: E402
 from worker.documents.extract import extract_pages  # noqa: E402
 from worker.engine.hf_generator import HFGenerator  # noqa: E402
 from worker.models.loading import load_model  # noqa: E402
@@ -43,7 +43,7 @@ def main() -> None:
     task = builtin_task("extract", Settings(home=args.home, model=args.model))
     prompts = [build_text_prompt(loaded.tokenizer, task.render, texts[i % len(texts)], 4096).model_input
                for i in range(args.rows)]
-    generator = HFGenerator(loaded.model, loaded.tokenizer)
+    generator = HFGenerator(loaded.model, loaded.tokenizer, loaded.eos_token_ids)
     options = GenerationOptions(repetition_penalty=1.1)
     sync = torch.cuda.synchronize if loaded.device == "cuda" else (lambda: None)
     generator([ModelInput(prompts[0].token_ids, json_schema=task.schema_text)], [8], options)  # warm-up, compile

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from schemas.settings import Settings  # noqa: E402
 from schemas.tasks import builtin_task  # noqa: E402
-from worker.engine import GenerationOptions, ModelInput  # noqa: E402
+from worker.engine.request import GenerationOptions, ModelInput  # noqa: E402
 from worker.engine.hf_generator import HFGenerator  # noqa: E402
 from worker.documents.extract import extract_pages  # noqa: E402
 from worker.models.loading import load_model  # noqa: E402
@@ -60,7 +60,7 @@ def docbatch(settings: Settings, rows: int, new_tokens: int) -> dict:
 def baseline(settings: Settings, rows: int, new_tokens: int) -> dict:
     loaded = on_a_passing_thread(lambda: load_model(settings))
     inputs = prompts(settings, loaded.tokenizer, rows)
-    generator = HFGenerator(loaded.model, loaded.tokenizer)
+    generator = HFGenerator(loaded.model, loaded.tokenizer, loaded.eos_token_ids)
     started = time.perf_counter()
     outputs = on_a_passing_thread(lambda: generator(inputs, [new_tokens] * rows, OPTIONS))
     seconds = time.perf_counter() - started

@@ -100,12 +100,12 @@ def baseline(settings: Settings, prompts: list[list[int]], new_tokens: list[int]
     """Static batches through transformers' generate, as many rows per call as `batch`."""
     import torch
 
-    from worker.engine import GenerationOptions, ModelInput
+    from worker.engine.request import GenerationOptions, ModelInput
     from worker.engine.hf_generator import HFGenerator
     from worker.models.loading import load_model
 
     loaded = load_model(settings.model_copy(update={"engine": "hf"}))
-    generator = HFGenerator(loaded.model, loaded.tokenizer)
+    generator = HFGenerator(loaded.model, loaded.tokenizer, loaded.eos_token_ids)
     options = GenerationOptions(repetition_penalty=settings.repetition_penalty, ignore_eos=settings.ignore_eos)
     key = (lambda i: len(prompts[i])) if order == "prompt" else (lambda i: new_tokens[i])
     indices = sorted(range(len(prompts)), key=key) if order != "none" else list(range(len(prompts)))

@@ -43,7 +43,6 @@ def instant_engine(settings: Settings, loaded):
     from worker.engine.paged.block_manager import BlockManager
     from worker.engine.paged.engine import PagedEngine
     from worker.engine.paged.scheduler import Scheduler
-    from worker.models.loading import eos_token_ids
 
     class Model:  # what the engine reads of a model
         vocab_size = loaded.model.config.vocab_size
@@ -52,7 +51,7 @@ def instant_engine(settings: Settings, loaded):
     scheduler = Scheduler(BlockManager(65536, settings.kv_block_tokens), max_num_seqs=settings.max_batch_size,
                           max_step_tokens=settings.max_step_tokens, max_model_len=Model.max_model_len)
     token = loaded.tokenizer("ok", add_special_tokens=False)["input_ids"][0]
-    return PagedEngine(InstantRunner(Model, token), scheduler, eos_token_ids=eos_token_ids(loaded.model, loaded.tokenizer),
+    return PagedEngine(InstantRunner(Model, token), scheduler, eos_token_ids=loaded.eos_token_ids,
                        grammars=lambda: None).start()
 
 

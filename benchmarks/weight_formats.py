@@ -30,7 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from schemas.settings import Settings  # noqa: E402
-from worker.engine import GenerationOptions, ModelInput, build_engine  # noqa: E402
+from worker.engine.request import GenerationOptions, ModelInput  # noqa: E402
+from worker.engine.builder import build_engine  # noqa: E402
 from worker.engine.paged.scheduler import ScheduledStep  # noqa: E402
 from worker.engine.paged.sequence import Sequence  # noqa: E402
 from worker.engine.paged.step_inputs import StepInputs  # noqa: E402

@@ -33,7 +33,7 @@ def model_cache(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def small_model_dir(model_cache: Path) -> Path:
     """The packaged GGUF converted by the product's own code path (slow once, about 15 s)."""
-    from worker.models.loading import packaged_model_dir
+    from worker.models.source import packaged_model_dir
 
     return packaged_model_dir(model_cache)
 

@@ -11,7 +11,7 @@ from pydantic import BaseModel, ValidationError
 
 from schemas.states import DocbatchError, ErrorCode
 from schemas.tasks import TaskDefinition
-from worker.engine import ModelInput
+from worker.engine.request import ModelInput
 
 # The chat template's own tokens and a chunk's label fit well within this, above the task prompt itself.
 TEMPLATE_RESERVE_TOKENS = 128

@@ -74,7 +74,7 @@ def _static(settings: Settings, loaded: Any) -> Any:
 
     from worker.engine.quant import weight_bytes
 
-    generator = HFGenerator(loaded.hf_engine_model(), loaded.tokenizer)
+    generator = HFGenerator(loaded.hf_engine_model(), loaded.tokenizer, loaded.eos_token_ids)
     generator([ModelInput([loaded.tokenizer.pad_token_id] * 8)], [2])  # warm-up: CUDA context and kernels
     on_oom = torch.cuda.empty_cache if loaded.device == "cuda" else (lambda: None)
     engine = StaticEngine(generator, max_batch_size=settings.max_batch_size,
@@ -136,7 +136,6 @@ def _paged(settings: Settings, loaded: Any, tp: Any = None) -> Any:
     from worker.engine.paged.engine import PagedEngine
     from worker.engine.paged.runner import ModelRunner
     from worker.engine.paged.scheduler import Scheduler
-    from worker.models.loading import eos_token_ids
 
     started = time.perf_counter()
     parts = _PagedParts.build(settings, loaded, tp)
@@ -147,7 +146,7 @@ def _paged(settings: Settings, loaded: Any, tp: Any = None) -> Any:
         runner.graphs = DecodeGraphs(model, attention, parts.workspace, max_batch_size=settings.max_batch_size)
     scheduler = Scheduler(BlockManager(cache.num_blocks, cache.shape.block_size), max_num_seqs=settings.max_batch_size,
                           max_step_tokens=settings.max_step_tokens, max_model_len=model.max_model_len)
-    engine = PagedEngine(runner, scheduler, eos_token_ids=eos_token_ids(loaded.model, loaded.tokenizer),
+    engine = PagedEngine(runner, scheduler, eos_token_ids=loaded.eos_token_ids,
                          grammars=lambda: GrammarCache(loaded.tokenizer, model.vocab_size))
     report = MemoryReport.of(model, cache)
     report.record(engine.stats)

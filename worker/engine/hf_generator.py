@@ -7,7 +7,6 @@ import torch
 
 from worker.engine.grammar import GrammarCache, SchemaLogitsProcessor
 from worker.engine.request import GenerationOptions, ModelInput
-from worker.models.loading import eos_token_ids
 
 
 def collate(inputs: Sequence[ModelInput], pad_token_id: int,
@@ -51,13 +50,13 @@ def vision_token_types(config: Any) -> dict[int, int]:
 class HFGenerator:
     """Callable the engine drives: prompts in, generated token ids (EOS stripped) out."""
 
-    def __init__(self, model: Any, tokenizer: Any) -> None:
+    def __init__(self, model: Any, tokenizer: Any, eos_token_ids: frozenset[int]) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self._grammars: GrammarCache | None = None  # built on the first constrained request
         self.pad_token_id = tokenizer.pad_token_id
         self.mm_token_types = vision_token_types(model.config)
-        self.eos_token_ids = eos_token_ids(model, tokenizer)
+        self.eos_token_ids = eos_token_ids
 
     @property
     def device(self) -> torch.device:

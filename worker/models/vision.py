@@ -11,7 +11,7 @@ from typing import Any
 
 from PIL import Image
 
-from worker.engine import ModelInput
+from worker.engine.request import ModelInput
 from worker.answers.prompts import Prompt
 
 VISION_MODEL_TYPES = {"qwen2_5_vl": "Qwen2_5_VLProcessor", "qwen2_vl": "Qwen2VLProcessor"}

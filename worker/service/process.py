@@ -23,7 +23,7 @@ from celery.signals import task_failure, worker_process_init, worker_ready
 from schemas.messages import INFER_QUEUE, PREPARE_QUEUE, PREPARE_TASK, make_celery
 from schemas.settings import Settings
 from worker.service import runtime
-from worker.engine import build_engine
+from worker.engine.builder import build_engine
 from worker.service.keeper import Keeper
 from worker.service.middleware import fail_hard_timeout
 from worker.telemetry.exporter import start_telemetry

@@ -13,7 +13,7 @@ from schemas.sql.models import Job
 from schemas.states import DocbatchError, ErrorCode
 from schemas.tasks import Generation
 from worker.answers.checks import result_warnings
-from worker.engine import Completion, GenerationOptions, ModelInput, RequestTooLarge
+from worker.engine.request import Completion, GenerationOptions, ModelInput, RequestTooLarge
 from worker.answers.prompts import validate_json
 from worker.service.runtime import Runtime
 from worker.stages.prompting import Request

@@ -11,7 +11,7 @@ from schemas.openai import ChatRequest
 from schemas.states import DocbatchError, ErrorCode
 from schemas.sql.store import StoredPage
 from schemas.tasks import Generation, TaskDefinition, schema_text
-from worker.engine import ModelInput
+from worker.engine.request import ModelInput
 from worker.documents.inputs import Part, document_parts, materialise
 from worker.answers.prompts import Prompt, build_text_prompt, chat_tokens
 from worker.service.runtime import Runtime

@@ -11,7 +11,8 @@ import pytest
 
 from schemas.settings import Settings
 from schemas.tasks import builtin_task
-from worker.engine import GenerationOptions, ModelInput, RequestTooLarge, build_engine
+from worker.engine.request import GenerationOptions, ModelInput, RequestTooLarge
+from worker.engine.builder import build_engine
 from worker.engine.paged.engine import PagedEngine
 from worker.engine.hf_generator import HFGenerator
 from worker.documents.extract import extract_pages
@@ -66,7 +67,7 @@ def prompts(small_model) -> list[ModelInput]:
 @pytest.fixture(scope="module")
 def reference(small_model, prompts) -> list[list[int]]:
     """transformers' `generate`, one prompt at a time."""
-    generator = HFGenerator(small_model.model, small_model.tokenizer)
+    generator = HFGenerator(small_model.model, small_model.tokenizer, small_model.eos_token_ids)
     return [generator([p], [NEW_TOKENS], GREEDY)[0] for p in prompts]
 
 
@@ -166,7 +167,7 @@ def test_rows_with_different_sampling_settings_share_a_step(engine, prompts, sma
     settings = [GREEDY, plain, sampled, GREEDY]
     futures = [engine.submit(prompts[12 + i], NEW_TOKENS, option) for i, option in enumerate(settings)]
     completions = [f.result(timeout=600) for f in futures]
-    generator = HFGenerator(small_model.model, small_model.tokenizer)
+    generator = HFGenerator(small_model.model, small_model.tokenizer, small_model.eos_token_ids)
     assert completions[0].token_ids == generator([prompts[12]], [NEW_TOKENS], GREEDY)[0]
     assert completions[1].token_ids == generator([prompts[13]], [NEW_TOKENS], plain)[0]
     assert completions[3].token_ids == generator([prompts[15]], [NEW_TOKENS], GREEDY)[0]

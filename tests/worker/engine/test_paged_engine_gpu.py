@@ -13,7 +13,8 @@ from tokenizers import Tokenizer, models  # noqa: E402
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM  # noqa: E402
 
 from schemas.settings import Settings  # noqa: E402
-from worker.engine import GenerationOptions, ModelInput, build_engine  # noqa: E402
+from worker.engine.request import GenerationOptions, ModelInput  # noqa: E402
+from worker.engine.builder import build_engine  # noqa: E402
 from worker.engine.paged.attention import WORKSPACE_BYTES, FlashInferAttention, TorchAttention  # noqa: E402
 from worker.engine.paged.block_manager import BlockManager  # noqa: E402
 from worker.engine.paged.cuda_graphs import DecodeGraphs  # noqa: E402

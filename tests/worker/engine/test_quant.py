@@ -10,7 +10,8 @@ from __future__ import annotations
 import pytest
 
 from schemas.settings import Settings
-from worker.engine import GenerationOptions, ModelInput, build_engine
+from worker.engine.request import GenerationOptions, ModelInput
+from worker.engine.builder import build_engine
 from worker.engine.hf_generator import HFGenerator
 from worker.engine.quant import fbgemm_available, quantize
 from worker.models.loading import load_model
@@ -37,7 +38,7 @@ def questions(small_model) -> list[ModelInput]:
 @pytest.fixture(scope="module")
 def reference(small_model, questions) -> list[list[int]]:
     """Float32 greedy answers from transformers' `generate` (the paged engine gives the same, tested elsewhere)."""
-    generator = HFGenerator(small_model.model, small_model.tokenizer)
+    generator = HFGenerator(small_model.model, small_model.tokenizer, small_model.eos_token_ids)
     return [generator([q], [NEW_TOKENS], GREEDY)[0] for q in questions]
 
 

@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from worker.engine import GenerationOptions, ModelInput, RequestTooLarge
+from worker.engine.request import GenerationOptions, ModelInput, RequestTooLarge
 from worker.engine.hf_generator import HFGenerator
 from worker.engine.static_engine import StaticEngine
 
@@ -114,7 +114,7 @@ def test_batched_generation_matches_one_at_a_time_on_the_real_small_model(small_
     tokenizer = small_model.tokenizer
     texts = ["The capital of France is", "Write one word:", "A contract is an agreement between two or more"]
     prompts = [ModelInput(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
-    generator = HFGenerator(small_model.model, tokenizer)
+    generator = HFGenerator(small_model.model, tokenizer, small_model.eos_token_ids)
     # When generated together and alone (greedy)
     together = generator(prompts, [8] * 3)
     alone = [generator([p], [8])[0] for p in prompts]

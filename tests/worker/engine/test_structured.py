@@ -13,7 +13,7 @@ from schemas.outputs import ContractSummary, FinancialReport
 from schemas.settings import Settings
 from schemas.states import DocbatchError, ErrorCode
 from schemas.tasks import builtin_task
-from worker.engine import GenerationOptions, ModelInput
+from worker.engine.request import GenerationOptions, ModelInput
 from worker.documents.extract import extract_pages
 from worker.engine.grammar import GrammarCache
 from worker.engine.hf_generator import HFGenerator
@@ -58,7 +58,7 @@ def test_constrained_answers_all_validate_and_mixed_schemas_share_a_batch(small_
     inputs = [ModelInput(p.token_ids, json_schema=TASKS["extract"].schema_text) for p in reports]
     inputs += [ModelInput(contract.token_ids, json_schema=TASKS["summarize"].schema_text), free]
     # When generated together under their own constraints
-    outputs = HFGenerator(small_model_as_worker.model, tokenizer)(inputs, [ANSWER_TOKENS] * len(inputs), OPTIONS)
+    outputs = HFGenerator(small_model_as_worker.model, tokenizer, small_model_as_worker.eos_token_ids)(inputs, [ANSWER_TOKENS] * len(inputs), OPTIONS)
     texts = [tokenizer.decode(o, skip_special_tokens=True) for o in outputs]
     # Then every constrained answer is valid JSON of its own schema, and the free row is unconstrained
     assert _valid(FinancialReport, texts[0]), texts[0]
@@ -76,7 +76,7 @@ def test_without_the_constraint_the_same_prompt_leaves_the_schema(small_model_as
     # FinancialReport does not have (what the constraint prevents; a cut-off answer alone would prove nothing)
     tokenizer = small_model_as_worker.tokenizer
     report = _prompts(tokenizer, "extract", [_document("financials", REPORT)])
-    output = HFGenerator(small_model_as_worker.model, tokenizer)(report, [PREFIX_TOKENS], OPTIONS)[0]
+    output = HFGenerator(small_model_as_worker.model, tokenizer, small_model_as_worker.eos_token_ids)(report, [PREFIX_TOKENS], OPTIONS)[0]
     text = tokenizer.decode(output, skip_special_tokens=True)
     keys = set(re.findall(r'"(\w+)"\s*:', text))
     assert keys and not keys <= set(FinancialReport.model_fields), text

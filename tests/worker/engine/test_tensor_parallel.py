@@ -18,7 +18,8 @@ from tokenizers import Tokenizer, models
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 from schemas.settings import Settings
-from worker.engine import GenerationOptions, ModelInput, build_engine
+from worker.engine.request import GenerationOptions, ModelInput
+from worker.engine.builder import build_engine
 from worker.engine.paged.attention import HeadShape
 from worker.engine.builder import run_follower
 from worker.engine.paged.tensor_parallel import TensorParallel, join_group

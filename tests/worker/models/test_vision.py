@@ -15,7 +15,7 @@ from PIL import Image, ImageDraw
 
 from schemas.settings import Settings
 from tiny_models import CONTEXT_TOKENS
-from worker.engine import GenerationOptions
+from worker.engine.request import GenerationOptions
 from worker.engine.hf_generator import HFGenerator, collate, vision_token_types
 from worker.engine.static_engine import StaticEngine
 from worker.models.loading import load_model
@@ -101,7 +101,7 @@ def test_image_and_text_requests_share_a_batch_and_the_vision_encoder_sees_the_p
         patches_seen.append((args[0] if args else kwargs["hidden_states"]).shape[0])
 
     hook = vl_model.model.model.visual.register_forward_hook(record, with_kwargs=True)
-    engine = StaticEngine(HFGenerator(vl_model.model, vl_model.tokenizer), max_batch_size=2, max_batch_tokens=4096,
+    engine = StaticEngine(HFGenerator(vl_model.model, vl_model.tokenizer, vl_model.eos_token_ids), max_batch_size=2, max_batch_tokens=4096,
                     max_wait_ms=5000).start()
     options, max_new = GenerationOptions(ignore_eos=True), 6
     futures: dict[str, object] = {}
