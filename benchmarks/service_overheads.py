@@ -96,7 +96,7 @@ def observation_cost(root: Path) -> float:
 
 def scrape_cost(root: Path, num_outcomes: int, num_scrapes: int) -> tuple[float, int]:
     """Median seconds of one scrape of an exporter holding `num_outcomes` recorded jobs, and its size."""
-    from worker.telemetry.exporter import metrics
+    from worker.telemetry import metrics
     from worker.telemetry.exporter import start_telemetry
 
     settings = Settings(home=root / "metrics-home", metrics_port=free_port(), alert_interval_s=3600)

@@ -50,7 +50,7 @@ def start_telemetry(settings: Settings, role: str, name: str) -> Telemetry:
     from prometheus_client import CollectorRegistry
     from prometheus_client.multiprocess import MultiProcessCollector
 
-    from worker.telemetry.exporter import metrics
+    from worker.telemetry import metrics
     from worker.telemetry.engine_metrics import EngineCollector
     from worker.telemetry.gpu_monitor import GpuCollector, GpuMonitor
 
