@@ -17,6 +17,7 @@ from schemas.tasks import schema_error
 
 CHAT_MEDIA_TYPE = "application/vnd.docbatch.chat-request+json"
 CHAT_URL = "/v1/chat/completions"
+TASK_URL_PREFIX = "/v1/docbatch/tasks/"  # the HTTP API's own lines: a docbatch task on an uploaded document
 IGNORED_FIELDS = {"model", "user", "metadata", "store", "seed", "service_tier"}
 
 
@@ -99,12 +100,12 @@ class InvalidRequest(ValueError):
         self.custom_id = custom_id
 
 
-def parse_request_line(line: str) -> tuple[str, ChatRequest]:
-    """A request line's `custom_id` and body; `InvalidRequest` says what is wrong with it."""
+def _envelope(line: str, url: str | None) -> tuple[str, str, dict[str, Any]]:
+    """A request line's `custom_id`, `url` and `body` (the url must be `url` when given)."""
     try:
         request = json.loads(line)
     except json.JSONDecodeError as e:
-        raise InvalidRequest(f"not JSON: {e.msg}") from e
+        raise InvalidRequest(f"not JSON: {e.msg} at column {e.colno}") from e
     if not isinstance(request, dict):
         raise InvalidRequest("a request line must be a JSON object")
     custom_id = request.get("custom_id")
@@ -112,11 +113,17 @@ def parse_request_line(line: str) -> tuple[str, ChatRequest]:
         raise InvalidRequest("custom_id must be a non-empty string")
     if request.get("method", "POST") != "POST":
         raise InvalidRequest(f"method must be POST, not {request.get('method')!r}", custom_id)
-    if request.get("url") != CHAT_URL:
-        raise InvalidRequest(f"url must be {CHAT_URL}, not {request.get('url')!r}", custom_id)
+    if url is not None and request.get("url") != url:
+        raise InvalidRequest(f"url must be {url}, not {request.get('url')!r}", custom_id)
     body = request.get("body")
     if not isinstance(body, dict):
         raise InvalidRequest("body must be a JSON object", custom_id)
+    return custom_id, request.get("url"), body
+
+
+def parse_request_line(line: str) -> tuple[str, ChatRequest]:
+    """A request line's `custom_id` and body; `InvalidRequest` says what is wrong with it."""
+    custom_id, _, body = _envelope(line, CHAT_URL)
     body = {k: v for k, v in body.items() if k not in IGNORED_FIELDS}
     try:
         chat = ChatRequest.model_validate(body)
@@ -126,6 +133,23 @@ def parse_request_line(line: str) -> tuple[str, ChatRequest]:
     if (schema := chat.answer_schema()) is not None and (error := schema_error(schema)):
         raise InvalidRequest(f"response_format: {error}", custom_id)
     return custom_id, chat
+
+
+def task_url(task_name: str) -> str:
+    """The url of a line that runs docbatch's task `task_name` on an uploaded document (an HTTP API extension)."""
+    return f"{TASK_URL_PREFIX}{task_name}"
+
+
+def parse_document_line(line: str, url: str) -> tuple[str, str]:
+    """A docbatch task line's `custom_id` and the `file_id` of the document it runs on: `{"custom_id", "method":
+    "POST", "url": "/v1/docbatch/tasks/<task>", "body": {"file_id": "file-..."}}`."""
+    custom_id, _, body = _envelope(line, url)
+    file_id = body.get("file_id")
+    if not isinstance(file_id, str) or not file_id:
+        raise InvalidRequest("body.file_id must name a file uploaded with purpose user_data", custom_id)
+    if unknown := sorted(set(body) - {"file_id"}):
+        raise InvalidRequest(f"body may hold only file_id, not {', '.join(unknown)}", custom_id)
+    return custom_id, file_id
 
 
 def output_line(*, custom_id: str, job_id: str | None, model: str, created: int, content: str | None,

@@ -113,6 +113,22 @@ class Settings(BaseSettings):
     alert_failure_window_s: float = Field(600, gt=0)
     alert_failure_min_jobs: int = Field(10, ge=1, description="jobs ended in the window before the rate counts")
 
+    # The HTTP API (`docbatch api`, docs/API.md): OpenAI's Files and Batches endpoints.
+    api_address: str = Field("127.0.0.1", description="interface the API listens on; beyond loopback it needs a key")
+    api_port: int = Field(8000, ge=1, le=65535)
+    api_max_upload_bytes: int = Field(200_000_000, ge=1, description="a file uploaded to /v1/files; more is 413")
+    api_max_request_bytes: int = Field(1_048_576, ge=1024, description="any other request body; more is 413")
+    api_max_requests: int = Field(50_000, ge=1, description="request lines in one batch's input file")
+    api_output_expires_s: int = Field(30 * 86400, ge=60, description="a batch's output and error files expire this "
+                                                                     "long after they are written, unless the batch "
+                                                                     "asks otherwise (output_expires_after)")
+    api_tasks: tuple[Path, ...] = Field((), description="task files (TOML) the API offers as "
+                                                        "/v1/docbatch/tasks/<name>, beside summarize and extract")
+    api_refresh_s: float = Field(2, ge=0, description="a batch's request counts are recomputed at most this often")
+    api_sweep_interval_s: float = Field(5, gt=0, description="how often each API process moves batches on "
+                                                             "(windows, finalizing, intake a dead process left) "
+                                                             "and purges expired files")
+
     @model_validator(mode="after")
     def _check(self) -> "Settings":
         if self.database_url and "://" not in self.database_url:

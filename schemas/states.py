@@ -88,6 +88,8 @@ class ErrorCode(str, enum.Enum):
     OUT_OF_MEMORY = "out_of_memory"
     TOO_MANY_ATTEMPTS = "too_many_attempts"
     INTERNAL_ERROR = "internal_error"
+    # the HTTP API: a request not finished when its batch's completion window ended (it was cancelled then)
+    EXPIRED = "expired"
 
 
 class DocbatchError(Exception):

@@ -20,7 +20,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from producer.intake.openai_batch import store_requests
+from producer.intake.openai_batch import store_request_file
 from producer.intake.walk import walk
 from schemas.messages import PREPARE_TASK, send
 from schemas.settings import Settings
@@ -50,7 +50,7 @@ class Source:
 
     def collect(self, settings: Settings, store: Store, console: Console) -> Collected:
         if self.openai_batch is not None:
-            items, rejects, num_new = store_requests(store, self.openai_batch)
+            items, rejects, num_new = store_request_file(store, self.openai_batch)
             return Collected(items, rejects, len(items) + len(rejects), num_new)
         return _collect_files(settings, store, list(self.paths), console)
 

@@ -339,16 +339,17 @@ class Lifecycle:
             session.execute(update(Job).where(Job.id.in_(job_ids)).values(sent_at=utcnow()))
 
     # -- an operator's side: cancel and retry ----------------------------------------------------------
-    def cancel_batch(self, batch_id: str) -> tuple[int, int]:
+    def cancel_batch(self, batch_id: str, code: ErrorCode | None = None, message: str | None = None) -> tuple[int, int]:
         """Cancel the batch's jobs that have not started (queued, ready, waiting on chunks, and those chunks;
-        a job being extracted is cancelled and its extraction dropped). Running jobs finish. Returns
-        (cancelled, still running)."""
+        a job being extracted is cancelled and its extraction dropped), with a reason `code` and `message` when
+        given (an API batch's window ended: `expired`). Running jobs finish. Returns (cancelled, still running)."""
         in_batch = select(BatchItem.job_id).where(BatchItem.batch_id == batch_id)
+        reason = dict(error_code=code.value, error_message=message) if code else {}
         with self._sessions.begin() as session:
             ids = list(session.scalars(select(Job.id).where(or_(Job.id.in_(in_batch), Job.parent_id.in_(in_batch)))))
             states = [s for s in JobState if JobState.CANCELLED in TRANSITIONS[s]]
             cancelled = self.transition(ids, states, JobState.CANCELLED, session=session, finished_at=utcnow(),
-                                        **_NO_LEASE)
+                                        **reason, **_NO_LEASE)
             running = session.scalar(select(func.count()).select_from(Job).where(
                 Job.id.in_(ids), Job.state == JobState.RUNNING))
         return cancelled, running

@@ -172,3 +172,84 @@ class Worker(Base):
     started_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     heartbeat_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     stopped_at: Mapped[dt.datetime | None] = mapped_column(nullable=True)
+
+
+# -- the HTTP API (producer/api, docs/API.md): keys, files and OpenAI's batch objects ----------------------------
+class ApiKey(Base):
+    """A key of the HTTP API, `dbk_<id>_<secret>`: only the secret's sha256 is kept (it has 256 bits of entropy,
+    so a plain hash suffices)."""
+
+    __tablename__ = "api_keys"
+    id: Mapped[str] = mapped_column(String(16), primary_key=True)
+    name: Mapped[str] = mapped_column(String(100), unique=True)
+    secret_sha256: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    revoked_at: Mapped[dt.datetime | None] = mapped_column(nullable=True)
+
+
+class ApiFile(Base):
+    """A file as OpenAI's Files API shows it, owned by one key. Its bytes are `ApiFileChunk`s, or for a
+    `user_data` file (a document for a docbatch task) the document `document_sha256`. `expired_at` marks a
+    tombstone: the content is gone and the id answers 410."""
+
+    __tablename__ = "api_files"
+    __table_args__ = (Index("ix_api_files_key_created", "key_id", "created_at"),
+                      Index("ix_api_files_expires_at", "expires_at"))
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    key_id: Mapped[str] = mapped_column(ForeignKey("api_keys.id"))
+    purpose: Mapped[str] = mapped_column(String(32))
+    filename: Mapped[str] = mapped_column(Text)
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    document_sha256: Mapped[str | None] = mapped_column(ForeignKey("documents.sha256"), nullable=True)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[dt.datetime | None] = mapped_column(nullable=True)
+    expired_at: Mapped[dt.datetime | None] = mapped_column(nullable=True)
+
+
+class ApiFileChunk(Base):
+    """One part of a file's bytes (1 MiB), so that no upload or download is held whole in memory."""
+
+    __tablename__ = "api_file_chunks"
+    file_id: Mapped[str] = mapped_column(ForeignKey("api_files.id", ondelete="CASCADE"), primary_key=True)
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True)
+    data: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class ApiBatch(Base):
+    """OpenAI's batch object beside the docbatch batch of the same `id` (made by intake): status and its
+    times, the counts cached from the jobs (`counted_at`), the output files, and a lease for intake and
+    finalizing (any API process may do either; the lease keeps it to one at a time)."""
+
+    __tablename__ = "api_batches"
+    __table_args__ = (Index("ix_api_batches_key_created", "key_id", "created_at"),
+                      Index("ix_api_batches_status", "status"))
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    key_id: Mapped[str] = mapped_column(ForeignKey("api_keys.id"))
+    endpoint: Mapped[str] = mapped_column(String(200))
+    input_file_id: Mapped[str] = mapped_column(String(40))
+    completion_window: Mapped[str] = mapped_column(String(16))
+    metadata_: Mapped[dict[str, Any] | None] = mapped_column("metadata", JsonType, nullable=True)
+    output_expires_s: Mapped[int] = mapped_column(Integer)
+    status: Mapped[str] = mapped_column(String(16))
+    end_status: Mapped[str | None] = mapped_column(String(16), nullable=True)  # what finalizing ends in
+    errors: Mapped[list[dict[str, Any]] | None] = mapped_column(JsonType, nullable=True)
+    output_file_id: Mapped[str | None] = mapped_column(String(40), nullable=True)
+    error_file_id: Mapped[str | None] = mapped_column(String(40), nullable=True)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[dt.datetime]
+    in_progress_at: Mapped[dt.datetime | None] = mapped_column(nullable=True)
+    finalizing_at: Mapped[dt.datetime | None] = mapped_column(nullable=True)
+    completed_at: Mapped[dt.datetime | None] = mapped_column(nullable=True)
+    failed_at: Mapped[dt.datetime | None] = mapped_column(nullable=True)
+    expired_at: Mapped[dt.datetime | None] = mapped_column(nullable=True)
+    cancelling_at: Mapped[dt.datetime | None] = mapped_column(nullable=True)
+    cancelled_at: Mapped[dt.datetime | None] = mapped_column(nullable=True)
+    num_total: Mapped[int] = mapped_column(Integer, default=0)
+    num_completed: Mapped[int] = mapped_column(Integer, default=0)
+    num_failed: Mapped[int] = mapped_column(Integer, default=0)
+    num_unfinished: Mapped[int] = mapped_column(Integer, default=0)
+    input_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    output_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    counted_at: Mapped[dt.datetime | None] = mapped_column(nullable=True)
+    lease_owner: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    lease_until: Mapped[dt.datetime | None] = mapped_column(nullable=True)

@@ -12,8 +12,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from sqlalchemy import Engine, func, or_, select
+from sqlalchemy import Engine, func, insert, or_, select
 
+from schemas.sql.api_batches import ApiBatchStore
+from schemas.sql.api_files import ApiFileStore
 from schemas.sql.db import dialect_insert, make_engine, make_sessionmaker, migrate
 from schemas.sql.lifecycle import Lifecycle, retried
 from schemas.sql.models import (
@@ -29,6 +31,14 @@ from schemas.sql.models import (
     utcnow,
 )
 from schemas.states import ErrorCode, JobState
+
+
+# SQLite allows 32,766 bound values in a statement: long lists of ids go in parts of this size.
+SQL_IDS_PER_QUERY = 10_000
+
+
+def chunked(items: list, size: int = SQL_IDS_PER_QUERY) -> list[list]:
+    return [items[i:i + size] for i in range(0, len(items), size)]
 
 
 def idempotency_key(document_sha256: str, task: str, params: dict[str, Any], model: str) -> str:
@@ -51,6 +61,7 @@ class Reject:
     name: str
     code: ErrorCode
     message: str
+    line: int | None = None  # an OpenAI Batch line's number in its file
 
 
 @dataclass(frozen=True)
@@ -64,10 +75,11 @@ class NewBatch:
     names: dict[str, str] = field(default_factory=dict)  # job id -> a name the batch lists it under
 
 
-class Store(Lifecycle):
+class Store(Lifecycle, ApiFileStore, ApiBatchStore):
     """Data access over one database. Thread-safe: each call opens its own session.
 
-    Job state changes, leases and workers are `schemas.sql.lifecycle.Lifecycle`'s part. A worker's store waits
+    Job state changes, leases and workers are `schemas.sql.lifecycle.Lifecycle`'s part; the HTTP API's keys, files
+    and batch objects `schemas.sql.api_files` and `schemas.sql.api_batches`'. A worker's store waits
     out database outages for up to `retry_s` in the calls it makes while holding a job (0: fail at once)."""
 
     def __init__(self, url: str, blob_dir: Path | None = None, retry_s: float = 0) -> None:
@@ -86,22 +98,33 @@ class Store(Lifecycle):
     # -- documents -----------------------------------------------------------------------------
     def put_document(self, sha256: str, data: bytes, media_type: str) -> bool:
         """Store a document's bytes once (inline, or under `blob_dir`). Returns False if it was there."""
+        return bool(self.put_documents([(sha256, data, media_type)]))
+
+    def put_documents(self, documents: list[tuple[str, bytes, str]]) -> int:
+        """Store many documents (sha256, bytes, media type) in one transaction, each once. Returns how many
+        were new."""
+        documents = list({sha: (sha, data, media) for sha, data, media in documents}.values())
         with self._sessions.begin() as session:
-            if session.get(Document, sha256) is not None:
-                return False
-            blob_uri = None
-            if self.blob_dir is not None:
-                path = self.blob_dir / sha256[:2] / sha256
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_suffix(".part")
-                tmp.write_bytes(data)
-                tmp.replace(path)
-                blob_uri = path.resolve().as_uri()
-            stmt = dialect_insert(session, Document).values(
-                sha256=sha256, size_bytes=len(data), media_type=media_type,
-                content=None if blob_uri else data, blob_uri=blob_uri, created_at=utcnow())
-            session.execute(stmt.on_conflict_do_nothing(index_elements=["sha256"]))
-            return True
+            known = set()
+            for part in chunked([sha for sha, _, _ in documents]):
+                known.update(session.scalars(select(Document.sha256).where(Document.sha256.in_(part))))
+            rows = [self._document_row(sha, data, media) for sha, data, media in documents if sha not in known]
+            if rows:  # executemany: one compiled statement for every row
+                session.execute(dialect_insert(session, Document).on_conflict_do_nothing(index_elements=["sha256"]),
+                                rows)
+            return len(rows)
+
+    def _document_row(self, sha256: str, data: bytes, media_type: str) -> dict[str, Any]:
+        blob_uri = None
+        if self.blob_dir is not None:
+            path = self.blob_dir / sha256[:2] / sha256
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".part")
+            tmp.write_bytes(data)
+            tmp.replace(path)
+            blob_uri = path.resolve().as_uri()
+        return dict(sha256=sha256, size_bytes=len(data), media_type=media_type,
+                    content=None if blob_uri else data, blob_uri=blob_uri, created_at=utcnow())
 
     def read_document(self, sha256: str) -> tuple[bytes, str]:
         """A document's bytes and media type, wherever they are kept."""
@@ -152,13 +175,14 @@ class Store(Lifecycle):
     def create_batch(self, task: str, params: dict[str, Any], model: str, items: Iterable[tuple[str, str]],
                      label: str | None = None, priority: int = 0,
                      rejects: Iterable[Reject] = (), task_hash: str | None = None,
-                     key_by_name: bool = False) -> NewBatch:
+                     key_by_name: bool = False, batch_id: str | None = None) -> NewBatch:
         """Make a batch over `items` (name, document sha256), reusing any job that already exists.
 
         Names are unique in a batch; several names with the same content share one job, unless
         `key_by_name` (the task's prompt uses the name): then the name is one of the job's params.
         Failed and cancelled jobs go back to `queued`; every queued job of the batch is returned for
-        (re-)enqueueing. (Jobs a dead worker held come back by their leases, not here.)
+        (re-)enqueueing. (Jobs a dead worker held come back by their leases, not here.) `batch_id` gives the
+        batch its id (else a new one); it must not exist yet.
         """
         keys_by_name: dict[str, str] = {}
         new_jobs: dict[str, tuple[str, dict[str, Any]]] = {}  # key -> (sha, params)
@@ -169,31 +193,34 @@ class Store(Lifecycle):
             new_jobs.setdefault(key, (sha, job_params))
         now = utcnow()
         with self._sessions.begin() as session:
-            if new_jobs:
-                insert_rows = [dict(id=new_id(), idempotency_key=key, document_sha256=sha, task=task,
-                                    params=job_params, model=model, state=JobState.QUEUED, priority=priority,
-                                    attempts=0, created_at=now, updated_at=now, sent_at=now)
-                               for key, (sha, job_params) in new_jobs.items()]
-                stmt = dialect_insert(session, Job).values(insert_rows)
-                session.execute(stmt.on_conflict_do_nothing(index_elements=["idempotency_key"]))
-            jobs = {job.idempotency_key: job for job in session.scalars(
-                select(Job).where(Job.idempotency_key.in_(list(new_jobs))))} if new_jobs else {}
-            batch = Batch(task=task, task_hash=task_hash, model=model, label=label, priority=priority, created_at=now)
+            insert_rows = [dict(id=new_id(), idempotency_key=key, document_sha256=sha, task=task,
+                                params=job_params, model=model, state=JobState.QUEUED, priority=priority,
+                                attempts=0, created_at=now, updated_at=now, sent_at=now)
+                           for key, (sha, job_params) in new_jobs.items()]
+            if insert_rows:  # executemany: one compiled statement for every row
+                session.execute(dialect_insert(session, Job).on_conflict_do_nothing(index_elements=["idempotency_key"]),
+                                insert_rows)
+            jobs = {key: (job_id, state) for part in chunked(list(new_jobs)) for key, job_id, state in session.execute(
+                select(Job.idempotency_key, Job.id, Job.state).where(Job.idempotency_key.in_(part)))}
+            batch = Batch(task=task, task_hash=task_hash, model=model, label=label, priority=priority, created_at=now,
+                          **({"id": batch_id} if batch_id else {}))
             session.add(batch)
             session.flush()
-            session.add_all(BatchItem(batch_id=batch.id, job_id=jobs[key].id, name=name)
-                            for name, key in keys_by_name.items())
+            session.execute(insert(BatchItem), [dict(batch_id=batch.id, job_id=jobs[key][0], name=name)
+                                                for name, key in keys_by_name.items()])
             session.add_all(BatchReject(batch_id=batch.id, name=r.name, error_code=r.code.value, error_message=r.message)
                             for r in {r.name: r for r in rejects}.values())
-            again = [job.id for job in jobs.values() if job.state in (JobState.FAILED, JobState.CANCELLED)]
-            self.transition(again, [JobState.FAILED, JobState.CANCELLED], JobState.QUEUED, session=session,
-                            error_code=None, error_message=None, attempts=0, lost_runs=0, isolate=False,
-                            finished_at=None, priority=priority, sent_at=now)
-            states = dict(session.execute(select(Job.id, Job.state).where(
-                Job.id.in_([job.id for job in jobs.values()]))).all()) if jobs else {}
+            again = [job_id for job_id, state in jobs.values() if state in (JobState.FAILED, JobState.CANCELLED)]
+            for part in chunked(again):
+                self.transition(part, [JobState.FAILED, JobState.CANCELLED], JobState.QUEUED, session=session,
+                                error_code=None, error_message=None, attempts=0, lost_runs=0, isolate=False,
+                                finished_at=None, priority=priority, sent_at=now)
+            ids = [job_id for job_id, _ in jobs.values()]
+            states = dict(row for part in chunked(ids) for row in session.execute(
+                select(Job.id, Job.state).where(Job.id.in_(part))))
             to_enqueue = [job_id for job_id, state in states.items() if state == JobState.QUEUED]
             reused = sum(state == JobState.DONE for state in states.values())
-            names = {jobs[key].id: name for name, key in keys_by_name.items()}
+            names = {jobs[key][0]: name for name, key in keys_by_name.items()}
             return NewBatch(batch.id, len(jobs), to_enqueue, reused, names)
 
     @retried
@@ -244,10 +271,13 @@ class Store(Lifecycle):
             return list(session.scalars(select(BatchReject).where(BatchReject.batch_id == batch_id)
                                         .order_by(BatchReject.name)))
 
-    def batch_rows(self, batch_id: str) -> list[tuple[BatchItem, Job, Result | None]]:
-        """Every job of a batch with its submitted name and result, in name order."""
+    def batch_rows(self, batch_id: str, after: str | None = None,
+                   limit: int | None = None) -> list[tuple[BatchItem, Job, Result | None]]:
+        """Every job of a batch with its submitted name and result, in name order (from past `after`, at most
+        `limit`, for a batch read page by page)."""
+        query = (select(BatchItem, Job, Result).join(Job, BatchItem.job_id == Job.id)
+                 .outerjoin(Result, Result.job_id == Job.id).where(BatchItem.batch_id == batch_id))
+        if after is not None:
+            query = query.where(BatchItem.name > after)
         with self._sessions() as session:
-            return [tuple(row) for row in session.execute(
-                select(BatchItem, Job, Result).join(Job, BatchItem.job_id == Job.id)
-                .outerjoin(Result, Result.job_id == Job.id)
-                .where(BatchItem.batch_id == batch_id).order_by(BatchItem.name))]
+            return [tuple(row) for row in session.execute(query.order_by(BatchItem.name).limit(limit))]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from producer.intake.openai_batch import render_openai, store_requests
+from producer.intake.openai_batch import render_openai, store_request_file
 from schemas.openai import CHAT_MEDIA_TYPE, ChatRequest, InvalidRequest, parse_request_line
 from schemas.records import JobRecord
 from schemas.states import JobState
@@ -70,7 +70,7 @@ def test_a_request_docbatch_cannot_run_is_refused_with_why(line, custom_id, mess
 
 
 def test_a_file_is_stored_request_by_request_and_bad_lines_become_rejects(store, tmp_path):
-    items, rejects, num_new = store_requests(store, SAMPLE)
+    items, rejects, num_new = store_request_file(store, SAMPLE)
     names = [name for name, _ in items]
     assert names == ["nda-terms", "invoice-fields", "nda-summary", "nda-summary-again", "invoice-any-json"]
     # two identical requests are one document (and so one job), under their own custom_ids
@@ -83,7 +83,7 @@ def test_a_file_is_stored_request_by_request_and_bad_lines_become_rejects(store,
     # a line without a readable custom_id is named by its line number
     path = tmp_path / "one.jsonl"
     path.write_text(_line("ok") + "\n\n{oops\n")
-    _, rejects, _ = store_requests(store, path)
+    _, rejects, _ = store_request_file(store, path)
     assert [r.name for r in rejects] == ["line 3"]
 
 
@@ -96,7 +96,7 @@ def test_a_file_that_cannot_be_run_is_refused_whole(store, tmp_path, text, messa
     path = tmp_path / "requests.jsonl"
     path.write_text(text)
     with pytest.raises(ValueError, match=message):
-        store_requests(store, path)
+        store_request_file(store, path)
 
 
 def test_output_lines_have_openai_shape_for_answers_errors_and_unfinished_requests():
