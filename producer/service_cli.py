@@ -1,4 +1,4 @@
-"""The `docbatch` commands that run it as a service: beat, inbox, flower, top, up."""
+"""The `docbatch` commands that run it as a service: beat, inbox, flower, top, up, api and its keys."""
 from __future__ import annotations
 
 import logging
@@ -183,4 +183,68 @@ def migrate_command(settings: Settings) -> None:
     Store(settings.effective_database_url, settings.blob_dir).migrate()
 
 
-COMMANDS = [beat_command, inbox_group, flower_command, top_command, up_command, migrate_command]
+@click.command("api")
+@click.option("--address", help="interface to listen on [default: api_address, 127.0.0.1]")
+@click.option("--port", type=click.IntRange(1, 65535), help="[default: api_port, 8000]")
+@click.pass_obj
+def api_command(settings: Settings, address, port) -> None:
+    """The OpenAI-compatible Files and Batches API (see README "An OpenAI-compatible API"): any program with the
+    openai SDK submits with base_url="http://HOST:PORT/v1" and a key from `docbatch api-key create`.
+
+    Beyond a loopback address it refuses to start until a key exists."""
+    from producer.api.server import ApiRefused, serve
+
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    try:
+        serve(settings, address or settings.api_address, port or settings.api_port)
+    except ApiRefused as e:
+        raise click.ClickException(str(e)) from e
+
+
+@click.group("api-key")
+def api_key_group() -> None:
+    """Keys of the HTTP API: each sees only its own files and batches."""
+
+
+@api_key_group.command("create")
+@click.argument("name")
+@click.pass_obj
+def api_key_create_command(settings: Settings, name: str) -> None:
+    """Make a key named NAME and print it, once: only its hash is kept."""
+    from producer.api.auth import new_key
+
+    store, _ = _open(settings)
+    key = new_key()
+    try:
+        store.add_api_key(key.key_id, name, key.secret_sha256)
+    except ValueError as e:
+        raise click.ClickException(str(e)) from e
+    click.echo(key.token)
+    click.echo(f"key {name!r} made; this is the only time it is shown", err=True)
+
+
+@api_key_group.command("list")
+@click.pass_obj
+def api_key_list_command(settings: Settings) -> None:
+    """Every key: name, id (the part after dbk_ a client shows), when made and revoked."""
+    store, _ = _open(settings)
+    table = Table("name", "id", "created", "revoked")
+    for key in store.api_keys():
+        table.add_row(key.name, key.id, key.created_at.strftime("%Y-%m-%d %H:%M:%S"),
+                      key.revoked_at.strftime("%Y-%m-%d %H:%M:%S") if key.revoked_at else "-")
+    _console().print(table)
+
+
+@api_key_group.command("revoke")
+@click.argument("name")
+@click.pass_obj
+def api_key_revoke_command(settings: Settings, name: str) -> None:
+    """Revoke the key NAME: its next request is 401. Its batches run on; its files stay until they expire."""
+    store, _ = _open(settings)
+    if not store.revoke_api_key(name):
+        raise click.ClickException(f"no live key named {name!r}")
+    click.echo(f"revoked {name}", err=True)
+
+
+COMMANDS = [beat_command, inbox_group, flower_command, top_command, up_command, migrate_command, api_command,
+            api_key_group]
