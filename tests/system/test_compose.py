@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
-DOCBATCH_SERVICES = {"migrate", "prepare", "gpu0", "gpu1", "beat", "flower"}
+ROOT = Path(__file__).resolve().parents[2]
+DOCBATCH_SERVICES = {"migrate", "prepare", "gpu0", "gpu1", "beat", "api", "flower"}
 
 pytestmark = pytest.mark.skipif(shutil.which("docker-compose") is None,
                                 reason="docker-compose is not installed (`make system-deps` installs it with apt-get)")
@@ -33,7 +33,7 @@ def test_every_service_restarts_and_the_long_running_ones_have_healthchecks(serv
     assert services["migrate"]["restart"] == "no"
     assert all(s["restart"] == "unless-stopped" for name, s in services.items() if name != "migrate")
     assert {name for name, s in services.items() if "healthcheck" in s} == {"redis", "postgres", "prepare", "gpu0",
-                                                                             "gpu1", "flower"}
+                                                                             "gpu1", "api", "flower"}
 
 
 def test_the_docbatch_services_wait_for_the_migration_and_it_for_the_databases(services):
@@ -67,6 +67,13 @@ def test_ports_bind_to_loopback_by_default_and_flower_has_credentials(services):
     assert published and all(port.startswith("127.0.0.1:") for port in published)
     flower = services["flower"]["environment"]
     assert (flower["DOCBATCH_FLOWER_USER"], flower["DOCBATCH_FLOWER_PASSWORD"]) == ("admin", "change-me-flower")
+
+
+def test_the_api_listens_in_its_container_and_is_published_on_loopback(services):
+    api = services["api"]
+    assert api["command"] == ["api", "--address", "0.0.0.0"]
+    assert api["ports"] == ["127.0.0.1:8000:8000/tcp"]
+    assert "urllib.request.urlopen('http://127.0.0.1:8000/v1/batches'" in " ".join(api["healthcheck"]["test"])
 
 
 def test_a_missing_password_stops_compose_with_a_message(tmp_path):
