@@ -119,7 +119,7 @@ class Settings(BaseSettings):
     api_max_upload_bytes: int = Field(200_000_000, ge=1, description="a file uploaded to /v1/files; more is 413")
     api_max_request_bytes: int = Field(1_048_576, ge=1024, description="any other request body; more is 413")
     api_max_requests: int = Field(50_000, ge=1, description="request lines in one batch's input file")
-    api_output_expires_s: int = Field(30 * 86400, ge=60, description="a batch's output and error files expire this "
+    api_output_expires_s: int = Field(30 * 86400, ge=1, description="a batch's output and error files expire this "
                                                                      "long after they are written, unless the batch "
                                                                      "asks otherwise (output_expires_after)")
     api_tasks: tuple[Path, ...] = Field((), description="task files (TOML) the API offers as "

@@ -1,9 +1,14 @@
-"""Helpers for the tests that drive docbatch's service processes (worker, beat, Flower, `up`) over the network."""
+"""Helpers for the tests that drive docbatch's service processes (worker, beat, Flower, `up`, the API) over the
+network."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
+import os
 import socket
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -40,3 +45,31 @@ def flower_get(settings: Settings, path: str, auth: bool = True, method: str = "
         return e.code, None
     except (urllib.error.URLError, ConnectionError):
         return 0, None
+
+
+def api_status(settings: Settings) -> int:
+    """The status `docbatch api` answers a request without a key with (401 once it is up), 0 if it does not."""
+    try:
+        urllib.request.urlopen(f"http://127.0.0.1:{settings.api_port}/v1/batches", timeout=5)
+    except urllib.error.HTTPError as e:
+        return e.code
+    except (urllib.error.URLError, ConnectionError):
+        return 0
+    return 200
+
+
+@contextlib.contextmanager
+def api_process(settings: Settings, log_path):
+    """`docbatch api` as its own process on `settings.api_port`, handed over once it answers, stopped afterwards."""
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen([sys.executable, "-m", "producer.cli", "api"], env={**os.environ, **settings.to_env()},
+                                   stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: process.poll() is not None or api_status(settings) == 401, "the API to answer", timeout_s=60,
+                 every_s=0.2)
+        if process.poll() is not None:
+            pytest.fail(f"docbatch api exited: {open(log_path).read()[-3000:]}")
+        yield process
+    finally:
+        process.terminate()
+        process.wait(60)

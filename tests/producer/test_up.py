@@ -9,15 +9,13 @@ import re
 import signal
 import subprocess
 import sys
-import urllib.error
-import urllib.request
 
 import pytest
 
 from producer.service.embedded import free_port, is_reachable
 from schemas.inboxes import InboxConfig
 from schemas.settings import Settings
-from services import HOST, flower_get, wait_for
+from services import HOST, api_status, flower_get, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -59,16 +57,6 @@ def test_up_starts_the_whole_topology_and_one_ctrl_c_stops_all_of_it(tmp_path, s
     for group in [up.pid, *started.values()]:  # each child ran in a process group of its own, with its children
         wait_for(lambda: not group_alive(group), f"process group {group} to be gone", timeout_s=30)
     assert not is_reachable(redis_url)  # the Redis it started (in a session of its own) is stopped too
-
-
-def api_status(settings: Settings) -> int | None:
-    try:
-        urllib.request.urlopen(f"http://127.0.0.1:{settings.api_port}/v1/batches", timeout=5)
-    except urllib.error.HTTPError as e:
-        return e.code
-    except OSError:
-        return None
-    return 200
 
 
 def group_alive(pgid: int) -> bool:
