@@ -63,8 +63,8 @@ def keys(module_settings) -> dict[str, str]:
     return made
 
 
-def client(settings: Settings, key: str | None) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"http://127.0.0.1:{settings.api_port}/v1", api_key=key or "", max_retries=0)
+def client(settings: Settings, key: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"http://127.0.0.1:{settings.api_port}/v1", api_key=key, max_retries=0)
 
 
 def chat_line(custom_id: str, text: str, max_tokens: int = 8, **fields) -> str:
@@ -125,6 +125,9 @@ def test_a_batch_runs_to_completed_with_answers_and_errors_split_as_openai_split
     assert sorted(exported.splitlines()) == sorted(served.splitlines())
     status = json.loads(CliRunner().invoke(cli, ["status", docbatch_id, "--json"], env=env).stdout)
     assert (status["total"], status["done"], status["failed"]) == (6, 4, 2)
+    # ... a completed batch cannot be cancelled
+    with pytest.raises(openai.ConflictError):
+        api.batches.cancel(batch.id)
     # ... and no request's content reached the server's log
     assert SECRET_PHRASE not in api_log.read_text()
 
@@ -170,7 +173,7 @@ def test_a_file_that_is_not_json_lines_fails_its_batch_with_errors(module_settin
 def test_cancel_mid_run_ends_cancelled_with_the_finished_lines_in_its_output(module_settings, api_server, keys):
     # Given a dozen requests on a worker that runs two at a time
     api = client(module_settings, keys["alice"])
-    source = upload(api, [chat_line(f"c{i:02d}", f"count to {i}", max_tokens=24) for i in range(12)])
+    source = upload(api, [chat_line(f"c{i:02d}", f"count to {i}", max_tokens=12) for i in range(12)])
     batch = api.batches.create(input_file_id=source.id, endpoint="/v1/chat/completions", completion_window="24h")
     wait_for(lambda: api.batches.retrieve(batch.id).request_counts.completed >= 1, "a first answer", every_s=0.1)
 
@@ -185,9 +188,8 @@ def test_cancel_mid_run_ends_cancelled_with_the_finished_lines_in_its_output(mod
     assert len(output) == ended.request_counts.completed >= 1
     assert errors and all(line["error"]["code"] == "cancelled" for line in errors)
     assert sorted(line["custom_id"] for line in output + errors) == [f"c{i:02d}" for i in range(12)]
-    # ... and a batch that has ended cannot be cancelled again
-    with pytest.raises(openai.ConflictError):
-        api.batches.cancel(batch.id)
+    # ... and cancelling it again changes nothing
+    assert api.batches.cancel(batch.id).status == "cancelled"
 
 
 def test_a_document_task_line_runs_docbatchs_task_on_an_uploaded_pdf(module_settings, api_server, keys):
@@ -219,7 +221,9 @@ def test_keys_guard_every_request_and_see_only_their_own(module_settings, api_se
     batch = alice.batches.create(input_file_id=source.id, endpoint="/v1/chat/completions", completion_window="24h")
 
     # Without a key, with a wrong one or a revoked one: 401 in OpenAI's error shape
-    for key in (None, "dbk_000000000000_wrong", keys["alice"][:-2] + "xx", keys["gone"]):
+    status, body = raw(module_settings, None, "GET", "/v1/batches", None)
+    assert status == 401 and body["error"]["code"] == "invalid_api_key" and "Authorization" in body["error"]["message"]
+    for key in ("dbk_000000000000_wrong", keys["alice"][:-2] + "xx", keys["gone"]):
         with pytest.raises(openai.AuthenticationError) as info:
             client(module_settings, key).batches.list()
         assert info.value.status_code == 401 and info.value.body["code"] == "invalid_api_key"
@@ -299,10 +303,11 @@ def test_the_server_refuses_to_listen_beyond_loopback_without_a_key(tmp_path):
     assert result.exit_code == 1 and "without an API key" in result.output
 
 
-def raw(settings: Settings, key: str, method: str, path: str, body: bytes | None) -> tuple[int, dict]:
-    """A request the SDK would never send (malformed JSON, an endpoint it does not have)."""
+def raw(settings: Settings, key: str | None, method: str, path: str, body: bytes | None) -> tuple[int, dict]:
+    """A request the SDK would never send (no key, malformed JSON, an endpoint it does not have)."""
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
     request = urllib.request.Request(f"http://127.0.0.1:{settings.api_port}{path}", data=body, method=method,
-                                     headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
+                                     headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=10) as response:
             return response.status, json.loads(response.read())
