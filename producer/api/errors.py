@@ -60,7 +60,8 @@ def _validation_message(error: RequestValidationError) -> tuple[str, str | None]
     if first.get("type") == "json_invalid":
         body = error.body if isinstance(error.body, str) else ""
         reason = (first.get("ctx") or {}).get("error", "invalid JSON")
-        return f"We could not parse the JSON body of your request: {reason} at {json_position(body, first['loc'][-1])}", None
+        where = json_position(body, first["loc"][-1])
+        return f"We could not parse the JSON body of your request: {reason} at {where}", None
     problems = []
     for item in error.errors():
         where = ".".join(str(p) for p in item["loc"] if p not in ("body", "query", "path"))

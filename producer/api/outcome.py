@@ -1,9 +1,10 @@
 """An API batch's progress and end: counts from its jobs, its window, and its output and error files.
 
 `advance` is what a `retrieve` and the sweeper call: it recounts a batch whose counts are older than `api_refresh_s`
-(one aggregate over its jobs, cached on its row), ends the window of one past `expires_at` (its jobs not started
-are cancelled with reason code `expired`), and once no job is left unfinished writes the output files and moves
-the batch to its end. Each move is a compare-and-set, finalizing is leased, so any API process may call it.
+(one aggregate over its jobs, cached on its row; one caller per interval wins the recount), ends the window of one
+past `expires_at` (its jobs not started are cancelled with reason code `expired`), and once no job is left
+unfinished writes the output files and moves the batch to its end. Each move is a compare-and-set and finalizing is
+leased, so any API process may call it.
 """
 from __future__ import annotations
 
@@ -27,29 +28,35 @@ SPOOL_BYTES = 1 << 20
 
 
 def advance(ctx: ApiContext, row: ApiBatch) -> ApiBatch:
-    """Move the batch on as far as its jobs allow; returns it as it is now."""
+    """Move the batch on as far as its jobs allow; returns it as it is now (`row` itself when nothing was due, so a
+    `retrieve` between recounts reads one row and writes none)."""
     if row.status in ENDED or row.status == "validating":
         return row
     now = utcnow()
-    if row.status == "in_progress" and now >= _aware(row.expires_at):
-        _end_window(ctx, row, now)
-    stale = row.counted_at is None or now - _aware(row.counted_at) >= dt.timedelta(seconds=ctx.settings.api_refresh_s)
-    if stale or row.status != "in_progress":
+    changed = row.status == "in_progress" and now >= _aware(row.expires_at) and _end_window(ctx, row, now)
+    stale_before = now - dt.timedelta(seconds=ctx.settings.api_refresh_s)
+    stale = row.counted_at is None or _aware(row.counted_at) < stale_before
+    if row.status != "in_progress" or (stale and ctx.store.claim_recount(row.id, now, stale_before)):
         counts = ctx.store.count_requests(row.id)
         ctx.store.save_counts(row.id, counts, now)
         if counts.unfinished == 0:
             ctx.store.move_api_batch(row.id, ["in_progress"], status="finalizing", finalizing_at=now,
                                      end_status="completed")
             _finalize(ctx, row.id)
-    return ctx.store.get_api_batch(row.key_id, row.id)
+        changed = True
+    return ctx.store.get_api_batch(row.key_id, row.id) if changed else row
 
 
-def _end_window(ctx: ApiContext, row: ApiBatch, now: dt.datetime) -> None:
-    if ctx.store.move_api_batch(row.id, ["in_progress"], status="finalizing", finalizing_at=now, end_status="expired"):
-        cancelled, running = ctx.store.cancel_batch(row.id, ErrorCode.EXPIRED,
-                                                    f"the batch's completion window of {row.completion_window} ended "
-                                                    "before this request ran")
-        log.info("batch %s expired: %d requests cancelled, %d running finish", row.id, cancelled, running)
+def _end_window(ctx: ApiContext, row: ApiBatch, now: dt.datetime) -> bool:
+    """The window ended: the jobs not started are cancelled (`expired`) and the batch finalizes. True if this call
+    ended it."""
+    if not ctx.store.move_api_batch(row.id, ["in_progress"], status="finalizing", finalizing_at=now,
+                                    end_status="expired"):
+        return False
+    cancelled, running = ctx.store.cancel_batch(row.id, ErrorCode.EXPIRED, f"the batch's completion window of "
+                                                f"{row.completion_window} ended before this request ran")
+    log.info("batch %s expired: %d requests cancelled, %d running finish", row.id, cancelled, running)
+    return True
 
 
 def _finalize(ctx: ApiContext, batch_id: str) -> None:

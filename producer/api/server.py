@@ -11,6 +11,7 @@ import logging
 import uvicorn
 
 from producer.api.app import create_app
+from producer.api.context import offered_tasks
 from schemas.settings import Settings
 from schemas.sql.store import Store
 
@@ -29,7 +30,12 @@ def is_loopback(address: str) -> bool:
 
 
 def check(settings: Settings, address: str, store: Store) -> None:
-    """Raise `ApiRefused` when `address` reaches beyond this machine and no live key exists."""
+    """Raise `ApiRefused` when a task file in `api_tasks` is wrong, or `address` reaches beyond this machine and no
+    live key exists."""
+    try:
+        offered_tasks(settings)
+    except ValueError as e:
+        raise ApiRefused(f"api_tasks: {e}") from e
     if not is_loopback(address) and store.num_live_api_keys() == 0:
         raise ApiRefused(f"refusing to listen on {address} without an API key: create one with "
                          "`docbatch api-key create NAME` (or listen on 127.0.0.1)")

@@ -112,6 +112,15 @@ class ApiBatchStore:
             unfinished=sum(n for state, n in by_state.items() if not state.is_terminal),
             input_tokens=sum(int(i or 0) for _, _, i, _ in rows), output_tokens=sum(int(o or 0) for _, _, _, o in rows))
 
+    def claim_recount(self, batch_id: str, now: dt.datetime, stale_before: dt.datetime) -> bool:
+        """True for the one caller that may recount an in-progress batch whose counts are older than `stale_before`
+        (any number of processes polling one batch cost one count per interval)."""
+        with self._sessions.begin() as session:
+            return bool(session.execute(
+                update(ApiBatch).where(ApiBatch.id == batch_id, ApiBatch.status == "in_progress",
+                                       or_(ApiBatch.counted_at.is_(None), ApiBatch.counted_at < stale_before))
+                .values(counted_at=now)).rowcount)
+
     def save_counts(self, batch_id: str, counts: RequestCounts, counted_at: dt.datetime) -> None:
         """Cache the counts on an unfinished batch (an ended batch's counts are frozen)."""
         with self._sessions.begin() as session:

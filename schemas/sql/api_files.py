@@ -118,7 +118,8 @@ class ApiFileStore:
     def api_file_parts(self, file_id: str) -> Iterator[bytes]:
         """A file's bytes, one part per query, so a download holds one part at a time."""
         with self._sessions() as session:
-            count = session.scalar(select(func.count()).select_from(ApiFileChunk).where(ApiFileChunk.file_id == file_id))
+            count = session.scalar(select(func.count()).select_from(ApiFileChunk)
+                                   .where(ApiFileChunk.file_id == file_id))
         for seq in range(count):
             with self._sessions() as session:
                 data = session.scalar(select(ApiFileChunk.data).where(ApiFileChunk.file_id == file_id,

@@ -255,7 +255,8 @@ def test_bodies_are_size_limited_and_malformed_requests_answered_in_openais_shap
                            extra_body={"padding": "x" * 1_100_000})
     assert info.value.status_code == 413
     # Malformed JSON: 400 saying where; an unknown endpoint: 404; an unknown body field: 400 naming it
-    status, body = raw(module_settings, keys["alice"], "POST", "/v1/batches", b'{"input_file_id": "f",\n  "endpoint": }')
+    malformed = b'{"input_file_id": "f",\n  "endpoint": }'
+    status, body = raw(module_settings, keys["alice"], "POST", "/v1/batches", malformed)
     assert status == 400 and "line 2 column 15" in body["error"]["message"]
     assert raw(module_settings, keys["alice"], "GET", "/v1/models", None)[0] == 404
     with pytest.raises(openai.BadRequestError) as info:
