@@ -1,9 +1,10 @@
 """The HTTP API driven by the real `openai` SDK (no HTTP mocking) against `docbatch api` processes and a real
 `docbatch worker` running the packaged model on this machine's Redis, over one SQLite store.
 
-One worker serves the module, with `max_inflight` 2 so that a batch of a dozen requests is still mostly queued when it
-is cancelled. A second API process over the same store sends its messages to a Redis database no worker reads: what
-it queues never runs, which makes a completion window end with work unfinished."""
+One worker serves the module, with `max_inflight` 2 so that a batch of eight requests is still mostly queued when it
+is cancelled. Answers are a few tokens long: what is asserted is what happens around the model. A second API process
+over the same store sends its messages to a Redis database no worker reads: what it queues never runs, which makes a
+completion window end with work unfinished."""
 from __future__ import annotations
 
 import json
@@ -67,7 +68,7 @@ def client(settings: Settings, key: str) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"http://127.0.0.1:{settings.api_port}/v1", api_key=key, max_retries=0)
 
 
-def chat_line(custom_id: str, text: str, max_tokens: int = 8, **fields) -> str:
+def chat_line(custom_id: str, text: str, max_tokens: int = 3, **fields) -> str:
     body = {"model": "anything", "messages": [{"role": "user", "content": text}], "max_tokens": max_tokens, **fields}
     return json.dumps({"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions", "body": body})
 
@@ -87,9 +88,9 @@ def lines_of(api: openai.OpenAI, file_id: str | None) -> list[dict]:
 
 def test_a_batch_runs_to_completed_with_answers_and_errors_split_as_openai_splits_them(
         module_settings, api_server, keys, api_log):
-    # Given four requests docbatch can run and two it cannot (another endpoint, several choices)
+    # Given three requests docbatch can run and two it cannot (another endpoint, several choices)
     api = client(module_settings, keys["alice"])
-    lines = [chat_line(f"ok-{i}", f"{SECRET_PHRASE}: say hello number {i}") for i in range(4)]
+    lines = [chat_line(f"ok-{i}", f"{SECRET_PHRASE}: say hello number {i}") for i in range(3)]
     lines += [json.dumps({"custom_id": "embed", "method": "POST", "url": "/v1/embeddings", "body": {"input": "x"}}),
               chat_line("many", "hi", n=2)]
     source = upload(api, lines)
@@ -104,18 +105,18 @@ def test_a_batch_runs_to_completed_with_answers_and_errors_split_as_openai_split
 
     # Then it completed, counting every request, with the answers' tokens as usage
     assert batch.status == "completed" and "in_progress" in seen
-    assert (batch.request_counts.total, batch.request_counts.completed, batch.request_counts.failed) == (6, 4, 2)
+    assert (batch.request_counts.total, batch.request_counts.completed, batch.request_counts.failed) == (5, 3, 2)
     assert batch.usage.input_tokens > 0 and batch.usage.output_tokens > 0
     assert batch.usage.total_tokens == batch.usage.input_tokens + batch.usage.output_tokens
     assert batch.in_progress_at <= batch.finalizing_at <= batch.completed_at and batch.metadata == {"project": "tests"}
     # ... the answers are in the output file and the refused lines in the error file, with their line numbers
     output, errors = lines_of(api, batch.output_file_id), lines_of(api, batch.error_file_id)
-    assert sorted(line["custom_id"] for line in output) == [f"ok-{i}" for i in range(4)]
+    assert sorted(line["custom_id"] for line in output) == [f"ok-{i}" for i in range(3)]
     assert all(line["response"]["status_code"] == 200 and line["response"]["body"]["choices"][0]["message"]["content"]
                for line in output)
     assert {line["custom_id"]: line["error"]["code"] for line in errors} == {"embed": "invalid_request",
                                                                              "many": "invalid_request"}
-    assert next(line for line in errors if line["custom_id"] == "embed")["error"]["message"].startswith("line 5:")
+    assert next(line for line in errors if line["custom_id"] == "embed")["error"]["message"].startswith("line 4:")
     assert api.files.retrieve(batch.output_file_id).purpose == "batch_output"
     # ... each line exactly as `docbatch results --format openai` writes it, the batch being a docbatch batch
     env = module_settings.to_env()
@@ -124,7 +125,7 @@ def test_a_batch_runs_to_completed_with_answers_and_errors_split_as_openai_split
     served = api.files.content(batch.output_file_id).text + api.files.content(batch.error_file_id).text
     assert sorted(exported.splitlines()) == sorted(served.splitlines())
     status = json.loads(CliRunner().invoke(cli, ["status", docbatch_id, "--json"], env=env).stdout)
-    assert (status["total"], status["done"], status["failed"]) == (6, 4, 2)
+    assert (status["total"], status["done"], status["failed"]) == (5, 3, 2)
     # ... a completed batch cannot be cancelled
     with pytest.raises(openai.ConflictError):
         api.batches.cancel(batch.id)
@@ -171,9 +172,9 @@ def test_a_file_that_is_not_json_lines_fails_its_batch_with_errors(module_settin
 
 
 def test_cancel_mid_run_ends_cancelled_with_the_finished_lines_in_its_output(module_settings, api_server, keys):
-    # Given a dozen requests on a worker that runs two at a time
+    # Given eight requests on a worker that runs two at a time
     api = client(module_settings, keys["alice"])
-    source = upload(api, [chat_line(f"c{i:02d}", f"count to {i}", max_tokens=12) for i in range(12)])
+    source = upload(api, [chat_line(f"c{i:02d}", f"count to {i}") for i in range(8)])
     batch = api.batches.create(input_file_id=source.id, endpoint="/v1/chat/completions", completion_window="24h")
     wait_for(lambda: api.batches.retrieve(batch.id).request_counts.completed >= 1, "a first answer", every_s=0.1)
 
@@ -187,7 +188,7 @@ def test_cancel_mid_run_ends_cancelled_with_the_finished_lines_in_its_output(mod
     output, errors = lines_of(api, ended.output_file_id), lines_of(api, ended.error_file_id)
     assert len(output) == ended.request_counts.completed >= 1
     assert errors and all(line["error"]["code"] == "cancelled" for line in errors)
-    assert sorted(line["custom_id"] for line in output + errors) == [f"c{i:02d}" for i in range(12)]
+    assert sorted(line["custom_id"] for line in output + errors) == [f"c{i:02d}" for i in range(8)]
     # ... and cancelling it again changes nothing
     assert api.batches.cancel(batch.id).status == "cancelled"
 
