@@ -16,7 +16,7 @@ from producer.api.auth import caller
 from producer.api.context import ApiContext, context
 from producer.api.errors import ApiError, not_found
 from producer.api.files import live_file
-from producer.api.intake import run_intake, task_name
+from producer.api.intake import take_in, task_name
 from producer.api.objects import BATCH_PREFIX, batch_object, list_page
 from producer.api.outcome import advance
 from schemas.openai import CHAT_URL, TASK_URL_PREFIX
@@ -87,7 +87,7 @@ def router(settings: Settings) -> APIRouter:
         row = ctx.store.add_api_batch(key_id=key_id, endpoint=body.endpoint, input_file_id=source.id,
                                       completion_window=body.completion_window, metadata_=body.metadata,
                                       output_expires_s=expires_s, expires_at=now + dt.timedelta(seconds=body.window_s))
-        ctx.intake.submit(run_intake, ctx, row.id)
+        ctx.intake.submit(take_in, ctx, row.id)
         return batch_object(row, settings.model)
 
     @api.get("")

@@ -10,7 +10,9 @@ over from a process that died never makes a second batch.
 from __future__ import annotations
 
 import codecs
+import contextlib
 import logging
+import traceback
 from typing import Any, Iterator
 
 from producer.api.context import ApiContext
@@ -40,6 +42,18 @@ def error(code: str, message: str, line: int | None = None) -> dict[str, Any]:
 def task_name(endpoint: str) -> str:
     """The docbatch task an endpoint runs: `chat` for `/v1/chat/completions`, else the name after the prefix."""
     return CHAT_TASK if endpoint == CHAT_URL else endpoint.removeprefix(TASK_URL_PREFIX)
+
+
+def take_in(ctx: ApiContext, batch_id: str) -> None:
+    """`run_intake` in a thread of its own: an error is logged (its type and stack, never a request's content) and
+    the lease given back, so that the next sweep tries again."""
+    try:
+        run_intake(ctx, batch_id)
+    except Exception as e:  # noqa: BLE001: a thread's last resort; the batch stays validating for the sweep
+        log.error("intake of batch %s failed: %s\n%s", batch_id, type(e).__name__, "".join(traceback.format_tb(
+            e.__traceback__)))
+        with contextlib.suppress(Exception):
+            ctx.store.move_api_batch(batch_id, ["validating"], owner=ctx.owner, lease_owner=None, lease_until=None)
 
 
 def run_intake(ctx: ApiContext, batch_id: str) -> None:

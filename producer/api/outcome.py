@@ -39,6 +39,8 @@ def advance(ctx: ApiContext, row: ApiBatch) -> ApiBatch:
     if row.status != "in_progress" or (stale and ctx.store.claim_recount(row.id, now, stale_before)):
         counts = ctx.store.count_requests(row.id)
         ctx.store.save_counts(row.id, counts, now)
+        if counts.unfinished and row.status in ("cancelling", "finalizing") and row.end_status != "completed":
+            _cancel_again(ctx, row)
         if counts.unfinished == 0:
             ctx.store.move_api_batch(row.id, ["in_progress"], status="finalizing", finalizing_at=now,
                                      end_status="completed")
@@ -53,10 +55,22 @@ def _end_window(ctx: ApiContext, row: ApiBatch, now: dt.datetime) -> bool:
     if not ctx.store.move_api_batch(row.id, ["in_progress"], status="finalizing", finalizing_at=now,
                                     end_status="expired"):
         return False
-    cancelled, running = ctx.store.cancel_batch(row.id, ErrorCode.EXPIRED, f"the batch's completion window of "
-                                                f"{row.completion_window} ended before this request ran")
+    cancelled, running = ctx.store.cancel_batch(row.id, ErrorCode.EXPIRED, _expired_message(row))
     log.info("batch %s expired: %d requests cancelled, %d running finish", row.id, cancelled, running)
     return True
+
+
+def _cancel_again(ctx: ApiContext, row: ApiBatch) -> None:
+    """A job that was running when its batch was cancelled or expired, and came back (its worker died), must not
+    start again: cancel what has not started once more."""
+    if row.end_status == "expired":
+        ctx.store.cancel_batch(row.id, ErrorCode.EXPIRED, _expired_message(row))
+    else:
+        ctx.store.cancel_batch(row.id)
+
+
+def _expired_message(row: ApiBatch) -> str:
+    return f"the batch's completion window of {row.completion_window} ended before this request ran"
 
 
 def _finalize(ctx: ApiContext, batch_id: str) -> None:

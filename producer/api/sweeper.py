@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import threading
+import traceback
 
 from sqlalchemy.exc import DBAPIError
 
@@ -34,7 +35,7 @@ class Sweeper(threading.Thread):
             except DBAPIError as e:  # the database is away: the next sweep tries again
                 log.warning("sweep skipped: database error %s", type(e).__name__)
             except Exception as e:  # noqa: BLE001: one bad sweep must not end the thread; the next one retries
-                log.error("sweep failed: %s", type(e).__name__, exc_info=False)
+                log.error("sweep failed: %s\n%s", type(e).__name__, "".join(traceback.format_tb(e.__traceback__)))
 
     def sweep(self) -> None:
         now = utcnow()

@@ -12,6 +12,12 @@ from sqlalchemy.orm import Session, sessionmaker
 
 MIGRATIONS_DIR = Path(__file__).parent / "migrations"
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+# SQLite allows 32,766 bound values in a statement: long lists of ids go in parts of this size.
+SQL_IDS_PER_QUERY = 10_000
+
+
+def chunked(items: list, size: int = SQL_IDS_PER_QUERY) -> list[list]:
+    return [items[i:i + size] for i in range(0, len(items), size)]
 
 
 def make_engine(url: str) -> Engine:

@@ -22,7 +22,7 @@ from sqlalchemy import func, or_, select, update
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
-from schemas.sql.db import dialect_insert
+from schemas.sql.db import chunked, dialect_insert
 from schemas.sql.models import BatchItem, Job, Result, Worker, new_id, utcnow
 from schemas.states import TRANSITIONS, ErrorCode, JobState, check_transition
 
@@ -348,10 +348,12 @@ class Lifecycle:
         with self._sessions.begin() as session:
             ids = list(session.scalars(select(Job.id).where(or_(Job.id.in_(in_batch), Job.parent_id.in_(in_batch)))))
             states = [s for s in JobState if JobState.CANCELLED in TRANSITIONS[s]]
-            cancelled = self.transition(ids, states, JobState.CANCELLED, session=session, finished_at=utcnow(),
-                                        **reason, **_NO_LEASE)
-            running = session.scalar(select(func.count()).select_from(Job).where(
-                Job.id.in_(ids), Job.state == JobState.RUNNING))
+            cancelled = running = 0
+            for part in chunked(ids):  # a batch of 50,000 jobs: SQLite takes at most 32,766 values a statement
+                cancelled += self.transition(part, states, JobState.CANCELLED, session=session, finished_at=utcnow(),
+                                             **reason, **_NO_LEASE)
+                running += session.scalar(select(func.count()).select_from(Job).where(
+                    Job.id.in_(part), Job.state == JobState.RUNNING))
         return cancelled, running
 
     def retry_batch(self, batch_id: str, error_code: str | None = None) -> list[Job]:

@@ -16,7 +16,7 @@ from sqlalchemy import Engine, func, insert, or_, select
 
 from schemas.sql.api_batches import ApiBatchStore
 from schemas.sql.api_files import ApiFileStore
-from schemas.sql.db import dialect_insert, make_engine, make_sessionmaker, migrate
+from schemas.sql.db import chunked, dialect_insert, make_engine, make_sessionmaker, migrate
 from schemas.sql.lifecycle import Lifecycle, retried
 from schemas.sql.models import (
     Batch,
@@ -31,14 +31,6 @@ from schemas.sql.models import (
     utcnow,
 )
 from schemas.states import ErrorCode, JobState
-
-
-# SQLite allows 32,766 bound values in a statement: long lists of ids go in parts of this size.
-SQL_IDS_PER_QUERY = 10_000
-
-
-def chunked(items: list, size: int = SQL_IDS_PER_QUERY) -> list[list]:
-    return [items[i:i + size] for i in range(0, len(items), size)]
 
 
 def idempotency_key(document_sha256: str, task: str, params: dict[str, Any], model: str) -> str:
