@@ -41,13 +41,17 @@ class Settings(BaseSettings):
                             "float16 on other x86 CPUs (AVX2), where the paged engine multiplies fp16 weights "
                             "through FBGEMM into float32, a decode step 1.5 times as fast as float32's; "
                             "float32 elsewhere")
-    engine: Literal["auto", "paged", "hf"] = Field(
-        "auto", description="paged: continuous batching over a paged KV cache; hf: static batches through "
-                            "transformers' generate; auto: paged wherever it runs the model")
+    engine: Literal["auto", "vllm", "paged", "hf"] = Field(
+        "auto", description="vllm: vLLM (the engine on a GPU); paged: docbatch's own continuous batching over a "
+                            "paged KV cache (the engine on a CPU); hf: static batches through transformers' "
+                            "generate; auto: vllm on a GPU where vLLM is installed, else paged wherever it runs the "
+                            "model, else hf")
     attn_implementation: str = Field("sdpa", description="hf engine: transformers' attention implementation")
 
     max_batch_size: int = Field(256, ge=1, description="sequences in one step (paged) or one generate call (hf)")
-    max_step_tokens: int = Field(8192, ge=16, description="paged: tokens one step computes (prompt chunks + decodes)")
+    max_step_tokens: int = Field(0, ge=0, description="tokens one step computes (prompt chunks + decodes); 0: the "
+                                                      "engine's choice (paged: 8192; vllm: vLLM's for batch work, "
+                                                      "16384 on a GPU of 70 GB or more)")
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="paged: share of the GPU's memory it may use")
     kv_cache_gb: float = Field(0, ge=0, description="paged: KV cache size; 0 sizes it from free GPU memory (1 GiB on a CPU)")
     kv_block_tokens: int = Field(16, ge=1, description="paged: tokens per KV cache block")
@@ -65,6 +69,8 @@ class Settings(BaseSettings):
         "auto", description="paged: the KV cache in the model's dtype, or in float8 e4m3 (twice the tokens)")
     max_batch_tokens: int = Field(32768, ge=64, description="hf: padded tokens (prompt + new) in one generate call")
     max_wait_ms: int = Field(50, ge=0, description="hf: how long the engine waits for a batch to fill")
+    max_model_len: int = Field(0, ge=0, description="vllm: the longest prompt plus answer the engine holds; 0: "
+                                                    "the model's context")
     max_new_tokens: int = Field(256, ge=1)
     repetition_penalty: float = Field(1.1, ge=1.0, description="greedy decoding of small models loops without it")
     ignore_eos: bool = Field(False, description="benchmarks: every answer runs to max_new_tokens")
@@ -133,6 +139,8 @@ class Settings(BaseSettings):
     def _check(self) -> "Settings":
         if self.database_url and "://" not in self.database_url:
             raise ValueError(f"DOCBATCH_DATABASE_URL is not a URL: {self.database_url!r}")
+        if 0 < self.max_step_tokens < 16:
+            raise ValueError("max_step_tokens is 0 (the engine's choice) or at least 16")
         if self.gpu_weights_gb and (self.weight_format != "bf16" or self.engine == "paged"):
             raise ValueError("gpu_weights_gb (CPU offload) is the hf engine's: it cannot be combined with "
                              "engine=paged or a weight_format")

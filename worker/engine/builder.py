@@ -1,13 +1,16 @@
 """Which engine a worker runs (`DOCBATCH_ENGINE`), and building it around the loaded model.
 
-`paged` (continuous batching over a paged KV cache) runs every text model of the Llama family (Llama,
-Qwen2, Qwen2.5) on one device or over a tensor-parallel group; `hf` (static batches through transformers'
-`generate`) runs the rest, image-text models and models split by layers over several GPUs (or offloaded in
-part to CPU memory) included, and stays as the reference the tests compare the paged engine with. `auto`
-picks `paged` wherever it can.
+`vllm` runs on a GPU (and on a CPU with vLLM's CPU build): every architecture and checkpoint format vLLM reads,
+image-text models included; it loads the weights itself, so the worker loads only the tokenizer and processor
+(`uses_vllm` tells before anything is loaded). `paged` (continuous batching over a paged KV cache) runs every text
+model of the Llama family (Llama, Qwen2, Qwen2.5) on one device or over a tensor-parallel group; `hf` (static
+batches through transformers' `generate`) runs the rest, image-text models on a CPU included, and stays as the
+reference the tests compare the paged engine with. `auto` picks `vllm` on a GPU where vLLM is installed, else
+`paged` wherever it can.
 """
 from __future__ import annotations
 
+import importlib.util
 import logging
 import time
 from dataclasses import dataclass
@@ -21,6 +24,45 @@ log = logging.getLogger(__name__)
 GIB = 1024 ** 3
 CPU_KV_CACHE_BYTES = 1 * GIB  # the default on a CPU, where memory is not measured
 GRAPH_RESERVE_BYTES = GIB // 2  # activations of the captured decode graphs, taken after the KV cache
+
+
+def uses_vllm(settings: Settings) -> bool:
+    """Whether the worker's engine is vLLM: asked for, or `auto` on a GPU where vLLM is installed."""
+    if settings.engine != "auto":
+        return settings.engine == "vllm"
+    if settings.device == "cpu" or importlib.util.find_spec("vllm") is None:
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def vllm_engine_args(settings: Settings, loaded: Any, tensor_parallel_size: int = 1) -> dict[str, Any]:
+    """vLLM's `EngineArgs` for these settings and the model `loaded` describes (its weights not loaded)."""
+    if settings.weight_format == "int8":
+        raise ValueError("vLLM quantises weights online to fp8 or nf4 (bitsandbytes), not int8: set weight_format "
+                         "fp8 or nf4, or use an int8 (W8A8) checkpoint, whose format vLLM reads from it")
+    on_cpu = loaded.device == "cpu"
+    args: dict[str, Any] = dict(
+        model=loaded.source, tokenizer=loaded.source, dtype=settings.dtype, seed=0,
+        max_num_seqs=settings.max_batch_size, max_num_batched_tokens=settings.max_step_tokens or None,
+        gpu_memory_utilization=settings.gpu_memory_utilization, enable_prefix_caching=True,
+        kv_cache_dtype=settings.kv_cache_dtype,
+        enforce_eager=on_cpu or not settings.cuda_graphs, tensor_parallel_size=tensor_parallel_size,
+        distributed_executor_backend="uni" if tensor_parallel_size == 1 else None)
+    kv_bytes = int(settings.kv_cache_gb * GIB) or (CPU_KV_CACHE_BYTES if on_cpu else 0)
+    if kv_bytes:
+        args["kv_cache_memory_bytes"] = kv_bytes
+    if settings.max_model_len:
+        args["max_model_len"] = settings.max_model_len
+    quantization = {"fp8": "fp8", "nf4": "bitsandbytes"}.get(settings.weight_format)
+    if quantization:  # otherwise the checkpoint's own format (AWQ, GPTQ, FP8, ... from its quantization_config)
+        args["quantization"] = quantization
+    if loaded.is_vision:
+        side = settings.max_image_side
+        args["limit_mm_per_prompt"] = {"image": settings.max_pages}
+        args["mm_processor_kwargs"] = {"max_pixels": side * side}
+    return {name: value for name, value in args.items() if value is not None}
 
 
 def paged_unsupported(loaded: Any) -> str | None:
@@ -52,9 +94,35 @@ def build_engine(settings: Settings, loaded: Any, tp: Any = None) -> Any:
     """The started engine for `loaded` (a `worker.models.loading.LoadedModel`), paged or hf. `tp` (a
     `worker.engine.paged.tensor_parallel.TensorParallel`): this process leads a tensor-parallel group, whose other
     ranks call `run_follower` with the same settings and model."""
+    if uses_vllm(settings):
+        return _vllm(settings, loaded)
     if tp is not None:
         return _paged(settings, loaded, tp).start()
     return (_paged(settings, loaded) if engine_kind(settings, loaded) == "paged" else _static(settings, loaded)).start()
+
+
+def _vllm(settings: Settings, loaded: Any) -> Any:
+    import torch
+
+    from worker.engine.vllm_engine import VllmEngine
+
+    gpus = torch.cuda.device_count() if loaded.device == "cuda" else 1
+    args = vllm_engine_args(settings, loaded, tensor_parallel_size=gpus)
+
+    def make_llm(stat_loggers: list[Any]) -> Any:
+        from vllm import EngineArgs, LLMEngine
+        from vllm.config import StructuredOutputsConfig
+
+        # llguidance, the grammar library the other engines use: JSON schemas compile alike
+        guidance = StructuredOutputsConfig(backend="guidance")
+        from vllm.usage.usage_lib import UsageContext
+
+        # vLLM's defaults for a batch engine (LLM.generate's): its step budget suits a GPU's size
+        return LLMEngine.from_engine_args(EngineArgs(**args, structured_outputs_config=guidance),
+                                          usage_context=UsageContext.LLM_CLASS, stat_loggers=stat_loggers)
+
+    return VllmEngine(make_llm, max_num_seqs=settings.max_batch_size, eos_token_ids=loaded.eos_token_ids,
+                      image_token_id=getattr(loaded.config, "image_token_id", None)).start()
 
 
 def run_follower(settings: Settings, loaded: Any, tp: Any) -> int:
@@ -135,7 +203,7 @@ def _paged(settings: Settings, loaded: Any, tp: Any = None) -> Any:
     from worker.engine.paged.memory import MemoryReport
     from worker.engine.paged.engine import PagedEngine
     from worker.engine.paged.runner import ModelRunner
-    from worker.engine.paged.scheduler import Scheduler
+    from worker.engine.paged.scheduler import DEFAULT_MAX_STEP_TOKENS, Scheduler
 
     started = time.perf_counter()
     parts = _PagedParts.build(settings, loaded, tp)
@@ -145,7 +213,8 @@ def _paged(settings: Settings, loaded: Any, tp: Any = None) -> Any:
     if parts.workspace is not None and settings.cuda_graphs and tp is None:
         runner.graphs = DecodeGraphs(model, attention, parts.workspace, max_batch_size=settings.max_batch_size)
     scheduler = Scheduler(BlockManager(cache.num_blocks, cache.shape.block_size), max_num_seqs=settings.max_batch_size,
-                          max_step_tokens=settings.max_step_tokens, max_model_len=model.max_model_len)
+                          max_step_tokens=settings.max_step_tokens or DEFAULT_MAX_STEP_TOKENS,
+                          max_model_len=model.max_model_len)
     engine = PagedEngine(runner, scheduler, eos_token_ids=loaded.eos_token_ids,
                          grammars=lambda: GrammarCache(loaded.tokenizer, model.vocab_size))
     report = MemoryReport.of(model, cache)

@@ -22,12 +22,15 @@ class GenerationOptions:
 
 @dataclass(frozen=True)
 class ModelInput:
-    """One prompt: its token ids, per-row tensors a vision model needs (e.g. `pixel_values`,
-    `image_grid_thw`), and optionally the JSON schema its answer must match (constrained decoding)."""
+    """One prompt: its token ids, and optionally the JSON schema its answer must match (constrained decoding).
+    A vision model's prompt also carries its page images: for the hf engine as the processor's tensors (`extras`:
+    `pixel_values`, `image_grid_thw`), for vLLM as the images themselves (`images`, PIL), which vLLM's own
+    processor turns into tensors; either way `token_ids` hold every image expanded into its placeholders."""
 
     token_ids: list[int]
     extras: dict[str, Any] = field(default_factory=dict)
     json_schema: str | None = None
+    images: tuple[Any, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,10 @@ class Completion:
 
 class RequestTooLarge(RuntimeError):
     """A single request does not fit on the device even alone."""
+
+
+class RequestAborted(RuntimeError):
+    """The request was taken back (`engine.abort`) before it finished."""
 
 
 @dataclass

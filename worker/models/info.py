@@ -48,6 +48,7 @@ def model_info(settings: Settings) -> ModelInfo:
 
 
 def input_budget(settings: Settings, context_tokens: int) -> int:
-    """Prompt tokens a request may have: configured, or the context minus the answer's room."""
-    return settings.max_input_tokens or context_tokens - settings.max_new_tokens
-
+    """Prompt tokens a request may have: configured, or the context (`max_model_len` where set lower) minus the
+    answer's room."""
+    context = min(context_tokens, settings.max_model_len) if settings.max_model_len else context_tokens
+    return settings.max_input_tokens or context - settings.max_new_tokens

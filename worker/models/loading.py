@@ -15,17 +15,22 @@ from schemas.settings import Settings
 
 @dataclass
 class LoadedModel:
-    model: Any  # a transformers PreTrainedModel
+    model: Any  # a transformers PreTrainedModel; None where the engine loads the weights itself (vLLM)
     tokenizer: Any  # a transformers tokenizer, left padding (a vision model's: its processor's tokenizer)
     device: str  # "cuda" or "cpu"
     processor: Any = None  # a vision model's processor (images + chat template); None for a text model
     # dtype float16 on a CPU: the model is loaded in float32, and the engine that runs it keeps its linear
     # layers' weights in fp16 (FBGEMM), computing in float32
     cpu_fp16: bool = False
+    config: Any = None  # the transformers config
+    source: str = ""  # where the weights are: a hub id or a folder
+    generation_config: Any = None  # transformers' GenerationConfig: the model's EOS tokens
 
     @property
     def precision(self) -> str:
         """What the model computes in, for the logs."""
+        if self.model is None:
+            return "the dtype its engine loads it in"
         if self.cpu_fp16:
             return "float16 weights (FBGEMM), float32 activations"
         return str(self.model.dtype).removeprefix("torch.")
@@ -43,7 +48,8 @@ class LoadedModel:
     @property
     def eos_token_ids(self) -> frozenset[int]:
         """The tokens that end an answer: the generation config's, else the tokenizer's EOS."""
-        eos = self.model.generation_config.eos_token_id or self.tokenizer.eos_token_id
+        generation = self.model.generation_config if self.model is not None else self.generation_config
+        eos = getattr(generation, "eos_token_id", None) or self.tokenizer.eos_token_id
         return frozenset(eos if isinstance(eos, list) else [eos]) if eos is not None else frozenset()
 
     @property
@@ -54,7 +60,7 @@ class LoadedModel:
     def context_tokens(self) -> int:
         from worker.models.info import context_tokens
 
-        return context_tokens(self.model.config)
+        return context_tokens(self.config)
 
 
 def pick_device(setting: str) -> str:
@@ -90,22 +96,30 @@ def cpu_has_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
     return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
 
 
-def load_model(settings: Settings, *, keep_on_cpu: bool = False) -> LoadedModel:
-    """Load `settings.model` once for this process, for the device `settings.device` resolves to. The weights
-    stay on the CPU when the paged engine converts them (`weight_format`) or when `keep_on_cpu` (a
-    tensor-parallel rank keeps only its shard): it moves them to the GPU layer by layer."""
+def load_model(settings: Settings, *, keep_on_cpu: bool = False, weights: bool = True) -> LoadedModel:
+    """Load `settings.model` once for this process, for the device `settings.device` resolves to: its config,
+    tokenizer (and a vision model's processor), and unless `weights` is False (vLLM loads them itself: one copy)
+    its weights through transformers. The weights stay on the CPU when the paged engine converts them
+    (`weight_format`) or when `keep_on_cpu` (a tensor-parallel rank keeps only its shard): it moves them to the
+    GPU layer by layer."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
 
+    from worker.engine.quant import check_kv_cache_dtype, check_weight_format, fbgemm_available
     from worker.models.source import model_source
     from worker.models.vision import is_vision_config, load_processor
 
-    from worker.engine.quant import check_kv_cache_dtype, check_weight_format, fbgemm_available
-
     device = pick_device(settings.device)
+    source = model_source(settings)
+    config = AutoConfig.from_pretrained(source)
+    processor = load_processor(str(source), config) if is_vision_config(config) else None
+    # a vision model's tokenizer is its processor's (the same object: the processor then pads left too)
+    tokenizer = prepare_tokenizer(processor.tokenizer if processor else AutoTokenizer.from_pretrained(source))
+    if not weights:
+        return LoadedModel(None, tokenizer, device, processor, config=config, source=source,
+                           generation_config=_generation_config(source, config))
     check_weight_format(settings.weight_format, device)
     check_kv_cache_dtype(settings.kv_cache_dtype, device)
-    source = model_source(settings)
     dtype = model_dtype(settings.dtype, device)
     cpu_fp16 = device == "cpu" and dtype == torch.float16
     if cpu_fp16:
@@ -121,17 +135,20 @@ def load_model(settings: Settings, *, keep_on_cpu: bool = False) -> LoadedModel:
         # What does not fit stays in CPU memory: accelerate copies it to the GPU at every forward pass.
         options.update(device_map="auto", max_memory={**{gpu: f"{settings.gpu_weights_gb}GiB" for gpu in
                                                           range(torch.cuda.device_count())}, "cpu": _host_memory()})
-    config = AutoConfig.from_pretrained(source)
-    if is_vision_config(config):
-        processor = load_processor(str(source), config)
-        model = AutoModelForImageTextToText.from_pretrained(source, **options)
-        tokenizer = processor.tokenizer  # the same object: the processor then pads left too
-    else:
-        processor = None
-        tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(source, **options)
+    auto_model = AutoModelForImageTextToText if processor else AutoModelForCausalLM
+    model = auto_model.from_pretrained(source, **options)
     model.eval()
-    return LoadedModel(model, prepare_tokenizer(tokenizer), device, processor, cpu_fp16=cpu_fp16)
+    return LoadedModel(model, tokenizer, device, processor, cpu_fp16=cpu_fp16, config=model.config, source=source)
+
+
+def _generation_config(source: str, config: Any) -> Any:
+    """The model's generation config (its EOS tokens), read without its weights."""
+    from transformers import GenerationConfig
+
+    try:
+        return GenerationConfig.from_pretrained(source)
+    except OSError:  # a checkpoint without generation_config.json: what its config says
+        return GenerationConfig.from_model_config(config)
 
 
 def _host_memory() -> int:

@@ -1,9 +1,11 @@
 """The vision-language path (Qwen2-VL, Qwen2.5-VL): page images and text in one chat-templated prompt.
 
 A prompt is built here, once per job, into a `ModelInput`: token ids with every image already expanded
-into its `<|image_pad|>` placeholders, plus the image tensors as `extras` (`pixel_values`
-[patches, C*T*P*P], `image_grid_thw` [images, 3]). `worker.engine.hf_generator.collate` concatenates those
-along dim 0 across a batch and rebuilds the per-token `mm_token_type_ids` the 3D rope needs.
+into its `<|image_pad|>` placeholders, the image tensors as `extras` (`pixel_values` [patches, C*T*P*P],
+`image_grid_thw` [images, 3]) for the hf engine, and the images themselves (`images`) for vLLM, whose own processor
+makes its tensors (the same resize: the images are within both processors' pixel limits).
+`worker.engine.hf_generator.collate` concatenates the tensors along dim 0 across a batch and rebuilds the per-token
+`mm_token_type_ids` the 3D rope needs.
 """
 from __future__ import annotations
 
@@ -78,7 +80,7 @@ def build_vision_prompt(processor: Any, around: tuple[str, str], parts: list[str
                 kept_texts[index] = tokenizer.decode(kept_ids[index])
                 excess -= cut
     extras = {"pixel_values": encoded["pixel_values"], "image_grid_thw": encoded["image_grid_thw"]} if images else {}
-    return Prompt(ModelInput(token_ids, extras), is_truncated=is_truncated)
+    return Prompt(ModelInput(token_ids, extras, images=tuple(images)), is_truncated=is_truncated)
 
 
 def _encode(processor: Any, around: tuple[str, str], parts: list[str | Image.Image], texts: list[str],

@@ -23,12 +23,18 @@ from celery.signals import task_failure, worker_process_init, worker_ready
 from schemas.messages import INFER_QUEUE, PREPARE_QUEUE, PREPARE_TASK, make_celery
 from schemas.settings import Settings
 from worker.service import runtime
-from worker.engine.builder import build_engine
+from worker.engine.builder import build_engine, uses_vllm
 from worker.service.keeper import Keeper
 from worker.service.middleware import fail_hard_timeout
+from worker.service.supervisor import EXIT_CANNOT_START
 from worker.telemetry.exporter import start_telemetry
 
 log = logging.getLogger(__name__)
+
+
+class EngineStartError(RuntimeError):
+    """The model or its engine cannot load with these settings (it does not fit, the engine lacks its architecture,
+    the install is broken): starting again would fail again."""
 
 
 def start_engine(settings: Settings, name: str) -> runtime.Runtime:
@@ -38,17 +44,22 @@ def start_engine(settings: Settings, name: str) -> runtime.Runtime:
     from worker.models.info import ModelInfo, input_budget
 
     started = time.perf_counter()
-    tp = _join_tensor_parallel_group()
-    loaded = on_a_passing_thread(load_model, settings, keep_on_cpu=tp is not None)
-    engine = on_a_passing_thread(build_engine, settings, loaded, tp)
+    vllm = uses_vllm(settings)  # vLLM loads the weights itself: here only the tokenizer (and processor)
+    tp = None if vllm else _join_tensor_parallel_group()
+    try:
+        loaded = on_a_passing_thread(load_model, settings, keep_on_cpu=tp is not None, weights=not vllm)
+        engine = on_a_passing_thread(build_engine, settings, loaded, tp)
+    except Exception as error:  # noqa: BLE001 - whatever stops the model from loading is said in one line
+        first_line = (str(error).strip().splitlines() or [""])[0]
+        raise EngineStartError(f"the {'vllm' if vllm else settings.engine} engine cannot load {settings.model}: "
+                               f"{type(error).__name__}: {first_line}") from error
     if hasattr(engine, "on_fatal"):
         engine.on_fatal = _exit_for_restart
     engine.stats.model_load_s = time.perf_counter() - started
     info = ModelInfo(loaded.is_vision, loaded.context_tokens, loaded.tokenizer)
-    log.info("model %s on %s in %s (%s), context %d tokens, input budget %d", settings.model, loaded.device,
-             loaded.precision, "vision" if loaded.is_vision else "text",
-             loaded.context_tokens,
-             input_budget(settings, loaded.context_tokens))
+    log.info("model %s on %s in %s (%s, %s engine), context %d tokens, input budget %d", settings.model,
+             loaded.device, loaded.precision, "vision" if loaded.is_vision else "text", type(engine).__name__,
+             loaded.context_tokens, input_budget(settings, loaded.context_tokens))
     return runtime.Runtime(settings, name, engine, loaded.tokenizer, loaded.processor, info)
 
 
@@ -155,7 +166,12 @@ def main(role: str, name: str) -> None:
     app = make_celery(settings)
     import worker.service.tasks  # noqa: F401 - registers the tasks with the app
 
-    pool = configure(settings, role, name)
+    try:
+        pool = configure(settings, role, name)
+    except EngineStartError as error:
+        log.error("%s", error, exc_info=error.__cause__)
+        log.critical("%s cannot start: %s", name, error)
+        _exit_now(EXIT_CANNOT_START)
     try:
         app.worker_main(["worker", *pool, "-n", name, "-E", "--without-gossip", "--without-mingle", "-l", "INFO"])
     except SystemExit as done:

@@ -2,6 +2,9 @@
 stopping (exit code 0 included: a child has no reason to end on its own), with a growing delay, and gives
 up when one keeps dying: then it stops the others and exits non-zero, so that whatever runs the worker
 (systemd, compose, Kubernetes) sees it fail instead of a worker that looks alive and takes no work.
+A child that exits with `EXIT_CANNOT_START` could not start at all (its engine cannot load the model with these
+settings: a model that does not fit, an architecture the engine lacks, a broken install): restarting it would only
+fail again, so the supervisor stops the others and exits with that code.
 A signal (SIGTERM, SIGINT) is passed to every child, and the supervisor exits 0 once they have stopped.
 Children of one group (the ranks of a tensor-parallel GPU group) restart together: when one is restarted,
 the others still running are stopped and started again with it.
@@ -17,6 +20,7 @@ from dataclasses import dataclass, field
 
 log = logging.getLogger(__name__)
 EXIT_GAVE_UP = 3
+EXIT_CANNOT_START = 78  # sysexits' EX_CONFIG
 
 
 @dataclass(frozen=True)
@@ -57,7 +61,8 @@ class RestartPolicy:
 
 
 def supervise(children: list[Child], policy: type[RestartPolicy] | None = None, poll_s: float = 0.2) -> int:
-    """Run `children` until a signal (exit 0) or until one cannot be kept alive (exit `EXIT_GAVE_UP`)."""
+    """Run `children` until a signal (exit 0), until one cannot be kept alive (exit `EXIT_GAVE_UP`) or until one
+    cannot start (exit `EXIT_CANNOT_START`)."""
     make_policy = policy or RestartPolicy
     running = {child.name: _start(child) for child in children}
     started_at = dict.fromkeys(running, time.monotonic())
@@ -80,6 +85,10 @@ def supervise(children: list[Child], policy: type[RestartPolicy] | None = None, 
                 code = running[child.name].poll()
                 if code is None or stopping:
                     continue
+                if code == EXIT_CANNOT_START:
+                    log.error("%s cannot start (see its last line above); stopping the worker", child.name)
+                    _stop_all(running)
+                    return EXIT_CANNOT_START
                 if child.name not in restart_at:
                     delay_s = policies[child.name].next_delay_s(now, ran_s=now - started_at[child.name])
                     if delay_s is None:

@@ -12,7 +12,7 @@ import torch
 from schemas.settings import Settings
 from worker.engine.paged.kv_cache import CacheShape, KVCache
 from worker.engine.paged.sampler import Sampler, SamplingBatch
-from worker.engine.paged.scheduler import ScheduledStep
+from worker.engine.paged.scheduler import DEFAULT_MAX_STEP_TOKENS, ScheduledStep
 from worker.engine.paged.sequence import Sequence
 from worker.engine.paged.step_inputs import StepInputs
 
@@ -67,7 +67,7 @@ def profile_step_peak_bytes(model: Any, shape: CacheShape, attention_over: Calla
     """Bytes the worst step the settings allow needs beyond what is allocated now: a `max_step_tokens`
     prompt chunk, then penalised top-p sampling of `max_batch_size` rows under a grammar mask. The KV
     blocks that step uses are left out: they come out of the cache's own budget."""
-    tokens = min(settings.max_step_tokens, model.max_model_len - 1)
+    tokens = min(settings.max_step_tokens or DEFAULT_MAX_STEP_TOKENS, model.max_model_len - 1)
     rows = settings.max_batch_size
     cache = KVCache(shape, -(-tokens // shape.block_size) + 1, model.device)
     seq = Sequence(torch.randint(0, model.vocab_size, (tokens,)).tolist(), 1)

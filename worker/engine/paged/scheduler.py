@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from worker.engine.paged.block_manager import BlockManager
 from worker.engine.paged.sequence import Sequence, SequenceStatus
 
+DEFAULT_MAX_STEP_TOKENS = 8192  # the step's token budget when the settings leave it to the engine (0)
+
 
 @dataclass
 class ScheduledStep:
