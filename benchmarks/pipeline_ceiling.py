@@ -42,14 +42,14 @@ def instant_engine(settings: Settings, loaded):
     """The real paged engine around `InstantRunner` (the small model's config gives its vocabulary)."""
     from worker.engine.paged.block_manager import BlockManager
     from worker.engine.paged.engine import PagedEngine
-    from worker.engine.paged.scheduler import Scheduler
+    from worker.engine.paged.scheduler import DEFAULT_MAX_STEP_TOKENS, Scheduler
 
     class Model:  # what the engine reads of a model
         vocab_size = loaded.model.config.vocab_size
         max_model_len = loaded.model.config.max_position_embeddings
 
     scheduler = Scheduler(BlockManager(65536, settings.kv_block_tokens), max_num_seqs=settings.max_batch_size,
-                          max_step_tokens=settings.max_step_tokens, max_model_len=Model.max_model_len)
+                          max_step_tokens=settings.max_step_tokens or DEFAULT_MAX_STEP_TOKENS, max_model_len=Model.max_model_len)
     token = loaded.tokenizer("ok", add_special_tokens=False)["input_ids"][0]
     return PagedEngine(InstantRunner(Model, token), scheduler, eos_token_ids=loaded.eos_token_ids,
                        grammars=lambda: None).start()
