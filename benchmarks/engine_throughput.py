@@ -103,7 +103,10 @@ def build_inputs(name: str, out: Path, tokenizer, settings: Settings, docs: int 
             False, None)) for path in sorted(folder.iterdir())]
         prompts = [build_text_prompt(tokenizer, render, text, 100_000).model_input.token_ids for text in read]
         arguments = [str(folder), "--task", "summarize"]
-    (out / "inputs.json").write_text(json.dumps({"name": name, "prompts": prompts, "new_tokens": new_tokens}))
+    # C's requests run as OpenAI chat requests: no repetition penalty, as OpenAI decodes (the tasks: the settings')
+    penalty = 1.0 if name == "C" else settings.repetition_penalty
+    (out / "inputs.json").write_text(json.dumps({"name": name, "prompts": prompts, "new_tokens": new_tokens,
+                                                 "repetition_penalty": penalty}))
     return arguments
 
 

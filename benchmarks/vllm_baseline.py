@@ -21,7 +21,6 @@ def main() -> None:
     parser.add_argument("--inputs", required=True, help="comma-separated inputs.json files, one per workload")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    parser.add_argument("--repetition-penalty", type=float, default=1.1)
     args = parser.parse_args()
     from vllm import LLM, SamplingParams
 
@@ -33,7 +32,7 @@ def main() -> None:
     for path in args.inputs.split(","):
         workload = json.loads(Path(path).read_text())
         prompts = [{"prompt_token_ids": ids} for ids in workload["prompts"]]
-        params = [SamplingParams(max_tokens=n, temperature=0, repetition_penalty=args.repetition_penalty,
+        params = [SamplingParams(max_tokens=n, temperature=0, repetition_penalty=workload["repetition_penalty"],
                                  ignore_eos=True, detokenize=False) for n in workload["new_tokens"]]
         if workload.get("images"):
             from PIL import Image
