@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -108,6 +109,9 @@ def _vllm(settings: Settings, loaded: Any) -> Any:
 
     gpus = torch.cuda.device_count() if loaded.device == "cuda" else 1
     args = vllm_engine_args(settings, loaded, tensor_parallel_size=gpus)
+    # vLLM's engine core is a process of its own, forked by default. A fork would inherit this process's threads,
+    # and torch's CUDA queries (device_count above) leave forked children unable to use CUDA: start it fresh.
+    os.environ["VLLM_WORKER_MULTIPROC_METHOD"] = "spawn"
 
     def make_llm(stat_loggers: list[Any]) -> Any:
         from vllm import EngineArgs, LLMEngine
