@@ -80,11 +80,12 @@ class EngineStats:
     device_peak_bytes: int | None = None  # most allocated on the GPU during start-up (graphs included)
 
     def summary(self) -> str:
-        """One log line: work done, the mean decode step, how full the KV cache is."""
+        """One log line: work done, the mean decode step (where the engine times its steps), how full the KV cache is."""
         decode_ms = 1000 * self.decode_step_s / self.num_decode_steps if self.num_decode_steps else 0.0
         kv_share = self.kv_blocks_used / self.kv_blocks_total if self.kv_blocks_total else 0.0
-        return (f"{self.num_steps} steps ({self.num_decode_steps} decode-only, {decode_ms:.1f} ms each; "
-                f"{self.prefill_step_s:.1f} s in steps with prompt tokens), {self.num_requests_finished} requests "
+        timing = (f" ({self.num_decode_steps} decode-only, {decode_ms:.1f} ms each; {self.prefill_step_s:.1f} s in "
+                  f"steps with prompt tokens)") if self.num_decode_steps or self.prefill_step_s else ""
+        return (f"{self.num_steps} steps{timing}, {self.num_requests_finished} requests "
                 f"done, {self.tokens_in} prompt tokens computed, {self.prefix_cache_hit_tokens} reused, "
                 f"{self.tokens_out} generated, {self.num_preemptions} preemptions, {self.num_running} running, "
                 f"{self.num_waiting} waiting, KV cache {kv_share:.0%} used")

@@ -103,4 +103,4 @@ def launch(settings: Settings, gpus: str, with_prepare: bool = True) -> int:
                 for i, spec in enumerate(specs)]
     for spec in specs:
         log.info("starting %s (CUDA_VISIBLE_DEVICES=%r)", spec.name, spec.cuda_visible_devices)
-    return supervise(children)
+    return supervise(children, reap_orphans=True)

@@ -172,17 +172,21 @@ def main(role: str, name: str) -> None:
         log.error("%s", error, exc_info=error.__cause__)
         log.critical("%s cannot start: %s", name, error)
         _exit_now(EXIT_CANNOT_START)
+    code: int | str | None = 0
     try:
         app.worker_main(["worker", *pool, "-n", name, "-E", "--without-gossip", "--without-mingle", "-l", "INFO"])
     except SystemExit as done:
-        _exit_now(done.code)
-    _exit_now(0)
+        code = done.code
+    if role == "infer":
+        runtime.current().engine.stop()  # vLLM's engine core is a process of its own: it ends with its engine
+    _exit_now(code)
 
 
 def _exit_now(code: int | str | None) -> None:
     """End the process once Celery has shut down, without the interpreter's own teardown: freeing torch's and
     transformers' modules took about 1.5 s a process on 2 cores, on every stop and every restart. Nothing is
-    left to flush but the logs (leases lapse on their own; connections close with the process)."""
+    left to flush but the logs (leases lapse on their own; connections close with the process), and the engine has
+    been stopped."""
     logging.shutdown()
     if isinstance(code, str):
         print(code, file=sys.stderr)

@@ -8,10 +8,16 @@ fail again, so the supervisor stops the others and exits with that code.
 A signal (SIGTERM, SIGINT) is passed to every child, and the supervisor exits 0 once they have stopped.
 Children of one group (the ranks of a tensor-parallel GPU group) restart together: when one is restarted,
 the others still running are stopped and started again with it.
+With `reap_orphans` (the `docbatch worker` launcher) the supervisor is its descendants' subreaper: what a dead child
+leaves running (vLLM's engine core, which holds the GPU's memory and does not watch its parent) comes back to the
+supervisor instead of living on under init, and is killed before the child starts again, and when the worker stops.
 """
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import logging
+import os
 import signal
 import subprocess
 import time
@@ -21,6 +27,7 @@ from dataclasses import dataclass, field
 log = logging.getLogger(__name__)
 EXIT_GAVE_UP = 3
 EXIT_CANNOT_START = 78  # sysexits' EX_CONFIG
+PR_SET_CHILD_SUBREAPER = 36  # linux/prctl.h
 
 
 @dataclass(frozen=True)
@@ -60,10 +67,19 @@ class RestartPolicy:
         return delay_s
 
 
-def supervise(children: list[Child], policy: type[RestartPolicy] | None = None, poll_s: float = 0.2) -> int:
+def supervise(children: list[Child], policy: type[RestartPolicy] | None = None, poll_s: float = 0.2,
+              reap_orphans: bool = False) -> int:
     """Run `children` until a signal (exit 0), until one cannot be kept alive (exit `EXIT_GAVE_UP`) or until one
-    cannot start (exit `EXIT_CANNOT_START`)."""
-    make_policy = policy or RestartPolicy
+    cannot start (exit `EXIT_CANNOT_START`). `reap_orphans`: see the module docstring."""
+    reaping = reap_orphans and _become_subreaper()
+    try:
+        return _supervise(children, policy or RestartPolicy, poll_s, reaping)
+    finally:
+        if reaping:
+            _kill_orphans(set())
+
+
+def _supervise(children: list[Child], make_policy: type[RestartPolicy], poll_s: float, reaping: bool) -> int:
     running = {child.name: _start(child) for child in children}
     started_at = dict.fromkeys(running, time.monotonic())
     policies = {child.name: make_policy() for child in children}
@@ -85,6 +101,8 @@ def supervise(children: list[Child], policy: type[RestartPolicy] | None = None, 
                 code = running[child.name].poll()
                 if code is None or stopping:
                     continue
+                if reaping:
+                    _kill_orphans({process.pid for process in running.values()})
                 if code == EXIT_CANNOT_START:
                     log.error("%s cannot start (see its last line above); stopping the worker", child.name)
                     _stop_all(running)
@@ -109,6 +127,41 @@ def supervise(children: list[Child], policy: type[RestartPolicy] | None = None, 
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def _become_subreaper() -> bool:
+    """Make this process the one its descendants' orphans are given to (Linux's child subreaper)."""
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def _kill_orphans(managed: set[int]) -> None:
+    """SIGKILL the children of this (subreaper) process that it did not start (`managed`): orphans a dead child
+    left, given to it. Their own children become orphans in turn and are given to it too: repeat until none."""
+    while orphans := [pid for pid in _child_pids() if pid not in managed]:
+        for pid in orphans:
+            log.warning("killing process %d, left running by a child that died", pid)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+
+
+def _child_pids() -> list[int]:
+    """The ids of this process's children, read from /proc."""
+    me, children = os.getpid(), []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as stat:
+                    parent = int(stat.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            if parent == me:
+                children.append(int(entry))
+    return children
 
 
 def _group(child: Child, children: list[Child]) -> list[Child]:

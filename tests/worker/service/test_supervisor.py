@@ -93,3 +93,25 @@ def test_the_children_of_a_group_restart_together(tmp_path: Path):
     # Then the follower was started again with the leader, and the child outside the group was not
     text = starts.read_text()
     assert (text.count("L"), text.count("F"), text.count("A")) == (2, 2, 1) and code == EXIT_GAVE_UP
+
+
+def test_what_a_dead_child_left_running_is_killed_before_it_starts_again(tmp_path: Path):
+    # Given a child that starts a process of its own (as vLLM's engine core is) and then dies without stopping it
+    pids = tmp_path / "pids"
+    child_code = (f"import subprocess, sys\n"
+                  f"grandchild = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)'])\n"
+                  f"open({str(pids)!r}, 'a').write(f'{{grandchild.pid}}\\n')")
+    script = tmp_path / "supervise.py"
+    script.write_text(
+        "import os, sys\nfrom worker.service.supervisor import Child, RestartPolicy, supervise\n"
+        f"child = Child('c', [sys.executable, '-c', {child_code!r}], dict(os.environ))\n"
+        "policy = lambda: RestartPolicy(first_delay_s=0.05, max_delay_s=0.05, max_restarts=1)\n"
+        "sys.exit(supervise([child], policy=policy, poll_s=0.02, reap_orphans=True))\n")
+    # When it runs under a supervisor that reaps orphans (the launcher's), twice before the supervisor gives up
+    done = subprocess.run([sys.executable, str(script)], env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+                          capture_output=True, text=True, timeout=60)
+    # Then every process a dead child left behind was killed, and the supervisor said so
+    left = [int(pid) for pid in pids.read_text().split()]
+    assert done.returncode == EXIT_GAVE_UP and len(left) == 2
+    assert not [pid for pid in left if Path(f"/proc/{pid}").exists()]
+    assert done.stderr.count("left running by a child that died") == 2
