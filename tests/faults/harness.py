@@ -111,7 +111,7 @@ class Worker:
 
     def kill_infer(self) -> None:
         """SIGKILL of the infer process alone; the worker's supervisor restarts it."""
-        pids = subprocess.run(["pgrep", "-g", str(self.process.pid), "-f", "worker.service.process infer"],
+        pids = subprocess.run(["pgrep", "-g", str(self.process.pid), "-f", "infer cpu@"],
                               capture_output=True, text=True).stdout.split()
         for pid in pids:
             os.kill(int(pid), signal.SIGKILL)
