@@ -1,6 +1,20 @@
-"""What goes into an engine and what comes out: the types every engine and every caller share."""
+"""What goes into an engine and what comes out: the types every engine and every caller share.
+
+The seam every engine implements (the paged and static engines here, the vLLM adapter):
+
+- `engine.submit(model_input, max_new_tokens, options) -> concurrent.futures.Future` of a `Completion`.
+- The engine calls `future.set_running_or_notify_cancel()` (through `FutureGate.start`) when it starts
+  computing the request: the paged engine when the request is first scheduled into a step, the static engine
+  when its batch starts. A future that was cancelled by then is dropped without being computed. So
+  `future.cancel()`, from any thread, cancels a request the engine has not started (and returns False for one
+  it has); the engine releases it promptly, not when its turn in the queue comes.
+- `engine.abort(future) -> None` drops the request wherever it is (waiting or running), frees what it holds
+  (its KV blocks), and makes its future raise `RequestAborted`. Idempotent; a finished future is left alone.
+"""
 from __future__ import annotations
 
+import threading
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,7 +58,43 @@ class RequestTooLarge(RuntimeError):
 
 
 class RequestAborted(RuntimeError):
-    """The request was taken back (`engine.abort`) before it finished."""
+    """`engine.abort(future)` dropped the request, waiting or running: what its future raises."""
+
+
+class FutureGate:
+    """Where an engine changes its requests' futures, under one lock, so that each future is started at most
+    once and settled exactly once whatever comes first: the engine's thread starting (`start`) or answering
+    (`settle`) it, `abort` from any thread, or the caller's own `future.cancel()` (which the stdlib lets
+    succeed only while the future is pending). Without it, starting a future aborted a moment before raises
+    (and logs a critical line) and answering an aborted one raises `InvalidStateError` in the engine's loop."""
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()  # re-entered when a done-callback aborts another request
+
+    def start(self, future: Future) -> bool:
+        """The engine starts computing the request: True from now on; False when it was cancelled or aborted
+        (the engine then drops it uncomputed)."""
+        with self._lock:
+            if future.running():
+                return True
+            if future.done():
+                return False
+            return future.set_running_or_notify_cancel()
+
+    def settle(self, future: Future, result: Any = None, error: BaseException | None = None) -> bool:
+        """Give the request its outcome unless it already has one (cancelled, aborted); True when given."""
+        with self._lock:
+            if future.done():
+                return False
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(result)
+            return True
+
+    def abort(self, future: Future) -> bool:
+        """Make the future raise `RequestAborted` unless it is done; True when it was aborted now."""
+        return self.settle(future, error=RequestAborted("the request was aborted"))
 
 
 @dataclass

@@ -2,7 +2,10 @@
 
 Celery task threads call `submit` and wait on the returned future. One engine thread loops: gather
 waiting requests (up to the batch caps, waiting at most `max_wait_ms` for more), plan batches by length,
-run each through the generator, resolve the futures. Every row of a batch waits for its longest one. It
+run each through the generator, resolve the futures. Every row of a batch waits for its longest one. A
+request's future is started when its batch starts; one cancelled or aborted before is never computed. A
+`generate` call cannot drop a row, so a request aborted while its batch runs raises `RequestAborted` at once
+and its row is computed to the batch's end, its answer discarded. It
 runs what the paged engine does not (image-text models, models sharded over GPUs) and is the reference
 the paged engine's tests compare with. The engine knows nothing of Celery.
 """
@@ -17,11 +20,9 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 from worker.engine.batching import PlanItem, padded_cost, plan_batches
-from worker.engine.request import Completion, EngineStats, GenerationOptions, ModelInput, RequestTooLarge
+from worker.engine.request import Completion, EngineStats, FutureGate, GenerationOptions, ModelInput, RequestTooLarge
 
 log = logging.getLogger(__name__)
-
-
 
 # (prompts, max new tokens per prompt, options) -> generated token ids per prompt, EOS stripped
 Generator = Callable[[Sequence[ModelInput], Sequence[int], GenerationOptions], list[list[int]]]
@@ -56,6 +57,7 @@ class StaticEngine:
         self._inbox: queue.Queue[Request] = queue.Queue()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="docbatch-engine", daemon=True)
+        self._gate = FutureGate()
         self.stats = EngineStats()
 
     def start(self) -> "StaticEngine":
@@ -68,13 +70,19 @@ class StaticEngine:
 
     def submit(self, model_input: ModelInput, max_new_tokens: int,
                options: GenerationOptions = GenerationOptions()) -> Future:
-        """Queue one prompt; the future resolves to a `Completion` or raises the error that request met."""
+        """Queue one prompt; the future resolves to a `Completion` or raises the error that request met (or
+        `RequestAborted`). `future.cancel()` succeeds until the request's batch starts."""
         request = Request(model_input, max_new_tokens, options)
         if self._stop.is_set():
             request.future.set_exception(RuntimeError("engine is stopped"))
         else:
             self._inbox.put(request)
         return request.future
+
+    def abort(self, future: Future) -> None:
+        """The request's future raises `RequestAborted` now; waiting, it is never computed (see the module's
+        docstring for one whose batch runs). Idempotent; a finished request is left alone."""
+        self._gate.abort(future)
 
     # -- the loop: gather -> plan -> run --------------------------------------------------------
     def _loop(self) -> None:
@@ -88,7 +96,8 @@ class StaticEngine:
                     self._run([group[i] for i in indices])
 
     def _gather(self) -> list[Request]:
-        """Block for one request, then take more until a cap is reached or `max_wait_ms` has passed."""
+        """Block for one request, then take more until a cap is reached or `max_wait_ms` has passed. Requests
+        cancelled or aborted while they waited are passed over."""
         try:
             pending = [self._inbox.get(timeout=0.2)]
         except queue.Empty:
@@ -100,7 +109,7 @@ class StaticEngine:
                 pending.append(self._inbox.get(timeout=remaining) if remaining > 0 else self._inbox.get_nowait())
             except queue.Empty:
                 break
-        return pending
+        return [request for request in pending if not request.future.done()]
 
     def _over_budget(self, pending: list[Request]) -> bool:
         return padded_cost([len(r.model_input.token_ids) for r in pending],
@@ -108,6 +117,9 @@ class StaticEngine:
 
     def _run(self, batch: list[Request]) -> None:
         """Generate for `batch`; on any error split it in halves so one bad request never sinks the rest."""
+        batch = [request for request in batch if self._gate.start(request.future)]
+        if not batch:
+            return
         try:
             outputs = self._generate([r.model_input for r in batch], [r.max_new_tokens for r in batch],
                                      batch[0].options)
@@ -118,7 +130,7 @@ class StaticEngine:
             if len(batch) == 1:
                 log.warning("request failed alone (%d prompt tokens): %r", len(batch[0].model_input.token_ids), error)
                 failure = RequestTooLarge(f"does not fit in device memory: {error}") if is_oom else error
-                batch[0].future.set_exception(failure)
+                self._gate.settle(batch[0].future, error=failure)
                 return
             self.stats.num_oom_splits += is_oom
             log.info("batch of %d failed (%s); splitting", len(batch), "OOM" if is_oom else type(error).__name__)
@@ -131,4 +143,4 @@ class StaticEngine:
         self.stats.last_step_seqs = len(batch)
         for request, token_ids in zip(batch, outputs):
             self.stats.tokens_out += len(token_ids)
-            request.future.set_result(Completion(token_ids, len(batch)))
+            self._gate.settle(request.future, Completion(token_ids, len(batch)))

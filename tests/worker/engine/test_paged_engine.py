@@ -11,7 +11,7 @@ import pytest
 
 from schemas.settings import Settings
 from schemas.tasks import builtin_task
-from worker.engine.request import GenerationOptions, ModelInput, RequestTooLarge
+from worker.engine.request import GenerationOptions, ModelInput, RequestAborted, RequestTooLarge
 from worker.engine.builder import build_engine
 from worker.engine.paged.engine import PagedEngine
 from worker.engine.hf_generator import HFGenerator
@@ -120,6 +120,44 @@ def test_a_preempted_request_resumes_with_the_same_tokens(small_model_dir, promp
     assert stats.num_preemptions > 0
     assert answers == [reference[i] for i in chosen]
     assert stats.kv_blocks_used == 0
+
+
+def test_a_request_not_started_is_cancelled_at_once_and_an_aborted_one_gives_its_blocks_back(
+        small_model_dir, prompts, reference):
+    # Given an engine of two rows, both decoding long answers, and three requests waiting behind them
+    engine = _engine(small_model_dir, max_batch_size=2)
+    scheduler, long_answers = engine.scheduler, GenerationOptions(repetition_penalty=1.1, ignore_eos=True)
+    try:
+        running = [engine.submit(prompts[i], 128, long_answers) for i in (12, 13)]
+        waiting = [engine.submit(prompts[i], NEW_TOKENS, GREEDY) for i in (0, 1, 2)]
+        while not all(f.running() for f in running):
+            time.sleep(0.01)
+        # When one waiting request is cancelled and another aborted
+        assert waiting[0].cancel()
+        engine.abort(waiting[1])
+        # Then both leave the engine's queue at the next step, long before their turn
+        while len(scheduler.waiting) != 1:
+            time.sleep(0.01)
+        assert not any(f.done() for f in running)
+        # When a running request is aborted (twice: idempotent)
+        assert not running[0].cancel()  # started: only abort stops it
+        engine.abort(running[0])
+        engine.abort(running[0])
+        # Then its caller is let go at once, the waiting one takes its row, and the others get their own answers
+        with pytest.raises(RequestAborted):
+            running[0].result(timeout=1)
+        with pytest.raises(RequestAborted):
+            waiting[1].result(timeout=1)
+        assert waiting[2].result(timeout=600).token_ids == reference[2]
+        finished = running[1].result(timeout=600)
+        engine.abort(running[1])  # finished: left alone
+        assert running[1].result() is finished and len(finished.token_ids) == 128
+    finally:
+        engine.stop()
+    assert waiting[0].cancelled()
+    # ... and every block and row is given back
+    assert scheduler.blocks.num_used_blocks == 0 and not scheduler.running and not scheduler.waiting
+    assert len(scheduler._free_rows) == scheduler.max_num_seqs
 
 
 def test_no_block_is_leaked_after_many_requests(engine, small_model):

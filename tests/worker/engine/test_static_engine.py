@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from worker.engine.request import GenerationOptions, ModelInput, RequestTooLarge
+from worker.engine.request import GenerationOptions, ModelInput, RequestAborted, RequestTooLarge
 from worker.engine.hf_generator import HFGenerator
 from worker.engine.static_engine import StaticEngine
 
@@ -106,6 +106,54 @@ def test_one_bad_request_does_not_sink_the_others():
         engine.stop()
     assert isinstance(outcomes[2], ValueError)
     assert [o.token_ids for i, o in enumerate(outcomes) if i != 2] == [[1] * 3, [2] * 3, [4] * 3, [5] * 3]
+
+
+class HeldGenerator(EchoGenerator):
+    """An EchoGenerator whose calls wait until `release` is set: a batch that runs as long as the test wants."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.started, self.release = threading.Event(), threading.Event()
+        self.prompts: list[list[int]] = []
+
+    def __call__(self, inputs, max_new_tokens, options):
+        self.prompts += [i.token_ids for i in inputs]
+        self.started.set()
+        self.release.wait(10)
+        return super().__call__(inputs, max_new_tokens, options)
+
+
+def test_cancelled_and_aborted_requests_are_never_computed_and_a_running_one_is_let_go_at_once():
+    # Given a batch that runs (its generate call held) and three requests waiting behind it
+    generator = HeldGenerator()
+    engine = StaticEngine(generator, max_batch_size=8, max_batch_tokens=10_000, max_wait_ms=0).start()
+    try:
+        running = engine.submit(ModelInput([1]), 2)
+        assert generator.started.wait(10)
+        cancelled, aborted, kept = (engine.submit(ModelInput([i]), 2) for i in (2, 3, 4))
+        # When one waiting request is cancelled, one aborted, and the running one aborted (twice: idempotent)
+        assert cancelled.cancel()
+        engine.abort(aborted)
+        assert not running.cancel()  # started: only abort stops it
+        engine.abort(running)
+        engine.abort(running)
+        # Then the running one's caller is let go at once, before its batch ends
+        with pytest.raises(RequestAborted):
+            running.result(timeout=1)
+        generator.release.set()
+        # ... the kept request is answered, a finished request is left alone by abort, and the engine goes on
+        assert kept.result(timeout=10).token_ids == [4, 4]
+        engine.abort(kept)
+        assert kept.result().token_ids == [4, 4]
+        assert engine.submit(ModelInput([5]), 1).result(timeout=10).token_ids == [5]
+    finally:
+        generator.release.set()
+        engine.stop()
+    # ... and neither the cancelled nor the aborted waiting request reached the model
+    assert cancelled.cancelled()
+    with pytest.raises(RequestAborted):
+        aborted.result(timeout=1)
+    assert generator.prompts == [[1], [4], [5]]
 
 
 @pytest.mark.slow

@@ -3,7 +3,9 @@
 Task threads call `submit` and wait on the returned future. The engine thread loops over steps, each
 three calls (nano-vllm's shape): the scheduler picks the step's sequences and token counts, the runner
 computes it, and the scheduler records the result, finishing sequences the moment they end. New
-requests join at the next step; nobody waits for a batch to form. The engine knows nothing of Celery.
+requests join at the next step; nobody waits for a batch to form. A request's future is started when it is
+first scheduled; one cancelled before that, or aborted (`abort`) at any time, leaves the engine at the next
+step, its KV blocks freed. The engine knows nothing of Celery.
 """
 from __future__ import annotations
 
@@ -14,7 +16,15 @@ import time
 from concurrent.futures import Future
 from typing import Any, Callable
 
-from worker.engine.request import Completion, EngineStats, GenerationOptions, ModelInput, RequestTooLarge
+from worker.engine.request import (
+    Completion,
+    EngineStats,
+    FutureGate,
+    GenerationOptions,
+    ModelInput,
+    RequestAborted,
+    RequestTooLarge,
+)
 from worker.engine.paged.runner import ModelRunner
 from worker.engine.paged.scheduler import ScheduledStep, Scheduler
 from worker.engine.paged.sequence import Sequence
@@ -38,8 +48,10 @@ class PagedEngine:
         self._make_grammars = grammars  # builds the GrammarCache on the first constrained request
         self._grammars: Any = None
         self._grammars_lock = threading.Lock()
-        self._inbox: queue.SimpleQueue[tuple[Sequence, Future]] = queue.SimpleQueue()
+        # (sequence, future): a new request; (sequence, None): one cancelled or aborted, to be dropped
+        self._inbox: queue.SimpleQueue[tuple[Sequence, Future | None]] = queue.SimpleQueue()
         self._futures: dict[int, Future] = {}
+        self._gate = FutureGate()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="docbatch-engine", daemon=True)
         # What to do when the loop itself breaks (a bug, not a failed step): by default fail every waiting
@@ -62,13 +74,14 @@ class PagedEngine:
         else:
             self.runner.close()
         for future in list(self._futures.values()):
-            future.set_exception(RuntimeError("the engine stopped"))
+            self._gate.settle(future, error=RuntimeError("the engine stopped"))
         self._futures.clear()
 
     def submit(self, model_input: ModelInput, max_new_tokens: int,
                options: GenerationOptions = GenerationOptions()) -> Future:
         """Queue one prompt; the future resolves to a `Completion`, or raises `RequestTooLarge` (it can never
-        fit), `ValueError` (a bad request) or the error its step met when it ran alone."""
+        fit), `ValueError` (a bad request), the error its step met when it ran alone, or `RequestAborted`.
+        `future.cancel()` succeeds until the request is first scheduled."""
         future: Future = Future()
         try:
             seq = self._sequence(model_input, max_new_tokens, options)
@@ -79,7 +92,18 @@ class PagedEngine:
             future.set_exception(RuntimeError("the engine is stopped"))
         else:
             self._inbox.put((seq, future))
+            future.add_done_callback(lambda done: self._dropped(seq, done))
         return future
+
+    def abort(self, future: Future) -> None:
+        """Drop the request wherever it is (waiting or running): its future raises `RequestAborted` now, its KV
+        blocks are freed at the next step. Idempotent; a finished request is left alone."""
+        self._gate.abort(future)
+
+    def _dropped(self, seq: Sequence, future: Future) -> None:
+        """A done-callback (any thread): a request cancelled or aborted leaves the engine at the next step."""
+        if future.cancelled() or isinstance(future.exception(), RequestAborted):
+            self._inbox.put((seq, None))
 
     def _sequence(self, model_input: ModelInput, max_new_tokens: int, options: GenerationOptions) -> Sequence:
         tokens = model_input.token_ids
@@ -117,13 +141,13 @@ class PagedEngine:
     def _fail_all(self, error: BaseException) -> None:
         self._stop.set()
         for future in list(self._futures.values()):
-            future.set_exception(RuntimeError(f"the engine stopped: {error!r}"))
+            self._gate.settle(future, error=RuntimeError(f"the engine stopped: {error!r}"))
         self._futures.clear()
 
     def _steps(self) -> None:
         while not self._stop.is_set():
             self._take_new(wait=not self.scheduler.has_work)
-            step = self.scheduler.schedule()
+            step = self._started(self.scheduler.schedule())
             if not step.seqs:
                 continue
             tokens_in, started = self._prompt_tokens(step), time.perf_counter()
@@ -144,12 +168,30 @@ class PagedEngine:
             return
         while True:
             seq, future = item
-            self._futures[seq.seq_id] = future
-            self.scheduler.add(seq)
+            if future is None:
+                self._drop(seq)
+            else:
+                self._futures[seq.seq_id] = future
+                self.scheduler.add(seq)
             try:
                 item = self._inbox.get_nowait()
             except queue.Empty:
                 return
+
+    def _started(self, step: ScheduledStep) -> ScheduledStep:
+        """Start the futures of the step's requests (a no-op for those started before); a request cancelled or
+        aborted meanwhile is dropped from the step uncomputed."""
+        gone = [seq for seq in step.seqs if not self._gate.start(self._futures[seq.seq_id])]
+        for seq in gone:
+            self._drop(seq)
+        if gone:
+            step.remove(gone)
+        return step
+
+    def _drop(self, seq: Sequence) -> None:
+        """Take a cancelled or aborted request out of the engine and free its blocks (once)."""
+        if self._futures.pop(seq.seq_id, None) is not None:
+            self.scheduler.finish(seq)
 
     def _step_failed(self, step: ScheduledStep, error: Exception) -> None:
         """A step raised: alone, its request fails; shared, every request in it runs again alone, so only
@@ -171,9 +213,9 @@ class PagedEngine:
     def _resolve(self, seq: Sequence) -> None:
         future = self._futures.pop(seq.seq_id)
         if seq.error is not None:
-            future.set_exception(seq.error)
+            self._gate.settle(future, error=seq.error)
         else:
-            future.set_result(Completion(seq.completion_token_ids, seq.max_step_seqs))
+            self._gate.settle(future, Completion(seq.completion_token_ids, seq.max_step_seqs))
 
     @staticmethod
     def _prompt_tokens(step: ScheduledStep) -> int:

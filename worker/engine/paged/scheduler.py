@@ -32,6 +32,12 @@ class ScheduledStep:
         """Every row computes one token that is followed by sampling: the shape CUDA graphs replay."""
         return all(n == 1 and s.num_computed_tokens + 1 == s.num_tokens for s, n in zip(self.seqs, self.num_new_tokens))
 
+    def remove(self, seqs: list[Sequence]) -> None:
+        """Take `seqs` out of the step before it runs (their requests were cancelled or aborted)."""
+        keep = [i for i, seq in enumerate(self.seqs) if seq not in seqs]
+        self.seqs = [self.seqs[i] for i in keep]
+        self.num_new_tokens = [self.num_new_tokens[i] for i in keep]
+
     def samples(self, index: int) -> bool:
         """Whether row `index` reaches the end of its tokens this step, so its last logits are sampled."""
         seq = self.seqs[index]
