@@ -10,6 +10,7 @@ import redis
 from rich.console import Console
 from rich.table import Table
 
+from schemas.passwords import WeakPassword, check_passwords
 from schemas.settings import Settings
 from schemas.sql.store import Store
 
@@ -29,6 +30,14 @@ def _console() -> Console:
     """stdout; when it is not a terminal (a pipe, a log), wide enough that tables do not wrap."""
     console = Console(soft_wrap=True)
     return console if console.is_terminal else Console(width=200)
+
+
+def refuse_weak_passwords(settings: Settings) -> None:
+    """What every command that starts a docbatch process calls first (`schemas.passwords`)."""
+    try:
+        check_passwords(settings)
+    except WeakPassword as e:
+        raise click.ClickException(str(e)) from e
 
 
 def _open(settings: Settings) -> tuple[Store, redis.Redis]:
@@ -58,6 +67,7 @@ def beat_command(settings: Settings) -> None:
     makes no batch."""
     from producer.service.beat import run_beat
 
+    refuse_weak_passwords(settings)
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     scanner = _scanner(settings)
     run_beat(scanner.app, scanner)
@@ -122,6 +132,7 @@ def flower_command(settings: Settings, address, port, read_only, insecure_local)
     flower_password in the settings file). Same as: celery -A worker.celery_app flower"""
     from producer.service.flower import FlowerRefused, flower_launch
 
+    refuse_weak_passwords(settings)
     try:
         launch = flower_launch(settings, address=address or settings.flower_address,
                                port=port or settings.flower_port, read_only=read_only, insecure_local=insecure_local)
@@ -164,6 +175,7 @@ def up_command(settings: Settings, gpus: str, no_flower: bool, insecure_local: b
     from producer.service.flower import FlowerRefused, flower_launch
     from producer.service.up import up
 
+    refuse_weak_passwords(settings)
     if not no_flower:
         try:  # refuse here, before anything starts, rather than lose Flower a moment later
             flower_launch(settings, address=settings.flower_address, port=settings.flower_port, read_only=False,
@@ -185,8 +197,10 @@ def up_command(settings: Settings, gpus: str, no_flower: bool, insecure_local: b
 @click.command("migrate")
 @click.pass_obj
 def migrate_command(settings: Settings) -> None:
-    """Bring the database schema to the newest version, then exit (compose runs it before the workers;
-    every command also does it on first use, under a lock, so hosts may start together)."""
+    """Check the passwords in the settings, bring the database schema to the newest version, then exit (compose
+    runs it before the other services, so that `docker compose up` stops early on a placeholder password; every
+    command also migrates on first use, under a lock, so hosts may start together)."""
+    refuse_weak_passwords(settings)
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     Store(settings.effective_database_url, settings.blob_dir).migrate()
 

@@ -2,8 +2,10 @@
 Makefile installs Debian's docker-compose). The resolved file is checked for what the deployment promises."""
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -81,3 +83,18 @@ def test_a_missing_password_stops_compose_with_a_message(tmp_path):
     env.write_text("FLOWER_USER=admin\n")
     done = compose_config(env)
     assert done.returncode != 0 and "set REDIS_PASSWORD in .env" in done.stderr
+
+
+def test_the_migrate_step_refuses_the_example_passwords_so_compose_up_stops_early(services, tmp_path):
+    # Given the migrate service as compose resolves it with the example .env (its change-me-... passwords)
+    migrate = services["migrate"]
+    assert migrate["environment"]["DOCBATCH_FLOWER_PASSWORD"] == "change-me-flower"
+    env = {**os.environ, **migrate["environment"], "DOCBATCH_HOME": str(tmp_path), "DOCBATCH_CONFIG": "/nonexistent"}
+    # When its command runs (here, outside a container: its database host does not even resolve)
+    done = subprocess.run([sys.executable, "-m", "producer.cli", *migrate["command"]], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    # Then it fails at once, before it reaches any database, naming each placeholder; the services that wait for
+    # it never start
+    assert done.returncode == 1, done.stderr
+    for setting in ("DOCBATCH_BROKER_URL", "DOCBATCH_DATABASE_URL", "DOCBATCH_FLOWER_PASSWORD"):
+        assert f"{setting}: the password is deploy/example.env's placeholder" in done.stderr
