@@ -5,6 +5,7 @@ import io
 import os
 
 import pytest
+from PIL import ImageFilter
 from conftest import PARTIES_TASK, shared_worker_settings, worker_process
 from documents import (
     encrypted_pdf,
@@ -51,6 +52,8 @@ def _fixtures(folder, outside):
         "pages.tiff": (multipage_tiff([text_image([f"Scanned page {i}"], (600, 800)) for i in range(2)]),
                        ("done", None)),
         "photo.jpg": (rotated_jpeg(text_image(["Invoice 42"], (600, 800))), ("done", None)),
+        "sideways.png": (_png(text_image(SIDEWAYS).rotate(90, expand=True)), ("done", None)),
+        "smudged.png": (_png(_smudged(text_image(SIDEWAYS))), ("done", None)),
         "lease-cp1252.txt": ("Loyer annuel: 74 400 € payé à Société Générale.".encode("cp1252"), ("done", None)),
         "locked.pdf": (encrypted_pdf("Secret terms.", "s3cret"), ("failed", "pdf_encrypted")),
         "truncated.pdf": (pdf(["Cut short."])[:200], ("failed", "pdf_corrupt")),
@@ -68,6 +71,20 @@ def _fixtures(folder, outside):
     expected[f"{folder.name}/escape.txt"] = ("failed", "symlink_escape")
     expected[f"{folder.name}/pipe.txt"] = ("failed", "not_regular_file")
     return expected
+
+
+SIDEWAYS = ["SUPPLY AGREEMENT", "between Initech LLC (supplier)", "and Umbrella plc (customer)"]
+
+
+def _png(image) -> bytes:
+    out = io.BytesIO()
+    image.save(out, format="PNG")
+    return out.getvalue()
+
+
+def _smudged(image):
+    """Scanned at a quarter of the resolution and blurred: Tesseract reads it, unsure of its words."""
+    return image.resize((image.width // 4, image.height // 4)).filter(ImageFilter.GaussianBlur(1.2)).resize(image.size)
 
 
 def _run(store: Store, settings, folder, worker, timeout_s: int, task=None):
@@ -95,9 +112,16 @@ def test_every_kind_of_input_ends_as_expected_and_the_worker_survives(module_set
     assert outcomes == expected
     assert status.is_finished and module_worker.poll() is None
     # ... the scans were read by OCR, and the pages are stored for a retry
-    scan = next(job for item, job, _ in store.batch_rows(batch.batch_id) if item.name == "inbox/scan.pdf")
-    (page,) = store.load_pages(scan.document_sha256)
+    rows = {item.name: (job, result) for item, job, result in store.batch_rows(batch.batch_id)}
+    (page,) = store.load_pages(rows["inbox/scan.pdf"][0].document_sha256)
     assert page.source == "ocr" and "LEASE" in page.text.upper() and page.image_sha256
+    # ... a scan lying sideways (no EXIF orientation) was turned upright and read cleanly
+    (page,) = store.load_pages(rows["inbox/sideways.png"][0].document_sha256)
+    assert "SUPPLY AGREEMENT" in page.text and page.ocr_confidence > 80
+    assert "warnings" not in rows["inbox/sideways.png"][1].data
+    # ... and a smudged one, read with little confidence, warns on its answer rather than passing as clean
+    (warning,) = rows["inbox/smudged.png"][1].data["warnings"]
+    assert warning["code"] == "ocr_low_confidence" and "page 1 " in warning["message"]
     store.close()
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import logging
-import warnings
 from dataclasses import dataclass
 
 from charset_normalizer import from_bytes
@@ -102,25 +101,31 @@ def normalise_image(image: Image.Image, max_side: int) -> Image.Image:
 
 
 def _image_frames(data: bytes, limits: ExtractLimits) -> list[Image.Image]:
-    """Every frame (a multi-page TIFF has several), normalised. Pixel bombs fail before decoding."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        previous, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, limits.max_image_pixels
-        try:
-            with Image.open(io.BytesIO(data)) as image:
-                frames = []
-                for index in range(getattr(image, "n_frames", 1)):
-                    if index >= limits.max_pages:
-                        raise DocbatchError(ErrorCode.TOO_MANY_PAGES, f"more than {limits.max_pages} frames")
-                    image.seek(index)
-                    frames.append(normalise_image(image.copy(), limits.max_image_side))
-                return frames
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-            raise DocbatchError(ErrorCode.DECOMPRESSION_BOMB, f"image too large to decode safely: {e}") from e
-        except (OSError, SyntaxError, ValueError, EOFError) as e:
-            raise DocbatchError(ErrorCode.IMAGE_CORRUPT, f"the image cannot be read: {e}") from e
-        finally:
-            Image.MAX_IMAGE_PIXELS = previous
+    """Every frame (a multi-page TIFF has several), normalised. Pixel bombs fail before decoding: each frame's
+    size is read from its header and checked against docbatch's `max_image_pixels` (Pillow's own check, which
+    would quote its own limits, is off meanwhile)."""
+    previous, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            frames = []
+            for index in range(getattr(image, "n_frames", 1)):
+                if index >= limits.max_pages:
+                    raise DocbatchError(ErrorCode.TOO_MANY_PAGES, f"more than {limits.max_pages} frames")
+                image.seek(index)
+                _check_pixels(image.width, image.height, limits, f"frame {index + 1}" if index else "the image")
+                frames.append(normalise_image(image.copy(), limits.max_image_side))
+            return frames
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise DocbatchError(ErrorCode.IMAGE_CORRUPT, f"the image cannot be read: {e}") from e
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous
+
+
+def _check_pixels(width: float, height: float, limits: ExtractLimits, what: str) -> None:
+    if width * height > limits.max_image_pixels:
+        raise DocbatchError(ErrorCode.DECOMPRESSION_BOMB,
+                            f"{what} would be {width:,.0f} x {height:,.0f} = {width * height:,.0f} pixels, over "
+                            f"max_image_pixels ({limits.max_image_pixels:,})")
 
 
 # -- PDF ------------------------------------------------------------------------------------------
@@ -180,8 +185,7 @@ def _render_pages(data: bytes, indices: list[int], limits: ExtractLimits) -> dic
             page = document[index]
             width_pt, height_pt = page.get_size()
             scale = min(limits.render_dpi / 72, limits.max_image_side / max(width_pt, height_pt, 1))
-            if width_pt * height_pt * scale * scale > limits.max_image_pixels:
-                raise DocbatchError(ErrorCode.DECOMPRESSION_BOMB, f"page {index + 1} would render too large")
+            _check_pixels(width_pt * scale, height_pt * scale, limits, f"page {index + 1}, rendered,")
             bitmap = page.render(scale=scale, grayscale=True)
             images[index] = normalise_image(bitmap.to_pil(), limits.max_image_side)
             bitmap.close()

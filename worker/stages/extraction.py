@@ -1,5 +1,5 @@
-"""The prepare stage: a document's pages extracted once and stored (scans OCR'd when the model reads no
-images, kept as images when it does); a document too long for one request becomes chunk jobs."""
+"""The prepare stage: a document's pages extracted once and stored (scans turned upright, then OCR'd when the
+model reads no images, kept as images when it does); a document too long for one request becomes chunk jobs."""
 from __future__ import annotations
 
 import hashlib
@@ -11,7 +11,7 @@ from schemas.states import DocbatchError, ErrorCode
 from schemas.sql.store import StoredPage
 from worker.documents.extract import ExtractedPage, extract_pages
 from worker.documents.inputs import document_parts, plan_job_chunks
-from worker.documents.ocr import ocr_image
+from worker.documents.ocr import ocr_image, upright
 from worker.service.runtime import Runtime
 from worker.stages.reducing import chunk_budget, send_infer, start_chunks
 
@@ -24,27 +24,29 @@ def prepare_job(rt: Runtime, job: Job, name: str | None) -> None:
     if task.kind == "chat":  # an OpenAI request: nothing to extract
         chunks = None
     else:
-        pages = ensure_pages(rt, job.document_sha256)
+        pages = ensure_pages(rt, job)
         parts = document_parts(pages, rt.info.is_vision, rt.store)
         chunks = plan_job_chunks(parts, rt.info, chunk_budget(rt, task), rt.settings.chunk_overlap_tokens)
     if chunks is None:
         if rt.store.mark_ready(job.id, rt.holder):
             send_infer(rt, job.id, job.priority, name)
     else:
-        log.info("job %s: %d parts in %d chunks", job.id, len(parts), len(chunks))
+        log.info("%s: %d parts in %d chunks", rt.store.describe_job(job.id), len(parts), len(chunks))
         start_chunks(rt, job, 1, chunks, from_held=True)
 
 
-def ensure_pages(rt: Runtime, sha256: str) -> list[StoredPage]:
-    """The document's pages, extracted once and stored; scans OCR'd when the model reads no images."""
+def ensure_pages(rt: Runtime, job: Job) -> list[StoredPage]:
+    """The job's document's pages, extracted once and stored; scans OCR'd when the model reads no images."""
+    sha256 = job.document_sha256
     pages = rt.store.load_pages(sha256)
     if pages is None:
         data, _ = rt.store.read_document(sha256)
-        pages = [_stored(rt, page) for page in extract_pages(data, rt.limits)]
+        pages = [_stored(rt, job, page_no, page)
+                 for page_no, page in enumerate(extract_pages(data, rt.limits), start=1)]
     elif not rt.info.is_vision and any(p.source == "image" for p in pages):
         # Extracted earlier for a vision model: the text-only model needs the scans' text now.
-        pages = [StoredPage(_ocr(rt, _load_image(rt, p.image_sha256)), "ocr", p.image_sha256)
-                 if p.source == "image" else p for p in pages]
+        pages = [_ocr(rt, _load_image(rt, p.image_sha256), p.image_sha256) if p.source == "image" else p
+                 for p in pages]
     else:
         return pages
     if not any(p.text.strip() or p.source == "image" for p in pages):
@@ -53,15 +55,19 @@ def ensure_pages(rt: Runtime, sha256: str) -> list[StoredPage]:
     return pages
 
 
-def _stored(rt: Runtime, page: ExtractedPage) -> StoredPage:
-    """A freshly extracted page as stored: its image kept by reference, read by OCR while still in memory
-    when the model reads no images."""
+def _stored(rt: Runtime, job: Job, page_no: int, page: ExtractedPage) -> StoredPage:
+    """A freshly extracted page as stored: its image turned upright and kept by reference, read by OCR while
+    still in memory when the model reads no images."""
     if page.image is None:
         return StoredPage(page.text, page.source)
-    image_sha256 = _store_image(rt, page.image)
+    image, turned_deg = upright(page.image, timeout_s=rt.settings.prepare_timeout_s)
+    if turned_deg:
+        log.info("%s: scanned page %d turned %d degrees clockwise to read it upright", rt.store.describe_job(job.id),
+                 page_no, turned_deg)
+    image_sha256 = _store_image(rt, image)
     if rt.info.is_vision:
         return StoredPage("", "image", image_sha256)
-    return StoredPage(_ocr(rt, page.image), "ocr", image_sha256)
+    return _ocr(rt, image, image_sha256)
 
 
 def _store_image(rt: Runtime, image) -> str:
@@ -79,5 +85,6 @@ def _load_image(rt: Runtime, image_sha256: str):
     return Image.open(io.BytesIO(rt.store.read_document(image_sha256)[0]))
 
 
-def _ocr(rt: Runtime, image) -> str:
-    return ocr_image(image, lang=rt.settings.ocr_lang, timeout_s=rt.settings.prepare_timeout_s)
+def _ocr(rt: Runtime, image, image_sha256: str) -> StoredPage:
+    read = ocr_image(image, lang=rt.settings.ocr_lang, timeout_s=rt.settings.prepare_timeout_s)
+    return StoredPage(read.text, "ocr", image_sha256, read.confidence)

@@ -13,6 +13,7 @@ from schemas.states import DocbatchError
 from schemas.tasks import TaskDefinition
 from worker.answers.checks import result_warnings
 from worker.documents.inputs import Part, plan_job_chunks, reduce_parts
+from worker.documents.ocr import ocr_warnings
 from worker.answers.merge import conflict_prompt_text, merge_answers
 from worker.answers.prompts import prompt_reserve, validate_json
 from worker.service.runtime import Runtime
@@ -67,8 +68,13 @@ def _finish_merged(rt: Runtime, parent_id: str, task: TaskDefinition, value: dic
     try:
         answer = validate_json(task.schema_text, text, task.output_model)
     except DocbatchError as e:
-        log.warning("job %s: the merged answer is invalid (%s); the model combines the parts", parent_id, e.message)
+        log.warning("%s: the merged answer is invalid (%s); the model combines the parts",
+                    rt.store.describe_job(parent_id), e.message)
         return False
     result = {"json": answer, "reduced_by": "merge", **result_warnings(task.checks, answer)}
+    parent = rt.store.get_job(parent_id)
+    unsure = ocr_warnings(rt.store.load_pages(parent.document_sha256) or [], rt.settings.ocr_min_confidence)
+    if unsure:
+        result["warnings"] = [*result.get("warnings", []), *unsure]
     rt.store.finish(parent_id, result, text, tokens_in=None, tokens_out=None, batch_size=None, holder=None)
     return True

@@ -1,0 +1,59 @@
+"""Tesseract on scans made in the test: pages turned upright before they are read, and the words' confidence
+kept, so that a page Tesseract was unsure of warns instead of passing as clean."""
+from __future__ import annotations
+
+import pytest
+from PIL import ImageFilter
+
+from documents import pdf, text_image
+from schemas.sql.store import StoredPage
+from worker.documents.extract import extract_pages
+from worker.documents.ocr import LOW_CONFIDENCE_CODE, ocr_image, ocr_warnings, upright
+
+LINES = ["SERVICES AGREEMENT", "between Acme Corporation (supplier)", "and Globex Limited (customer),",
+         "dated 1 March 2024. The supplier", "shall deliver the goods within", "thirty days of each order."]
+
+
+def test_tesseract_reads_the_words_of_a_rendered_page():
+    (page,) = extract_pages(pdf([text_image(["MASTER SERVICES AGREEMENT", "Governing law: Delaware",
+                                              "Payment due within 30 days"])]))
+    read = ocr_image(page.image)
+    for word in ("MASTER", "SERVICES", "AGREEMENT", "DELAWARE", "PAYMENT", "30"):
+        assert word in read.text.upper()
+    assert read.confidence > 80
+
+
+@pytest.mark.parametrize("turned_deg, garbled_as_it_lies", [(90, True), (180, True), (270, False)])
+def test_a_scan_turned_sideways_or_upside_down_is_read_upright(turned_deg, garbled_as_it_lies):
+    # Given a scanned page lying turned (PIL turns counter-clockwise), with no EXIF orientation to say so;
+    # read as it lies, Tesseract garbles it ('SAEAL JO ...'), except, here, when turned by three quarters
+    scan = text_image(LINES).rotate(turned_deg, expand=True)
+    assert ("SERVICES AGREEMENT" not in ocr_image(scan).text) == garbled_as_it_lies
+    # When it is turned upright by orientation detection, then read
+    image, turned_by = upright(scan)
+    read = ocr_image(image)
+    # Then it was turned back and its words are read, with confidence
+    assert turned_by == turned_deg
+    assert "SERVICES AGREEMENT" in read.text and "Globex Limited" in read.text
+    assert read.confidence > 80
+
+
+def test_an_upright_page_is_left_as_it_is():
+    scan = text_image(LINES)
+    image, turned_by = upright(scan)
+    assert (turned_by, image.size) == (0, scan.size)
+
+
+def test_a_page_tesseract_is_unsure_of_warns_and_a_clean_one_does_not():
+    # Given a clean scan and a smudged one (scanned at a quarter of the resolution, blurred)
+    clean = text_image(LINES)
+    smudged = clean.resize((clean.width // 4, clean.height // 4)).filter(ImageFilter.GaussianBlur(1.2)).resize(clean.size)
+    # When both are read
+    pages = [StoredPage(read.text, "ocr", "sha", read.confidence) for read in map(ocr_image, (clean, smudged))]
+    # Then the smudged page's words come with a low confidence, and only it is named in the warning
+    assert pages[0].ocr_confidence > 80 > 60 > pages[1].ocr_confidence
+    (warning,) = ocr_warnings([StoredPage("typed", "text"), *pages], min_confidence=60)
+    assert warning["code"] == LOW_CONFIDENCE_CODE
+    assert warning["message"].startswith(f"OCR was unsure of page 3 (mean word confidence "
+                                         f"{pages[1].ocr_confidence:.0f} of 100, under ocr_min_confidence 60)")
+    assert ocr_warnings(pages[:1], min_confidence=60) == []
