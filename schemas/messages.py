@@ -22,6 +22,9 @@ INFER_QUEUE = "infer"
 PREPARE_TASK = "docbatch.prepare"
 INFER_TASK = "docbatch.infer"
 PRIORITY_STEPS = range(10)  # the Redis transport's priority lists: `infer`, `infer:1` ... `infer:9`
+CANCEL_COMMAND = "docbatch_cancel"  # the workers' control command that stops held jobs (`announce_cancel`)
+# What a worker answers for each held job it stops: it ends cancelled; its answer is being generated and may finish
+CANCELLED, FINISHING = "cancelled", "finishing"
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -72,6 +75,26 @@ def broker_priority(priority: int) -> int:
     return 9 - max(0, min(9, priority))
 
 
+
+
+def announce_cancel(app: Celery, job_ids: list[str], now: bool, *, timeout_s: float = 5.0,
+                    num_workers: int | None = None) -> dict[str, str] | None:
+    """Tell the workers at once that `cancel` asked these running jobs to stop (the store says so already; a
+    worker that misses this finds it there at its next lease renewal). Returns what the workers that answered
+    within `timeout_s` did, job id -> `CANCELLED` or `FINISHING` (waiting for at most `num_workers` answers), or
+    None when the broker cannot be reached."""
+    try:
+        replies = app.control.broadcast(CANCEL_COMMAND, arguments={"job_ids": job_ids, "now": now}, reply=True,
+                                        timeout=timeout_s, limit=num_workers or None)
+    except (OperationalError, OSError) as e:
+        log.info("could not tell the workers of the cancel (%s); they find it at their next lease renewal", e)
+        return None
+    outcomes: dict[str, str] = {}
+    for reply in replies or []:
+        for answer in reply.values():
+            if isinstance(answer, dict):
+                outcomes.update({job_id: outcome for job_id, outcome in answer.items() if isinstance(outcome, str)})
+    return outcomes
 
 
 def send(app: Celery, task_name: str, job_id: str, priority: int, name: str | None = None) -> bool:

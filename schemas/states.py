@@ -37,8 +37,9 @@ TRANSITIONS: dict[JobState, frozenset[JobState]] = {
     _S.PREPARING: frozenset({_S.READY, _S.WAITING, _S.FAILED, _S.QUEUED, _S.CANCELLED}),
     # claimed by a GPU worker; failed without running (too many crashes); cancelled before it starts
     _S.READY: frozenset({_S.RUNNING, _S.FAILED, _S.CANCELLED}),
-    # answered; failed; back to ready when its lease expired. A running job is not cancelled: it finishes.
-    _S.RUNNING: frozenset({_S.DONE, _S.FAILED, _S.READY}),
+    # answered; failed; back to ready when its lease expired; cancelled by its worker, told to stop (`cancel`)
+    # before its engine started it (or at once, `cancel --now`), or by the sweep when that worker died
+    _S.RUNNING: frozenset({_S.DONE, _S.FAILED, _S.READY, _S.CANCELLED}),
     # its chunks' answers merged (done) or handed to the model (ready); a chunk failed; another level of
     # chunks (waiting again); cancelled with its chunks
     _S.WAITING: frozenset({_S.DONE, _S.READY, _S.WAITING, _S.FAILED, _S.CANCELLED}),
@@ -47,6 +48,41 @@ TRANSITIONS: dict[JobState, frozenset[JobState]] = {
     _S.FAILED: frozenset({_S.QUEUED, _S.READY}),
     _S.CANCELLED: frozenset({_S.QUEUED, _S.READY}),
 }
+
+
+class StopRequest(str, enum.Enum):
+    """What `docbatch cancel` asks of a running job, kept in its `error_code` until the job ends (the table has
+    no column of its own for it): its worker reads it at its next lease renewal, or at once when told by
+    broadcast. A job that ends done or failed overwrites it."""
+
+    CANCEL = "cancel_requested"  # cancelled unless its answer is being generated, which finishes
+    CANCEL_NOW = "cancel_now_requested"  # cancelled even then (`cancel --now`)
+    EXPIRE = "expire_requested"  # as CANCEL, with the reason code `expired` (an API batch's window ended)
+
+    @property
+    def is_now(self) -> bool:
+        return self is StopRequest.CANCEL_NOW
+
+    @property
+    def reason(self) -> "ErrorCode | None":
+        """The reason code the job is cancelled with (its `error_message` then says why), or None."""
+        return ErrorCode.EXPIRED if self is StopRequest.EXPIRE else None
+
+    @classmethod
+    def asked(cls, now: bool, code: "ErrorCode | None") -> "StopRequest":
+        """The stop a cancel asks for: `now`, or for a reason (only `expired` has one), or plain."""
+        if now:
+            return cls.CANCEL_NOW
+        if code is None:
+            return cls.CANCEL
+        if code is ErrorCode.EXPIRED:
+            return cls.EXPIRE
+        raise ValueError(f"a cancel has no reason code {code.value!r}")
+
+    @classmethod
+    def of(cls, error_code: str | None) -> "StopRequest | None":
+        """The stop a running job's `error_code` asks for, or None."""
+        return next((stop for stop in cls if stop.value == error_code), None)
 
 
 class IllegalTransition(ValueError):
@@ -95,11 +131,18 @@ class ErrorCode(str, enum.Enum):
 class DocbatchError(Exception):
     """An expected failure of one job, with its reason code. Anything else is a bug (`internal_error`)."""
 
-    def __init__(self, code: ErrorCode, message: str, raw_text: str | None = None) -> None:
+    def __init__(self, code: ErrorCode, message: str, raw_text: str | None = None, *,
+                 tokens_in: int | None = None, tokens_out: int | None = None) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.raw_text = raw_text  # what the model answered, kept when the answer itself was the problem
+        self.tokens_in, self.tokens_out = tokens_in, tokens_out  # what the job spent before it failed
 
     def __str__(self) -> str:
         return f"{self.code.value}: {self.message}"
+
+
+class JobCancelled(Exception):
+    """A held job stopped because `docbatch cancel` asked it to: it ends `cancelled`, neither failed nor retried.
+    The message says when it stopped."""

@@ -55,8 +55,9 @@ def _end_window(ctx: ApiContext, row: ApiBatch, now: dt.datetime) -> bool:
     if not ctx.store.move_api_batch(row.id, ["in_progress"], status="finalizing", finalizing_at=now,
                                     end_status="expired"):
         return False
-    cancelled, running = ctx.store.cancel_batch(row.id, ErrorCode.EXPIRED, _expired_message(row))
-    log.info("batch %s expired: %d requests cancelled, %d running finish", row.id, cancelled, running)
+    done = ctx.store.cancel_batch(row.id, ErrorCode.EXPIRED, _expired_message(row))
+    log.info("batch %s expired: %d requests cancelled, %d held by workers told to stop (those being generated "
+             "finish)", row.id, done.cancelled, len(done.held))
     return True
 
 

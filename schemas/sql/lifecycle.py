@@ -22,9 +22,9 @@ from sqlalchemy import func, or_, select, update
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
-from schemas.sql.db import chunked, dialect_insert
-from schemas.sql.models import BatchItem, Job, Result, Worker, new_id, utcnow
-from schemas.states import TRANSITIONS, ErrorCode, JobState, check_transition
+from schemas.sql.db import dialect_insert
+from schemas.sql.models import Job, Result, Worker, new_id, utcnow
+from schemas.states import TRANSITIONS, ErrorCode, JobState, StopRequest, check_transition
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -60,13 +60,17 @@ class LostRun:
     failed_message: str | None = None
 
 
-def after_lost_run(state: JobState, lost_runs: int, isolate: bool, max_attempts: int) -> LostRun:
+def after_lost_run(state: JobState, lost_runs: int, isolate: bool, max_attempts: int, *,
+                   stop_requested: bool = False) -> LostRun:
     """Crash attribution, pure. A run lost while batched with others is not the job's fault: it runs again,
     batched; lost twice, it runs alone next (its claim and prompt with no other job starting beside it). A
     job that keeps killing its worker while alone fails once its losses exceed `max_attempts`, and so does
     one lost more than `max_attempts + LOST_RUNS_BACKSTOP` times in all. Extraction always runs one document
-    per process, so a prepare job fails once its losses exceed `max_attempts`."""
+    per process, so a prepare job fails once its losses exceed `max_attempts`. A running job `cancel` had
+    asked to stop (`stop_requested`) is cancelled instead of run again."""
     lost = lost_runs + 1
+    if state == JobState.RUNNING and stop_requested:
+        return LostRun(JobState.CANCELLED, lost, isolate)
     back = JobState.QUEUED if state == JobState.PREPARING else JobState.READY
     if state == JobState.PREPARING and lost > max_attempts:
         return LostRun(JobState.FAILED, lost, isolate, f"its prepare process died {lost} times while it ran")
@@ -175,9 +179,9 @@ class Lifecycle:
 
     @retried
     def fail(self, job_id: str, code: ErrorCode, message: str, raw_text: str | None = None, *,
-             holder: Holder | None) -> bool:
+             holder: Holder | None, tokens_in: int | None = None, tokens_out: int | None = None) -> bool:
         """Mark a job failed with a reason: one `holder` holds, or (`holder` None) one that waits, for a
-        message or on its chunks. The model's answer is kept when given."""
+        message or on its chunks. The model's answer is kept when given, and the tokens it spent."""
         with self._sessions.begin() as session:
             if holder is None:
                 states, where = (JobState.QUEUED, JobState.READY, JobState.WAITING), []
@@ -186,7 +190,7 @@ class Lifecycle:
             states = [s for s in states if JobState.FAILED in TRANSITIONS[s]]
             failed = self.transition([job_id], states, JobState.FAILED, session=session, where=where,
                                      error_code=code.value, error_message=message[:4000], finished_at=utcnow(),
-                                     **_NO_LEASE)
+                                     tokens_in=tokens_in, tokens_out=tokens_out, **_NO_LEASE)
             if failed and raw_text is not None:
                 session.merge(Result(job_id=job_id, data={}, raw_text=raw_text, created_at=utcnow()))
             return bool(failed)
@@ -296,11 +300,16 @@ class Lifecycle:
             expired = list(session.scalars(select(Job).where(Job.state.in_(HELD), lapsed)
                                            .order_by(Job.lease_expires_at).limit(limit)))
         for job in expired:
-            lost = after_lost_run(job.state, job.lost_runs, job.isolate, max_attempts)
+            stop = StopRequest.of(job.error_code)
+            lost = after_lost_run(job.state, job.lost_runs, job.isolate, max_attempts, stop_requested=stop is not None)
             values: dict[str, Any] = dict(lost_runs=lost.lost_runs, isolate=lost.isolate, **_NO_LEASE)
             if lost.state == JobState.FAILED:
                 values.update(error_code=ErrorCode.TOO_MANY_ATTEMPTS.value, error_message=lost.failed_message,
                               finished_at=now)
+            elif lost.state == JobState.CANCELLED:
+                reason = stop.reason
+                values.update(error_code=reason.value if reason else None, finished_at=now, error_message=(
+                    job.error_message if reason else "cancelled: its worker died before it stopped"))
             else:
                 values.update(sent_at=now)
             # compare-and-set on the lease seen: a holder that renewed meanwhile keeps its job
@@ -337,38 +346,6 @@ class Lifecycle:
     def mark_sent(self, job_ids: list[str]) -> None:
         with self._sessions.begin() as session:
             session.execute(update(Job).where(Job.id.in_(job_ids)).values(sent_at=utcnow()))
-
-    # -- an operator's side: cancel and retry ----------------------------------------------------------
-    def cancel_batch(self, batch_id: str, code: ErrorCode | None = None, message: str | None = None) -> tuple[int, int]:
-        """Cancel the batch's jobs that have not started (queued, ready, waiting on chunks, and those chunks;
-        a job being extracted is cancelled and its extraction dropped), with a reason `code` and `message` when
-        given (an API batch's window ended: `expired`). Running jobs finish. Returns (cancelled, still running)."""
-        in_batch = select(BatchItem.job_id).where(BatchItem.batch_id == batch_id)
-        reason = dict(error_code=code.value, error_message=message) if code else {}
-        with self._sessions.begin() as session:
-            ids = list(session.scalars(select(Job.id).where(or_(Job.id.in_(in_batch), Job.parent_id.in_(in_batch)))))
-            states = [s for s in JobState if JobState.CANCELLED in TRANSITIONS[s]]
-            cancelled = running = 0
-            for part in chunked(ids):  # a batch of 50,000 jobs: SQLite takes at most 32,766 values a statement
-                cancelled += self.transition(part, states, JobState.CANCELLED, session=session, finished_at=utcnow(),
-                                             **reason, **_NO_LEASE)
-                running += session.scalar(select(func.count()).select_from(Job).where(
-                    Job.id.in_(part), Job.state == JobState.RUNNING))
-        return cancelled, running
-
-    def retry_batch(self, batch_id: str, error_code: str | None = None) -> list[Job]:
-        """Queue again the batch's failed jobs (only those failed with `error_code`, when given) and its
-        cancelled ones, with their attempts reset. Returns the jobs to send."""
-        in_batch = select(BatchItem.job_id).where(BatchItem.batch_id == batch_id)
-        from_states = [JobState.FAILED] if error_code else [JobState.FAILED, JobState.CANCELLED]
-        where = [Job.error_code == error_code] if error_code else []
-        with self._sessions.begin() as session:
-            ids = list(session.scalars(select(Job.id).where(Job.id.in_(in_batch))))
-            self.transition(ids, from_states, JobState.QUEUED, session=session, where=where, error_code=None,
-                            error_message=None, attempts=0, lost_runs=0, isolate=False, finished_at=None,
-                            sent_at=utcnow())
-            session.flush()
-            return list(session.scalars(select(Job).where(Job.id.in_(ids), Job.state == JobState.QUEUED)))
 
 
 _NO_LEASE = dict(lease_owner=None, lease_expires_at=None)

@@ -1,4 +1,4 @@
-"""Leases, the workers registry, cancel and retry, on SQLite and PostgreSQL."""
+"""Leases and the workers registry, on SQLite and PostgreSQL (cancel and retry: test_control.py)."""
 from __future__ import annotations
 
 import datetime as dt
@@ -99,29 +99,6 @@ def test_workers_register_and_show_what_they_hold(store):
     assert rows == {GPU.owner: 2, PREP.owner: 0}
     store.worker_stopped(PREP)
     assert [worker.owner for worker, _ in store.workers(seen_within_s=60)] == [GPU.owner]
-
-
-def test_cancel_stops_what_has_not_started_and_retry_queues_it_again(store):
-    # Given a batch with a queued, a ready, a running and a failed job
-    batch_id, (queued, ready, running, failed) = _jobs(store, "q", "r", "run", "f")
-    store.claim(ready, JobState.QUEUED, JobState.PREPARING, PREP)
-    store.mark_ready(ready, PREP)
-    _running(store, running)
-    store.claim(failed, JobState.QUEUED, JobState.PREPARING, PREP)
-    store.fail(failed, ErrorCode.PDF_CORRUPT, "bad xref", holder=PREP)
-    # When it is cancelled
-    assert store.cancel_batch(batch_id) == (2, 1)
-    # Then what had not started never will; the running job finishes and keeps its answer
-    assert [store.get_job(j).state for j in (queued, ready, running, failed)] == [
-        JobState.CANCELLED, JobState.CANCELLED, JobState.RUNNING, JobState.FAILED]
-    assert not store.claim(ready, JobState.READY, JobState.RUNNING, GPU)
-    assert store.finish(running, {"text": "ok"}, "ok", tokens_in=1, tokens_out=1, batch_size=1, holder=GPU)
-    # When only the jobs failed with one code are retried, then the others
-    assert [job.id for job in store.retry_batch(batch_id, "out_of_memory")] == []
-    assert [job.id for job in store.retry_batch(batch_id, "pdf_corrupt")] == [failed]
-    assert sorted(job.id for job in store.retry_batch(batch_id)) == sorted([queued, ready, failed])
-    job = store.get_job(failed)
-    assert (job.state, job.error_code, job.attempts) == (JobState.QUEUED, None, 0)
 
 
 def test_jobs_waiting_for_a_message_are_counted_and_the_longest_waiting_come_first(store):

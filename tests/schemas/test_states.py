@@ -16,7 +16,7 @@ LEGAL = {
     (S.PREPARING, S.READY), (S.PREPARING, S.WAITING), (S.PREPARING, S.FAILED), (S.PREPARING, S.QUEUED),
     (S.PREPARING, S.CANCELLED),
     (S.READY, S.RUNNING), (S.READY, S.FAILED), (S.READY, S.CANCELLED),
-    (S.RUNNING, S.DONE), (S.RUNNING, S.FAILED), (S.RUNNING, S.READY),
+    (S.RUNNING, S.DONE), (S.RUNNING, S.FAILED), (S.RUNNING, S.READY), (S.RUNNING, S.CANCELLED),
     (S.WAITING, S.DONE), (S.WAITING, S.READY), (S.WAITING, S.WAITING), (S.WAITING, S.FAILED),
     (S.WAITING, S.CANCELLED),
     (S.FAILED, S.QUEUED), (S.FAILED, S.READY), (S.CANCELLED, S.QUEUED), (S.CANCELLED, S.READY),
@@ -74,3 +74,9 @@ def test_a_lost_run_is_charged_only_to_a_job_that_was_alone(state, lost_runs, is
     lost = after_lost_run(state, lost_runs, isolate, max_attempts=3)
     assert (lost.state, lost.lost_runs, lost.isolate) == expected
     assert (lost.failed_message is not None) == (lost.state == S.FAILED)
+
+
+def test_a_lost_run_that_was_told_to_stop_ends_cancelled():
+    # A running job `cancel` asked to stop, whose worker died before it could: it is not run again
+    lost = after_lost_run(S.RUNNING, 3, True, max_attempts=3, stop_requested=True)
+    assert (lost.state, lost.lost_runs, lost.failed_message) == (S.CANCELLED, 4, None)

@@ -1,32 +1,42 @@
 """A worker process's housekeeping thread: it registers the process, renews the leases of the jobs the
-process works on (one statement every `lease_s / 3`), and sweeps for lost work (`worker.service.reconcile`) every
-`sweep_interval_s`, so the sweep lives in every worker, never in one process that can vanish.
+process works on (one statement every `lease_s / 3`), keeps their messages from being delivered again while
+it does, passes on the stops `docbatch cancel` asked for them, and sweeps for lost work
+(`worker.service.reconcile`) every `sweep_interval_s`, so the sweep lives in every worker, never in one
+process that can vanish.
 
 After a database outage the sweep waits until the database has answered for a whole `lease_s`: every
 live holder has renewed its leases by then, so a lease that is still expired is truly abandoned.
 """
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
+from concurrent.futures import Future
 from typing import Callable
 
 import redis
 
+from schemas.broker_state import UNACKED_HASH, UNACKED_INDEX, job_id_of
+from schemas.messages import CANCELLED, FINISHING
 from schemas.sql.lifecycle import Holder
 from schemas.settings import Settings
 from schemas.sql.store import Store
+from worker.engine.request import RequestAborted
 
 log = logging.getLogger(__name__)
 
 
 class HeldJobs:
-    """The jobs this process's tasks are working on: only these leases are renewed."""
+    """The jobs this process's tasks are working on (only these leases are renewed), the engine request each
+    one waits on, and the stops `docbatch cancel` asked for them."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._ids: set[str] = set()
+        self._requests: dict[str, Future] = {}
+        self._stops: dict[str, bool] = {}  # job id -> now (abort even a request being generated)
 
     def add(self, job_id: str) -> None:
         with self._lock:
@@ -35,17 +45,61 @@ class HeldJobs:
     def discard(self, job_id: str) -> None:
         with self._lock:
             self._ids.discard(job_id)
+            self._requests.pop(job_id, None)
+            self._stops.pop(job_id, None)
 
     def ids(self) -> list[str]:
         with self._lock:
             return list(self._ids)
 
+    def waiting_on(self, job_id: str, future: Future, abort: Callable[[Future], None]) -> None:
+        """The held job's task waits on this engine request now; a stop asked before applies to it at once."""
+        with self._lock:
+            self._requests[job_id] = future
+            now = self._stops.get(job_id)
+        if now is not None:
+            _stop(future, now, abort)
+
+    def done_waiting(self, job_id: str) -> None:
+        with self._lock:
+            self._requests.pop(job_id, None)
+
+    def stop(self, job_id: str, now: bool, abort: Callable[[Future], None]) -> str | None:
+        """Stop a held job: `CANCELLED` when it will end cancelled (its request not started by the engine, or
+        not yet handed to it, or `now`; or stopped already, by the keeper and the broadcast of one cancel),
+        `FINISHING` when its answer is being generated (or was) and may finish; None when this process does
+        not hold it. The stop stays asked until the job's task ends, so a later request of the same job (the
+        repair at twice the room) is cancelled too."""
+        with self._lock:
+            if job_id not in self._ids:
+                return None
+            now = self._stops[job_id] = self._stops.get(job_id, False) or now
+            future = self._requests.get(job_id)
+        if future is not None and future.done():
+            return CANCELLED if future.cancelled() or isinstance(future.exception(), RequestAborted) else FINISHING
+        if future is None or _stop(future, now, abort):
+            return CANCELLED
+        return FINISHING
+
+
+def _stop(future: Future, now: bool, abort: Callable[[Future], None]) -> bool:
+    """Cancel the request if the engine has not started it, else abort it when `now`; True when it stops."""
+    if future.cancel():
+        return True
+    if now and not future.done():
+        abort(future)
+        return True
+    return False
+
 
 class Keeper:
     def __init__(self, settings: Settings, store: Store, holder: Holder, held: HeldJobs, role: str, *,
-                 sweeps: bool, app=None, register: bool = True) -> None:
+                 sweeps: bool, app=None, register: bool = True,
+                 on_stop: Callable[[dict[str, bool]], object] | None = None) -> None:
+        """`on_stop` gets the held jobs `cancel` told to stop (job id -> now), at each renewal: an infer
+        process's `Runtime.stop_jobs`. The broadcast usually told it before; this catches what it missed."""
         self.settings, self.store, self.holder, self.held, self.role = settings, store, holder, held, role
-        self.sweeps, self.app, self.register = sweeps, app, register
+        self.sweeps, self.app, self.register, self.on_stop = sweeps, app, register, on_stop
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="docbatch-keeper", daemon=True)
         self._client: redis.Redis | None = None
@@ -62,32 +116,74 @@ class Keeper:
 
     def _loop(self) -> None:
         s = self.settings
-        renew_every_s = s.lease_s / 3
+        renew_every_s = s.renew_every_s
         reachable_since: float | None = None
         next_sweep = 0.0
         registered = not self.register
-        while not self._stop.wait(min(renew_every_s, s.sweep_interval_s)):
+        wait_s = 0.0  # registered at once, so that `docbatch workers` (and `cancel`) count this process from its start
+        while not self._stop.wait(wait_s):
+            wait_s = min(renew_every_s, s.sweep_interval_s)
             try:
                 if not registered:
                     self.store.register_worker(self.holder, self.role)
                     registered = True
-                self.store.heartbeat(self.holder, self.held.ids())
+                held = self.held.ids()
+                self.store.heartbeat(self.holder, held)
+                stops = self.store.stop_requests(self.holder, held) if self.on_stop else {}
                 reachable_since = reachable_since or time.monotonic()
             except Exception as e:  # noqa: BLE001 - an outage is waited out; the thread must live on
                 log.warning("cannot renew leases (%s); the database may be away", str(e).splitlines()[0])
                 reachable_since = None
                 continue
+            if stops:
+                _quietly(lambda: self.on_stop(stops), "stopping cancelled jobs")
+            self._keep_messages(held)
             now = time.monotonic()
             if self.sweeps and now >= next_sweep and now - reachable_since >= s.lease_s:
                 next_sweep = now + s.sweep_interval_s
                 _quietly(self._sweep, "sweep")
 
+    def _redis(self) -> redis.Redis:
+        if self._client is None:
+            self._client = redis.Redis.from_url(self.settings.broker_url, socket_timeout=10)
+        return self._client
+
     def _sweep(self) -> None:
         from worker.service.reconcile import sweep
 
-        if self._client is None:
-            self._client = redis.Redis.from_url(self.settings.broker_url, socket_timeout=10)
-        sweep(self.store, self.settings, self.app, self._client)
+        sweep(self.store, self.settings, self.app, self._redis())
+
+    def _keep_messages(self, job_ids: list[str]) -> None:
+        """Keep the messages of the held jobs from being delivered again while their leases live (a Redis
+        outage is left to Celery, which reconnects; the message then comes back and does nothing)."""
+        try:
+            kept = keep_delivered(self._redis(), job_ids)
+        except redis.RedisError as e:
+            log.debug("cannot keep the held jobs' messages delivered (%s)", e)
+            return
+        if kept:
+            log.debug("kept %d held jobs' messages delivered", kept)
+
+
+def keep_delivered(client: redis.Redis, job_ids: list[str]) -> int:
+    """Reset the delivery time of the unacknowledged messages of `job_ids` to now, so that Redis does not deliver
+    them again after `visibility_timeout_s` (kombu's Redis transport restores a message whose time in
+    `unacked_index` is older than that). A duplicate would do nothing, but Celery would log it as a task run.
+    Returns how many messages were kept."""
+    wanted = set(job_ids)
+    if not wanted:
+        return 0
+    tags = []
+    for tag, value in client.hgetall(UNACKED_HASH).items():
+        try:
+            message = json.loads(value)[0]
+        except (TypeError, ValueError, IndexError):
+            continue
+        if job_id_of(message) in wanted:
+            tags.append(tag)
+    if tags:
+        client.zadd(UNACKED_INDEX, {tag: time.time() for tag in tags}, xx=True)
+    return len(tags)
 
 
 def _quietly(action: Callable[[], object], what: str) -> None:

@@ -17,7 +17,7 @@ from celery.exceptions import SoftTimeLimitExceeded, TimeLimitExceeded
 
 from schemas.sql.lifecycle import is_infrastructure_error
 from schemas.sql.models import Job
-from schemas.states import DocbatchError, ErrorCode, JobState
+from schemas.states import DocbatchError, ErrorCode, JobCancelled, JobState
 from worker.service.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -31,7 +31,7 @@ def held(rt: Runtime, job_id: str, from_state: JobState, to_state: JobState, *,
     block ends."""
     job = rt.store.claim(job_id, from_state, to_state, rt.holder, count_attempt=count_attempt)
     if job is None:
-        log.info("job %s is not %s any more; nothing to do", job_id, from_state.value)
+        log.debug("job %s is not %s any more (a duplicate or late message); nothing to do", job_id, from_state.value)
         yield None
         return
     rt.held.add(job_id)
@@ -43,13 +43,19 @@ def held(rt: Runtime, job_id: str, from_state: JobState, to_state: JobState, *,
 
 def fail_on_error(rt: Runtime, job: Job, work: Callable[[], T]) -> T | None:
     """Run `work` for a job this process holds and return its value; turn its failure into the job's
-    failed state with a reason code (and its document's, for a chunk) and return None."""
-    raw_text = None
+    failed state with a reason code (and its document's, for a chunk) and return None. A job `cancel`
+    stopped ends cancelled."""
+    raw_text, tokens = None, {}
     try:
         return work()
+    except JobCancelled as e:
+        if rt.store.cancel_held(job.id, rt.holder, str(e)):
+            log.info("%s %s", rt.store.describe_job(job.id), e)
+        return None
     except DocbatchError as e:
-        log.info("job %s failed: %s", job.id, e)
+        log.info("%s failed: %s", rt.store.describe_job(job.id), e)
         code, message, raw_text = e.code, e.message, e.raw_text
+        tokens = dict(tokens_in=e.tokens_in, tokens_out=e.tokens_out)
     except SoftTimeLimitExceeded:
         code, message = ErrorCode.EXTRACT_TIMEOUT, "extraction ran past prepare_timeout_s"
     except MemoryError:
@@ -59,9 +65,9 @@ def fail_on_error(rt: Runtime, job: Job, work: Callable[[], T]) -> T | None:
             log.error("job %s: the database was away for longer than db_retry_s (%s); letting the job go",
                       job.id, e)
             return None
-        log.exception("job %s failed unexpectedly", job.id)
+        log.exception("%s failed unexpectedly", rt.store.describe_job(job.id))
         code, message = ErrorCode.INTERNAL_ERROR, f"{type(e).__name__}: {e}"
-    rt.store.fail(job.id, code, message, raw_text, holder=rt.holder)
+    rt.store.fail(job.id, code, message, raw_text, holder=rt.holder, **tokens)
     if job.parent_id:
         rt.store.fail(job.parent_id, ErrorCode.CHUNK_FAILED, f"chunk {job.chunk_index + 1} (level {job.chunk_level}) "
                                                              f"failed: {code.value}: {message}", holder=None)
@@ -74,7 +80,7 @@ def fail_hard_timeout(rt: Runtime, job_id: str, exception: BaseException) -> boo
     lease to hang again. True when the job was failed."""
     if not isinstance(exception, TimeLimitExceeded):
         return False
-    log.error("job %s: extraction killed at the hard time limit (prepare_timeout_s + 30 s)", job_id)
+    log.error("%s: extraction killed at the hard time limit (prepare_timeout_s + 30 s)", rt.store.describe_job(job_id))
     return rt.store.fail_abandoned(job_id, JobState.PREPARING, ErrorCode.EXTRACT_TIMEOUT,
                                    f"extraction did not stop at prepare_timeout_s ({rt.settings.prepare_timeout_s} s) "
                                    "and its process was killed")

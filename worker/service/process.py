@@ -21,6 +21,7 @@ from celery import current_app
 from celery.signals import task_failure, worker_process_init, worker_ready
 
 from schemas.messages import INFER_QUEUE, PREPARE_QUEUE, PREPARE_TASK, make_celery
+from schemas.passwords import WeakPassword, check_passwords
 from schemas.settings import Settings
 from worker.service import runtime
 from worker.engine.builder import build_engine, uses_vllm
@@ -110,9 +111,9 @@ def _limit_memory(settings: Settings) -> None:
 
 
 def _keeper(rt: runtime.Runtime, role: str, *, sweeps: bool, register: bool = True) -> Keeper:
-    """This process's lease renewals (and sweeps), started now."""
-    return Keeper(rt.settings, rt.store, rt.holder, rt.held, role, sweeps=sweeps, app=rt.app,
-                  register=register).start()
+    """This process's lease renewals (and sweeps, and for an infer process the stops `cancel` asked), started now."""
+    return Keeper(rt.settings, rt.store, rt.holder, rt.held, role, sweeps=sweeps, app=rt.app, register=register,
+                  on_stop=rt.stop_jobs if role == "infer" else None).start()
 
 
 def _hard_timeouts_fail(rt: runtime.Runtime):
@@ -129,7 +130,11 @@ def configure(settings: Settings, role: str, name: str) -> list[str]:
     telemetry); returns the Celery worker options its pool needs.
 
     Every process that claims jobs renews their leases: the infer process, and each prepare child. The
-    infer process and the prepare parent also sweep for lost work."""
+    infer process and the prepare parent also sweep for lost work. A weak password in the settings stops it."""
+    try:
+        check_passwords(settings)
+    except WeakPassword as e:
+        raise SystemExit(str(e)) from e
     app = current_app._get_current_object()  # made by main(), or by Celery's own command line
     if role == "infer":
         rt = start_engine(settings, name)

@@ -48,14 +48,18 @@ def sweep(store: Store, settings: Settings, app, client: redis.Redis) -> Counter
 
 def _take_back(store: Store, app, job: Job, lost: LostRun) -> str:
     if lost.state == JobState.FAILED:
-        log.error("job %s failed: %s", job.id, lost.failed_message)
+        log.error("%s failed: %s", store.describe_job(job.id), lost.failed_message)
         if job.parent_id:
             store.fail(job.parent_id, ErrorCode.CHUNK_FAILED, f"chunk {job.chunk_index + 1} (level "
                        f"{job.chunk_level}) failed: {ErrorCode.TOO_MANY_ATTEMPTS.value}: {lost.failed_message}",
                        holder=None)
         return "quarantined"
-    log.warning("job %s: its holder %s stopped renewing its lease; %s again%s", job.id, job.lease_owner,
-                lost.state.value, " (it runs alone next)" if lost.isolate else "")
+    if lost.state == JobState.CANCELLED:
+        log.info("%s: its holder %s died before it stopped as cancel asked; cancelled", store.describe_job(job.id),
+                 job.lease_owner)
+        return "cancelled"
+    log.warning("%s: its holder %s stopped renewing its lease; %s again%s", store.describe_job(job.id),
+                job.lease_owner, lost.state.value, " (it runs alone next)" if lost.isolate else "")
     send(app, PREPARE_TASK if lost.state == JobState.QUEUED else INFER_TASK, job.id, job.priority)
     return "lease_expired"
 

@@ -54,6 +54,14 @@ class Runtime:
             self._tasks[task_hash] = TaskDefinition.model_validate(self.store.get_task(task_hash))
         return self._tasks[task_hash]
 
+    def stop_jobs(self, stops: dict[str, bool]) -> dict[str, str]:
+        """Stop the held jobs `cancel` asked to (job id -> now): each one this process holds, with what becomes
+        of it (`schemas.messages.CANCELLED` or `FINISHING`, see `HeldJobs.stop`)."""
+        if self.engine is None:  # a prepare process: `cancel` ends the jobs it extracts in SQL at once
+            return {}
+        outcomes = {job_id: self.held.stop(job_id, now, self.engine.abort) for job_id, now in stops.items()}
+        return {job_id: outcome for job_id, outcome in outcomes.items() if outcome is not None}
+
     @property
     def info(self) -> ModelInfo:
         """The model's kind, context and tokenizer: from the loaded model, or read once (prepare)."""

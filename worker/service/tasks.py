@@ -7,7 +7,8 @@ infer (GPU thread):  ready -> running -> done, via the in-process engine that ba
                      the answer is decoded under the task's JSON schema, validated, checked and stored;
                      the last chunk of a level moves its document on (reduce).
 A job that keeps its worker from surviving is started alone (`worker.service.lane`) before anything is
-counted against it.
+counted against it. `docbatch cancel` reaches the jobs a worker holds through the control command
+`docbatch_cancel` (and, should the broadcast miss it, through the keeper at its next lease renewal).
 """
 from __future__ import annotations
 
@@ -15,8 +16,9 @@ import contextlib
 from typing import Callable
 
 from celery import shared_task
+from celery.worker.control import control_command
 
-from schemas.messages import INFER_TASK, PREPARE_TASK
+from schemas.messages import CANCEL_COMMAND, INFER_TASK, PREPARE_TASK
 from schemas.sql.models import Job
 from schemas.states import JobState
 from worker.service import failpoints, runtime
@@ -55,6 +57,13 @@ def infer(job_id: str, name: str | None = None) -> None:
             if job.isolate:
                 rt.store.pass_isolation(job_id, rt.holder)
             fail_on_error(rt, job, lambda: answer_and_finish(rt, job, request))
+
+
+@control_command(name=CANCEL_COMMAND, args=[("job_ids", list), ("now", bool)], signature="<job_id>... [now]")
+def cancel_held(state, job_ids: list[str] = (), now: bool = False) -> dict[str, str]:
+    """Stop the jobs this worker holds among `job_ids`, as `docbatch cancel` asked: a job whose request the engine
+    has not started (or with `now`, any) ends cancelled. Replies job id -> "cancelled" or "finishing"."""
+    return runtime.current().stop_jobs({job_id: bool(now) for job_id in job_ids})
 
 
 def _document(rt: Runtime, job: Job) -> Callable[[], bytes]:

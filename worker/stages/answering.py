@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from concurrent.futures import CancelledError
 from dataclasses import dataclass
 from typing import Any
 
 from pydantic import BaseModel
 
 from schemas.sql.models import Job
-from schemas.states import DocbatchError, ErrorCode
+from schemas.states import DocbatchError, ErrorCode, JobCancelled
 from schemas.tasks import Generation
 from worker.answers.checks import result_warnings
-from worker.engine.request import Completion, GenerationOptions, ModelInput, RequestTooLarge
+from worker.documents.ocr import ocr_warnings
+from worker.engine.request import Completion, GenerationOptions, ModelInput, RequestAborted, RequestTooLarge
 from worker.answers.prompts import validate_json
 from worker.service.runtime import Runtime
 from worker.stages.prompting import Request
@@ -28,66 +30,93 @@ class Answer:
     text: str
     completion: Completion
     finish_reason: str  # "stop" (end of answer) or "length" (max_new_tokens reached), as OpenAI says
+    tokens_out: int  # generated in all, the first try's included when the answer was asked again
 
 
 def answer_and_finish(rt: Runtime, job: Job, request: Request) -> None:
     """Answer a held job's request and store the result (unless its lease was lost meanwhile)."""
     task, prompt = request.task, request.prompt
-    answer = generate_answer(rt, prompt.model_input, request.generation, request.schema, task.output_model,
+    answer = generate_answer(rt, job.id, prompt.model_input, request.generation, request.schema, task.output_model,
                              repair=task.kind != "chat")
     result: dict[str, Any] = {"text": answer.text} if answer.value is None or task.kind == "chat" else {}
     if answer.value is not None:
         result["json"] = answer.value
         if job.parent_id is None:
             result.update(result_warnings(task.checks, answer.value))
+    if job.parent_id is None and task.kind != "chat":
+        _add_warnings(result, ocr_warnings(rt.store.load_pages(job.document_sha256) or [],
+                                           rt.settings.ocr_min_confidence))
     result.update(input_truncated=prompt.is_truncated, finish_reason=answer.finish_reason)
     finished = rt.store.finish(job.id, result, answer.text, tokens_in=len(prompt.model_input.token_ids),
-                               tokens_out=len(answer.completion.token_ids), batch_size=answer.completion.batch_size,
+                               tokens_out=answer.tokens_out, batch_size=answer.completion.batch_size,
                                holder=rt.holder)
     if not finished:
-        log.warning("job %s was taken back before its answer was stored (its lease expired); answer dropped", job.id)
+        log.warning("%s was taken back before its answer was stored (its lease expired); answer dropped",
+                    rt.store.describe_job(job.id))
     elif job.parent_id and rt.store.chunk_finished(job.parent_id):
         advance_parent(rt, job.parent_id, job.chunk_level)
 
 
-def generate_answer(rt: Runtime, model_input: ModelInput, generation: Generation, schema: str | None,
+def _add_warnings(result: dict[str, Any], warnings: list[dict[str, str]]) -> None:
+    if warnings:
+        result["warnings"] = [*result.get("warnings", []), *warnings]
+
+
+def generate_answer(rt: Runtime, job_id: str, model_input: ModelInput, generation: Generation, schema: str | None,
                     output_model: type[BaseModel] | None, *, repair: bool) -> Answer:
-    """The answer to one prompt, decoded under the JSON `schema` (its text) and validated when there is
-    one (and by the built-in task's pydantic `output_model`).
+    """The answer to one prompt of a held job, decoded under the JSON `schema` (its text) and validated when
+    there is one (and by the built-in task's pydantic `output_model`).
 
     An invalid answer under constraints was cut off by max_new_tokens. With `repair` it gets twice the
-    room, once; then the job fails with `schema_invalid`, the answer kept. Without (an OpenAI request,
-    whose max_tokens is the caller's limit) the cut answer is returned as OpenAI does: finish_reason
-    `length`, the text as far as it got."""
+    room, once; then the job fails with `schema_invalid`, the answer and the tokens spent kept. Without (an
+    OpenAI request, whose max_tokens is the caller's limit) the cut answer is returned as OpenAI does:
+    finish_reason `length`, the text as far as it got. Raises `JobCancelled` when `cancel` stopped the job."""
     options = GenerationOptions(repetition_penalty=generation.repetition_penalty, temperature=generation.temperature,
                                 top_p=generation.top_p, ignore_eos=generation.ignore_eos)
     limit = generation.max_new_tokens
     if schema is None or generation.ignore_eos:  # ignore_eos: benchmarks, free text of exactly max_new_tokens
-        text, completion = _generate(rt, model_input, limit, options)
-        return Answer(None, text, completion, _finish_reason(completion, limit))
+        text, completion = _generate(rt, job_id, model_input, limit, options)
+        return Answer(None, text, completion, _finish_reason(completion, limit), len(completion.token_ids))
     model_input = dataclasses.replace(model_input, json_schema=schema)
+    spent = 0
     for room in (limit, 2 * limit) if repair else (limit,):
-        text, completion = _generate(rt, model_input, room, options)
-        reason = _finish_reason(completion, room)
+        text, completion = _generate(rt, job_id, model_input, room, options)
+        reason, spent = _finish_reason(completion, room), spent + len(completion.token_ids)
         try:
-            return Answer(validate_json(schema, text, output_model), text, completion, reason)
+            return Answer(validate_json(schema, text, output_model), text, completion, reason, spent)
         except DocbatchError as e:
-            error = DocbatchError(e.code, e.message, raw_text=text)
-            log.info("answer invalid after %d tokens (%s): %s", len(completion.token_ids), reason, e.message)
+            message = e.message if reason == "stop" else f"{_cut_off(room, limit)}: {e.message}"
+            error = DocbatchError(e.code, message, raw_text=text, tokens_in=len(model_input.token_ids),
+                                  tokens_out=spent)
+            log.info("%s: answer invalid after %d tokens (%s): %s", rt.store.describe_job(job_id),
+                     len(completion.token_ids), reason, e.message)
     if not repair and reason == "length":
-        return Answer(None, text, completion, reason)
+        return Answer(None, text, completion, reason, spent)
     raise error
+
+
+def _cut_off(room: int, limit: int) -> str:
+    return f"cut off at {room} tokens, " + ("max_new_tokens" if room == limit else "twice max_new_tokens")
 
 
 def _finish_reason(completion: Completion, limit: int) -> str:
     return "length" if len(completion.token_ids) >= limit else "stop"
 
 
-def _generate(rt: Runtime, model_input: ModelInput, max_new_tokens: int,
+def _generate(rt: Runtime, job_id: str, model_input: ModelInput, max_new_tokens: int,
               options: GenerationOptions) -> tuple[str, Completion]:
-    """Hand one prompt to the batching engine and wait for its answer."""
+    """Hand one prompt to the batching engine and wait for its answer; `cancel` may stop it meanwhile (the
+    request is held where the keeper and the broadcast find it: `HeldJobs.waiting_on`)."""
+    future = rt.engine.submit(model_input, max_new_tokens, options)
+    rt.held.waiting_on(job_id, future, rt.engine.abort)
     try:
-        completion = rt.engine.submit(model_input, max_new_tokens, options).result()
+        completion = future.result()
     except RequestTooLarge as e:
         raise DocbatchError(ErrorCode.OUT_OF_MEMORY, str(e)) from e
+    except CancelledError as e:
+        raise JobCancelled("cancelled before the engine started it") from e
+    except RequestAborted as e:
+        raise JobCancelled("cancelled while its answer was being generated (cancel --now)") from e
+    finally:
+        rt.held.done_waiting(job_id)
     return rt.tokenizer.decode(completion.token_ids, skip_special_tokens=True), completion

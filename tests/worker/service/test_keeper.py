@@ -1,0 +1,36 @@
+"""The keeper keeps the messages of the jobs its process holds from being delivered again: Redis (kombu's
+transport) gives an unacknowledged message back to the queue once it is `visibility_timeout_s` old, and a
+duplicate of a running job, though it does nothing, is logged as a second run. Real Redis, real kombu: a message
+is delivered and left unacknowledged, as a worker holding its job leaves it."""
+from __future__ import annotations
+
+import time
+
+import redis
+
+from schemas.broker_state import UNACKED_INDEX, queue_keys
+from schemas.messages import INFER_QUEUE, INFER_TASK, make_celery, send
+from worker.service.keeper import keep_delivered
+
+
+def test_a_held_jobs_message_is_not_delivered_again_and_one_nobody_holds_is(settings):
+    # Given two infer messages delivered to a consumer and never acknowledged, a minute ago (past the 10 s
+    # visibility timeout); the job of the first is held, the second's consumer died
+    settings = settings.model_copy(update={"visibility_timeout_s": 10})
+    app = make_celery(settings)
+    for job_id in ("held-job", "orphan-job"):
+        assert send(app, INFER_TASK, job_id, priority=5)
+    client = redis.Redis.from_url(settings.broker_url)
+    with app.connection_for_read() as connection:
+        channel = connection.default_channel
+        delivered = [channel.basic_get(queue, no_ack=False) for queue in queue_keys(INFER_QUEUE) for _ in range(2)]
+        assert len([message for message in delivered if message is not None]) == 2
+        client.zadd(UNACKED_INDEX, {tag: time.time() - 60 for tag in client.zrange(UNACKED_INDEX, 0, -1)})
+        # When the keeper of the process that holds the first job renews, then the transport looks for stale ones
+        assert keep_delivered(client, ["held-job", "not-delivered-job"]) == 1
+        channel.qos.restore_visible(num=100, interval=1)
+        # Then only the orphan's message went back to the queue (to be delivered again); the held job's stays
+        # with its consumer (until the connection closes: a consumer that goes gives its messages back)
+        listed = [item for key in queue_keys(INFER_QUEUE) for item in client.lrange(key, 0, -1)]
+        assert len(listed) == 1 and b"orphan-job" in listed[0]
+        assert client.zcard(UNACKED_INDEX) == 1
