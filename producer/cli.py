@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import importlib.resources
 import logging
+import re
 import sys
 from pathlib import Path
 
 import click
+from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Column, Table
 
 from producer.results.export import FORMATS
 from producer.jobs_cli import COMMANDS as JOB_COMMANDS
+from producer.jobs_cli import resolve
 from producer.service_cli import COMMANDS as SERVICE_COMMANDS
+from producer.service_cli import refuse_weak_passwords
 from schemas.records import BatchStatus, JobRecord
 from schemas.settings import Settings
 from schemas.states import JobState
@@ -29,12 +33,26 @@ from schemas.tasks import (
 
 console = Console(stderr=True, soft_wrap=True)
 DEMO_MAX_NEW_TOKENS = 384
+PYDANTIC_URL = re.compile(r"\s*For further information visit https://errors\.pydantic\.dev/\S*")
 TASK_FILE_HELP = ("\b\nA --task-file prompt is a Jinja2 template of the user's turn; its variables:\n"
                   + "\n".join(f"  {{{{ {name} }}}}  {meaning}" for name, meaning in TEMPLATE_VARIABLES.items()))
 
 
 def _settings(ctx: click.Context) -> Settings:
     return ctx.obj
+
+
+def error_text(error: BaseException) -> str:
+    """An error as the command line says it: pydantic's validation errors one per setting (`DOCBATCH_...`),
+    without the link to pydantic's documentation it appends to each."""
+    if isinstance(error, ValidationError):
+        problems = []
+        for found in error.errors(include_url=False):
+            where = "DOCBATCH_" + "_".join(str(part) for part in found["loc"]).upper() if found["loc"] else ""
+            message = found["msg"].removeprefix("Value error, ")
+            problems.append(f"{where}: {message}" if where else message)
+        return "; ".join(problems)
+    return PYDANTIC_URL.sub("", str(error))
 
 
 def _store(settings: Settings) -> Store:
@@ -71,7 +89,7 @@ def main(ctx: click.Context) -> None:
     try:
         ctx.obj = Settings.load()
     except ValueError as e:
-        raise click.ClickException(f"bad configuration: {e}") from e
+        raise click.ClickException(f"bad configuration: {error_text(e)}") from e
 
 
 def _task_options(command):
@@ -104,7 +122,7 @@ def _resolve(settings: Settings, paths: tuple[Path, ...], task: str | None, task
     try:
         definition = load_task_file(task_file, settings) if task_file else builtin_task(task, settings)
     except ValueError as e:
-        raise click.ClickException(str(e)) from e
+        raise click.ClickException(error_text(e)) from e
     return Source(paths=paths), definition
 
 
@@ -129,6 +147,7 @@ def submit_command(ctx, paths, task, task_file, openai_batch, wait, priority, la
     """
     from producer.results.progress import wait_for_batch
     from producer.intake.submit import BrokerUnreachable, submit
+    from producer.service.top_data import engines_tokens_out
     from schemas.messages import make_celery
 
     settings = _settings(ctx)
@@ -138,7 +157,7 @@ def submit_command(ctx, paths, task, task_file, openai_batch, wait, priority, la
         result = submit(settings, store, make_celery(settings), source, definition, priority=priority, label=label,
                         console=console)
     except ValueError as e:
-        raise click.ClickException(str(e)) from e
+        raise click.ClickException(error_text(e)) from e
     except BrokerUnreachable as e:
         batch = e.submission.batch
         console.print(f"[red]error:[/] {e.reason}. Batch {batch.batch_id} is recorded with "
@@ -149,7 +168,8 @@ def submit_command(ctx, paths, task, task_file, openai_batch, wait, priority, la
     _report_submission(result, definition)
     click.echo(result.batch.batch_id)
     if wait:
-        status = wait_for_batch(store, result.batch.batch_id, console=console)
+        status = wait_for_batch(store, result.batch.batch_id, console=console,
+                                workers_tokens_out=lambda: engines_tokens_out(make_celery(settings)))
         _print_status([status])
         sys.exit(1 if status.failed else 0)
 
@@ -159,15 +179,13 @@ def submit_command(ctx, paths, task, task_file, openai_batch, wait, priority, la
 @click.option("--json", "as_json", is_flag=True, help="one JSON object per batch: batch, total, one key per state")
 @click.pass_context
 def status_command(ctx, batch, as_json) -> None:
-    """Job counts by state for BATCH, or for the 20 newest batches and the workers alive now (what each
-    holds)."""
+    """Job counts by state for BATCH (its id or any unique prefix of 6 characters or more), or for the 20 newest
+    batches and the workers alive now (what each holds)."""
     from producer.jobs_cli import print_workers
     from producer.results.progress import batch_status
 
     store = _store(_settings(ctx))
-    batch_ids = [batch] if batch else store.latest_batch_ids()
-    if batch and store.get_batch(batch) is None:
-        raise click.ClickException(f"no batch {batch!r}")
+    batch_ids = [resolve(store, batch)[1]] if batch else store.latest_batch_ids()
     statuses = [batch_status(store, b) for b in batch_ids]
     if as_json:
         for status in statuses:
@@ -185,13 +203,13 @@ def status_command(ctx, batch, as_json) -> None:
 @click.option("--out", type=click.Path(path_type=Path), help="write to this file instead of stdout")
 @click.pass_context
 def results_command(ctx, batch, fmt, out) -> None:
-    """One record per job of BATCH: job_id, name, sha256, task, state, result or error (with the
-    consistency checks' warnings), worker, batch_size, tokens_in, tokens_out, timings."""
+    """One record per job of BATCH (its id or any unique prefix of 6 characters or more): job_id, name, sha256,
+    task, state, result or error (with the consistency checks' warnings), worker, batch_size, tokens_in,
+    tokens_out, timings."""
     from producer.results.export import batch_records, render
 
     store = _store(_settings(ctx))
-    if store.get_batch(batch) is None:
-        raise click.ClickException(f"no batch {batch!r}")
+    batch = resolve(store, batch)[1]
     text = render(batch_records(store, batch), fmt, title=f"docbatch batch {batch}")
     if out:
         out.write_text(text, encoding="utf-8")
@@ -216,12 +234,13 @@ def worker_command(ctx, gpus, max_batch_size, max_batch_tokens, max_wait_ms, no_
     overrides = {k: v for k, v in dict(max_batch_size=max_batch_size, max_batch_tokens=max_batch_tokens,
                                        max_wait_ms=max_wait_ms).items() if v is not None}
     settings = _settings(ctx).model_copy(update=overrides)
+    refuse_weak_passwords(settings)
     _store(settings).close()  # migrate once here, before the children start
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         sys.exit(launch(settings, gpus, with_prepare=not no_prepare))
     except ValueError as e:
-        raise click.ClickException(str(e)) from e
+        raise click.ClickException(error_text(e)) from e
 
 
 @main.command("run", epilog=TASK_FILE_HELP)
@@ -267,7 +286,7 @@ def _run_and_show(settings: Settings, source, definition: TaskDefinition, gpus: 
     try:
         outcome = run(settings, source, definition, gpus=gpus, out_dir=out_dir, console=console)
     except ValueError as e:
-        raise click.ClickException(str(e)) from e
+        raise click.ClickException(error_text(e)) from e
     _report_submission(outcome.submission, definition)
     _print_records(outcome.records)
     _print_status([outcome.status])
@@ -287,17 +306,36 @@ def _report_submission(result, definition: TaskDefinition) -> None:
         console.print(f"[yellow]rejected[/] {reject.name}: {reject.code.value}: {reject.message}")
 
 
+STATUS_ID_CHARS = 12  # a batch's id as the status table shows it: every command takes this prefix
+# The status table's counts: jobs not yet on a GPU (queued, being extracted, ready, a long document waiting on its
+# chunks) are "pending"; `status --json` has every state. Fixed, so that the table fits 80 columns with whole headers.
+STATUS_COUNTS = {"total": (), "pending": (JobState.QUEUED, JobState.PREPARING, JobState.READY, JobState.WAITING),
+                 "running": (JobState.RUNNING,), "done": (JobState.DONE,), "failed": (JobState.FAILED,),
+                 "cancelled": (JobState.CANCELLED,)}
+
+
 def _print_status(statuses: list[BatchStatus], store: Store | None = None) -> None:
-    """One row per batch, with its task and label when `store` is given; only the states some batch has jobs
-    in get a column."""
-    states = [s.value for s in JobState if any(getattr(status, s.value) for status in statuses)]
-    batch_column = Column("batch", min_width=32, no_wrap=True)  # whole, so that it can be copied
-    table = Table(batch_column, *(["task", "label"] if store else []), "total", *states)
-    for status in statuses:
-        batch = store.get_batch(status.batch) if store else None
-        names = [batch.task, batch.label or ""] if batch else []
-        table.add_row(status.batch, *names, str(status.total), *[str(getattr(status, state)) for state in states])
-    Console().print(table)
+    """One row per batch (its id shortened to a prefix every command takes), with its task and label when
+    `store` is given, cut short to fit the terminal (80 columns leave them 16)."""
+    out = Console()
+    rows = [[status.batch[:STATUS_ID_CHARS], str(status.total),
+             *(str(sum(getattr(status, state.value) for state in states)) for states in
+               list(STATUS_COUNTS.values())[1:])] for status in statuses]
+    columns = [Column("batch", no_wrap=True),
+               *(Column(header, justify="right", no_wrap=True, min_width=len(header)) for header in STATUS_COUNTS)]
+    if store:
+        names = [(batch.task, batch.label or "") if batch else ("", "")
+                 for batch in (store.get_batch(status.batch) for status in statuses)]
+        counts_width = sum(max([len(h)] + [len(row[1 + i]) for row in rows]) for i, h in enumerate(STATUS_COUNTS))
+        room = max(out.width - STATUS_ID_CHARS - counts_width - 2 * (len(STATUS_COUNTS) + 2), 10)
+        task_width = min(max([4] + [len(task) for task, _ in names]), max(room - 5, room // 2))
+        columns[1:1] = [Column("task", no_wrap=True, overflow="ellipsis", max_width=task_width),
+                        Column("label", no_wrap=True, overflow="ellipsis", max_width=max(room - task_width, 5))]
+        rows = [[row[0], *name, *row[1:]] for row, name in zip(rows, names)]
+    table = Table(*columns, box=None, header_style="bold", pad_edge=False)
+    for row in rows:
+        table.add_row(*row)
+    out.print(table)
 
 
 def _print_records(records: list[JobRecord]) -> None:

@@ -20,6 +20,7 @@ from rich.console import Console
 from producer.service.embedded import redis_for
 from producer.results.export import batch_records, render
 from producer.results.progress import wait_for_batch
+from producer.service.top_data import engines_tokens_out
 from producer.intake.submit import Source, Submission, submit
 from schemas.messages import make_celery
 from schemas.records import BatchStatus, JobRecord
@@ -84,11 +85,14 @@ def run(settings: Settings, source: Source, task: TaskDefinition, *, gpus: str =
     with contextlib.ExitStack() as stack:
         url = stack.enter_context(redis_for(settings.broker_url, console))
         settings = settings.model_copy(update={"broker_url": url})
-        submission = submit(settings, store, make_celery(settings), source, task, label=label, console=console)
-        batch = submission.batch
-        console.print(f"batch {batch.batch_id}: {batch.num_jobs} jobs, {batch.num_reused_done} already done, "
-                      f"{len(batch.to_enqueue)} queued")
-        watch = {}
+        app = make_celery(settings)
+        submission = submit(settings, store, app, source, task, label=label, console=console)
+        batch, rejects = submission.batch, len(submission.collected.rejects)
+        # counted as progress counts them: jobs, and the files rejected at submit as failed ones
+        console.print(f"batch {batch.batch_id}: {batch.num_jobs + rejects} to finish: {batch.num_jobs} jobs "
+                      f"({batch.num_reused_done} already done, {len(batch.to_enqueue)} queued)"
+                      + (f" and {rejects} files rejected at submit (failed)" if rejects else ""), highlight=False)
+        watch = {"workers_tokens_out": lambda: engines_tokens_out(app)}
         if any(not state.is_terminal for state in store.batch_counts(batch.batch_id)):
             worker = stack.enter_context(local_worker(settings, gpus))
             console.print(f"started a local worker (model {settings.model}); its log: {worker.log_path}")

@@ -216,6 +216,7 @@ def api_command(settings: Settings, address, port) -> None:
     Beyond a loopback address it refuses to start until a key exists."""
     from producer.api.server import ApiRefused, serve
 
+    refuse_weak_passwords(settings)
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     try:
         serve(settings, address or settings.api_address, port or settings.api_port)

@@ -85,6 +85,8 @@ class Settings(BaseSettings):
     render_dpi: int = Field(200, ge=36, description="resolution scanned PDF pages are rendered at")
     max_stream_bytes: int = Field(64_000_000, ge=1, description="one PDF stream, decompressed")
     ocr_lang: str = Field("eng", description="Tesseract languages, e.g. eng+fra")
+    ocr_min_confidence: float = Field(60, ge=0, le=100, description="an OCR'd page whose words' mean confidence "
+                                      "is under this puts the warning ocr_low_confidence on the answer")
     prepare_timeout_s: int = Field(300, ge=1, description="extraction of one file, OCR included")
     prepare_memory_mb: int = Field(2048, ge=256, description="memory a prepare process may map for one file")
     chunk_overlap_tokens: int = Field(128, ge=0, description="tokens repeated across a chunk boundary")
@@ -179,6 +181,11 @@ class Settings(BaseSettings):
     @property
     def effective_database_url(self) -> str:
         return self.database_url or f"sqlite:///{self.home / 'docbatch.sqlite3'}"
+
+    @property
+    def renew_every_s(self) -> float:
+        """How often a worker renews its leases (and keeps its held jobs' messages from being delivered again)."""
+        return min(self.lease_s, self.visibility_timeout_s) / 3
 
     @property
     def effective_max_inflight(self) -> int:

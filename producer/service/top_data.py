@@ -118,6 +118,16 @@ def workers(app: Celery, timeout_s: float) -> list[WorkerView]:
     return [WorkerView(name, info) for name, info in sorted(replies.items()) if isinstance(info, dict)]
 
 
+def engines_tokens_out(app: Celery, timeout_s: float = 1.0) -> float | None:
+    """The tokens every worker's engine has generated (their `docbatch_engine_tokens_out_total`, summed), or None
+    when no worker with a metrics endpoint answers: what `--wait` shows so that a working batch never looks hung."""
+    found = [total(samples, "docbatch_engine_tokens_out_total") for samples in
+             (scrape(view.info["metrics_url"]) for view in workers(app, timeout_s) if view.info.get("metrics_url"))
+             if isinstance(samples, list)]
+    found = [value for value in found if value is not None]
+    return sum(found) if found else None
+
+
 def batches(store: Store, limit: int) -> list[BatchView]:
     views = []
     for batch_id in store.latest_batch_ids(limit):

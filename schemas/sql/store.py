@@ -13,9 +13,11 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from sqlalchemy import Engine, func, insert, or_, select
+from sqlalchemy.exc import SQLAlchemyError
 
 from schemas.sql.api_batches import ApiBatchStore
 from schemas.sql.api_files import ApiFileStore
+from schemas.sql.control import Control
 from schemas.sql.db import chunked, dialect_insert, make_engine, make_sessionmaker, migrate
 from schemas.sql.lifecycle import Lifecycle, retried
 from schemas.sql.models import (
@@ -44,6 +46,19 @@ class StoredPage:
     text: str
     source: str  # "text", "ocr" or "image" (see schemas.sql.models.Page)
     image_sha256: str | None = None
+    ocr_confidence: float | None = None  # "ocr": Tesseract's mean word confidence (0 to 100)
+
+    def source_column(self) -> str:
+        """`source` as the pages table keeps it: an OCR'd page's confidence rides along as `ocr:41` (the table
+        has no column of its own for it)."""
+        if self.source == "ocr" and self.ocr_confidence is not None:
+            return f"ocr:{self.ocr_confidence:.0f}"
+        return self.source
+
+    @classmethod
+    def from_row(cls, text: str, source: str, image_sha256: str | None) -> "StoredPage":
+        kind, _, confidence = source.partition(":")
+        return cls(text, kind, image_sha256, float(confidence) if confidence else None)
 
 
 @dataclass(frozen=True)
@@ -67,11 +82,12 @@ class NewBatch:
     names: dict[str, str] = field(default_factory=dict)  # job id -> a name the batch lists it under
 
 
-class Store(Lifecycle, ApiFileStore, ApiBatchStore):
+class Store(Lifecycle, Control, ApiFileStore, ApiBatchStore):
     """Data access over one database. Thread-safe: each call opens its own session.
 
-    Job state changes, leases and workers are `schemas.sql.lifecycle.Lifecycle`'s part; the HTTP API's keys, files
-    and batch objects `schemas.sql.api_files` and `schemas.sql.api_batches`'. A worker's store waits
+    Job state changes, leases and workers are `schemas.sql.lifecycle.Lifecycle`'s part; ids by prefix, cancel and
+    retry `schemas.sql.control.Control`'s; the HTTP API's keys, files and batch objects `schemas.sql.api_files` and
+    `schemas.sql.api_batches`'. A worker's store waits
     out database outages for up to `retry_s` in the calls it makes while holding a job (0: fail at once)."""
 
     def __init__(self, url: str, blob_dir: Path | None = None, retry_s: float = 0) -> None:
@@ -131,15 +147,15 @@ class Store(Lifecycle, ApiFileStore, ApiBatchStore):
         """Record a document's extracted pages (numbered from 1), replacing any earlier extraction."""
         with self._sessions.begin() as session:
             for page_no, page in enumerate(pages, start=1):
-                session.merge(Page(document_sha256=sha256, page_no=page_no, text=page.text, source=page.source,
-                                   image_sha256=page.image_sha256))
+                session.merge(Page(document_sha256=sha256, page_no=page_no, text=page.text,
+                                   source=page.source_column(), image_sha256=page.image_sha256))
 
     def load_pages(self, sha256: str) -> list[StoredPage] | None:
         """Extracted pages in page order, or None if the document was never extracted."""
         with self._sessions() as session:
             rows = session.execute(select(Page.text, Page.source, Page.image_sha256)
                                    .where(Page.document_sha256 == sha256).order_by(Page.page_no)).all()
-        return [StoredPage(*row) for row in rows] or None
+        return [StoredPage.from_row(*row) for row in rows] or None
 
     def document_meta(self, sha256: str) -> dict[str, Any]:
         """What a prompt template may say of a document besides its text: media type and page count."""
@@ -220,6 +236,24 @@ class Store(Lifecycle, ApiFileStore, ApiBatchStore):
         with self._sessions() as session:
             return session.get(Job, job_id)
 
+    def describe_job(self, job_id: str) -> str:
+        """How a log line names a job: its id and its document's name in the newest batch that lists it, e.g.
+        `job 1a2b... (contracts/nda.pdf)`, or `job 9f8e... (part 3 of contracts/thesis.pdf)` for a chunk. Never
+        raises: with the database away it is the id alone."""
+        try:
+            with self._sessions() as session:
+                job = session.get(Job, job_id)
+                document_id = job.parent_id or job.id if job else job_id
+                name = session.scalar(select(BatchItem.name).join(Batch, Batch.id == BatchItem.batch_id)
+                                      .where(BatchItem.job_id == document_id).order_by(Batch.created_at.desc())
+                                      .limit(1))
+        except SQLAlchemyError:
+            return f"job {job_id}"
+        if job is not None and job.parent_id is not None:
+            level = f" (level {job.chunk_level})" if (job.chunk_level or 1) > 1 else ""
+            name = f"part {(job.chunk_index or 0) + 1}{level} of {name or 'document ' + job.document_sha256[:12]}"
+        return f"job {job_id} ({name})" if name else f"job {job_id}"
+
     def chunk_outputs(self, parent_id: str, level: int) -> list[dict[str, Any]]:
         """The results of a parent's chunks at `level` (as `finish` stored them), in chunk order."""
         with self._sessions() as session:
@@ -249,14 +283,28 @@ class Store(Lifecycle, ApiFileStore, ApiBatchStore):
 
     def unit_counts(self, batch_id: str) -> tuple[int, int]:
         """(finished, total) units of work: documents plus the chunk jobs of long documents."""
+        states = self.unit_states(batch_id)
+        return sum(n for state, n in states.items() if state.is_terminal), sum(states.values())
+
+    def unit_states(self, batch_id: str) -> Counter[JobState]:
+        """The batch's units of work (its jobs plus the chunk jobs of its long documents) in each state; paths
+        rejected at submit count as failed units."""
         in_batch = select(BatchItem.job_id).where(BatchItem.batch_id == batch_id)
         with self._sessions() as session:
             rows = session.execute(select(Job.state, func.count()).where(
                 or_(Job.id.in_(in_batch), Job.parent_id.in_(in_batch))).group_by(Job.state)).all()
             rejected = session.scalar(select(func.count()).select_from(BatchReject)
                                       .where(BatchReject.batch_id == batch_id))
-        finished = sum(n for state, n in rows if state.is_terminal) + rejected
-        return finished, sum(n for _, n in rows) + rejected
+        counts = Counter({state: n for state, n in rows})
+        counts[JobState.FAILED] += rejected
+        return +counts
+
+    def tokens_out(self, batch_id: str) -> int:
+        """Tokens the batch's units generated, as recorded when each ended (done or failed)."""
+        in_batch = select(BatchItem.job_id).where(BatchItem.batch_id == batch_id)
+        with self._sessions() as session:
+            return session.scalar(select(func.coalesce(func.sum(Job.tokens_out), 0)).where(
+                or_(Job.id.in_(in_batch), Job.parent_id.in_(in_batch)))) or 0
 
     def batch_rejects(self, batch_id: str) -> list[BatchReject]:
         with self._sessions() as session:

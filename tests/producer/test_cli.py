@@ -1,6 +1,7 @@
 """Command-line edges: the version, paths that do not exist, an OpenAI file with nothing to run, Redis down at
-submit (one line, and the recorded batch goes out once Redis is back), and `status` with tasks and labels.
-Real parts: a redis-server of the test's own, SQLite."""
+submit (one line, and the recorded batch goes out once Redis is back), `status` with tasks and labels in 80
+columns, ids shortened to any unique prefix, configuration errors without pydantic's links, and no process that
+starts with a placeholder password. Real parts: a redis-server of the test's own, SQLite."""
 from __future__ import annotations
 
 import os
@@ -88,9 +89,13 @@ def test_status_shows_each_batchs_task_and_label(tmp_path):
         assert submitted.exit_code == 0, submitted.output
         status = invoke(settings, "status")
     assert status.exit_code == 0
-    row = next(line for line in status.output.splitlines() if submitted.stdout.strip() in line)
+    row = next(line for line in status.output.splitlines() if submitted.stdout.strip()[:12] in line)
     assert "extract" in row and "filings" in row
     assert "no worker heard from in the last 60 s" in status.output  # and who holds what, when workers run
+    # ... in 80 columns (what a CliRunner's console has), every header whole
+    header = status.output.splitlines()[0]
+    assert header.split() == ["batch", "task", "label", "total", "pending", "running", "done", "failed", "cancelled"]
+    assert max(len(line) for line in status.output.splitlines()) <= 80
 
 
 def test_cancel_then_retry_a_batch_and_list_the_workers(tmp_path):
@@ -102,18 +107,48 @@ def test_cancel_then_retry_a_batch_and_list_the_workers(tmp_path):
     with embedded_redis() as url:
         settings = Settings(home=tmp_path / "home", broker_url=url)
         batch_id = invoke(settings, "submit", str(folder), "--task", "summarize").stdout.strip()
-        # When it is cancelled
-        cancelled = invoke(settings, "cancel", batch_id)
-        # Then both jobs are cancelled, and status says so
+        # When it is cancelled, named by the first 8 characters of its id (as the progress line prints it)
+        cancelled = invoke(settings, "cancel", batch_id[:8])
+        # Then both jobs are cancelled, and status says so (named by 6 characters)
         assert cancelled.exit_code == 0 and f"cancelled 2 jobs of batch {batch_id}" in cancelled.output
-        assert '"cancelled":2' in invoke(settings, "status", batch_id, "--json").stdout.replace(" ", "")
+        assert '"cancelled":2' in invoke(settings, "status", batch_id[:6], "--json").stdout.replace(" ", "")
         # When it is retried, both are queued and sent again
         client = redis.Redis.from_url(url)
         before = queue_lengths(client)["prepare"]
-        retried = invoke(settings, "retry", batch_id)
+        retried = invoke(settings, "retry", batch_id[:12])
         assert retried.exit_code == 0 and f"queued 2 jobs of batch {batch_id} again" in retried.output
         assert queue_lengths(client)["prepare"] == before + 2
-        # And with no worker alive, `workers` says so; an unknown batch is refused
+        # ... and one job alone can be cancelled by its id's prefix, its results read by the batch's
+        job_id = invoke(settings, "results", batch_id[:7]).stdout.split('"job_id":"')[1][:32]
+        one = invoke(settings, "cancel", job_id[:9])
+        assert one.exit_code == 0 and f"cancelled 1 job of job {job_id}" in one.output
+        # And with no worker alive, `workers` says so; an unknown or too short id is refused, saying why
         assert "no worker heard from" in invoke(settings, "workers").output
-        unknown = invoke(settings, "cancel", "nope")
-        assert unknown.exit_code == 1 and "no batch 'nope'" in unknown.output
+        unknown = invoke(settings, "cancel", "abcdef0")
+        assert unknown.exit_code == 1 and "no batch or job 'abcdef0'" in unknown.output
+        short = invoke(settings, "status", "abc")
+        assert short.exit_code == 1 and "give at least 6 characters of the batch id" in short.output
+
+
+def test_a_bad_setting_is_named_without_pydantics_links(tmp_path):
+    settings = Settings(home=tmp_path / "home")
+    bad = CliRunner().invoke(cli, ["status"], env={**settings.to_env(), "DOCBATCH_MAX_BATCH_SIZE": "0"})
+    assert bad.exit_code == 1
+    assert bad.output.strip() == ("Error: bad configuration: DOCBATCH_MAX_BATCH_SIZE: Input should be greater than "
+                                  "or equal to 1")
+
+
+def test_no_docbatch_process_starts_with_a_placeholder_or_short_password(tmp_path):
+    # Given the settings compose makes from deploy/example.env as it ships (its change-me-... passwords)
+    settings = Settings(home=tmp_path / "home", broker_url="redis://:change-me-redis@127.0.0.1:1/0",
+                        flower_user="admin", flower_password="short")
+    # When each process that serves is started: worker, beat, flower, the API, up, and compose's migrate step
+    for command in (["worker", "--gpus", "none"], ["beat"], ["flower"], ["api"], ["up"], ["migrate"]):
+        refused = invoke(settings, *command)
+        # Then it refuses before it starts, naming each setting and how to make a good password
+        assert refused.exit_code == 1, (command, refused.output)
+        assert "refusing to start with a weak password" in refused.output
+        assert "DOCBATCH_BROKER_URL: the password is deploy/example.env's placeholder ('change-me-redis')" in \
+            refused.output
+        assert "DOCBATCH_FLOWER_PASSWORD: the password has 5 characters, fewer than 12" in refused.output
+        assert "secrets.token_urlsafe(24)" in refused.output

@@ -130,7 +130,7 @@ def test_run_uses_an_embedded_redis_and_a_second_run_reuses_the_done_jobs(settin
     assert first.returncode == 0, first.stderr[-3000:]
     assert "started an embedded one" in first.stderr
     assert second.returncode == 0, second.stderr[-3000:]
-    assert "3 jobs, 3 already done, 0 queued" in second.stderr
+    assert "3 jobs (3 already done, 0 queued)" in second.stderr
     assert "started a local worker" in first.stderr and "started a local worker" not in second.stderr
     exports = sorted((tmp_path / "out").glob("*.jsonl"), key=lambda p: p.stat().st_mtime)
     records = [[json.loads(line) for line in path.read_text().splitlines()] for path in exports]

@@ -67,7 +67,9 @@ def validate_json(schema_text: str, text: str, model: type[BaseModel] | None = N
     try:
         answer = json.loads(text)
     except json.JSONDecodeError as e:
-        raise DocbatchError(ErrorCode.SCHEMA_INVALID, f"the answer is not JSON: {e.msg} at {e.pos}") from e
+        # some of json's messages end in "at" ("Unterminated string starting at"), others do not
+        raise DocbatchError(ErrorCode.SCHEMA_INVALID,
+                            f"the answer is not JSON: {e.msg.removesuffix(' at')} at character {e.pos}") from e
     errors = sorted(_validator(schema_text).iter_errors(answer), key=lambda err: list(err.absolute_path))
     if errors:
         where = "/".join(str(p) for p in errors[0].absolute_path) or "the answer"

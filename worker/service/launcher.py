@@ -98,8 +98,13 @@ def launch(settings: Settings, gpus: str, with_prepare: bool = True) -> int:
     kept alive, so that systemd, compose or Kubernetes restart the whole worker)."""
     specs = plan_workers(gpus, count_gpus(), socket.gethostname(), with_prepare, settings.gpu_group)
     # Each child serves its metrics on a port of its own: metrics_port, metrics_port + 1, ... in plan order.
-    children = [_command(spec, {**os.environ, **settings.to_env(),
-                                "DOCBATCH_METRICS_PORT": str(settings.metrics_port + i if settings.metrics_port else 0)})
+    env = {**os.environ, **settings.to_env()}
+    if not sys.stderr.isatty():
+        # A log file, not a terminal: no progress bars (the packaged model's conversion, weight loading,
+        # downloads), which tqdm draws as carriage returns on one endless line.
+        env["TQDM_DISABLE"] = "1"
+    children = [_command(spec, {**env, "DOCBATCH_METRICS_PORT": str(settings.metrics_port + i if settings.metrics_port
+                                                                    else 0)})
                 for i, spec in enumerate(specs)]
     for spec in specs:
         log.info("starting %s (CUDA_VISIBLE_DEVICES=%r)", spec.name, spec.cuda_visible_devices)
