@@ -11,7 +11,7 @@ from schemas.states import DocbatchError, ErrorCode
 from schemas.sql.store import StoredPage
 from worker.documents.extract import ExtractedPage, extract_pages
 from worker.documents.inputs import document_parts, plan_job_chunks
-from worker.documents.ocr import ocr_image, upright
+from worker.documents.ocr import read_upright, upright
 from worker.service.runtime import Runtime
 from worker.stages.reducing import chunk_budget, send_infer, start_chunks
 
@@ -60,14 +60,19 @@ def _stored(rt: Runtime, job: Job, page_no: int, page: ExtractedPage) -> StoredP
     still in memory when the model reads no images."""
     if page.image is None:
         return StoredPage(page.text, page.source)
-    image, turned_deg = upright(page.image, timeout_s=rt.settings.prepare_timeout_s)
+    timeout_s = rt.settings.prepare_timeout_s
+    if rt.info.is_vision:
+        image, turned_deg = upright(page.image, timeout_s=timeout_s)
+        read = None
+    else:
+        image, read, turned_deg = read_upright(page.image, lang=rt.settings.ocr_lang, timeout_s=timeout_s)
     if turned_deg:
         log.info("%s: scanned page %d turned %d degrees clockwise to read it upright", rt.store.describe_job(job.id),
                  page_no, turned_deg)
     image_sha256 = _store_image(rt, image)
-    if rt.info.is_vision:
+    if read is None:
         return StoredPage("", "image", image_sha256)
-    return _ocr(rt, image, image_sha256)
+    return StoredPage(read.text, "ocr", image_sha256, read.confidence)
 
 
 def _store_image(rt: Runtime, image) -> str:
@@ -86,5 +91,6 @@ def _load_image(rt: Runtime, image_sha256: str):
 
 
 def _ocr(rt: Runtime, image, image_sha256: str) -> StoredPage:
-    read = ocr_image(image, lang=rt.settings.ocr_lang, timeout_s=rt.settings.prepare_timeout_s)
+    """A page stored as an image for a vision model (turned upright then), read for a text-only one now."""
+    _, read, _ = read_upright(image, lang=rt.settings.ocr_lang, timeout_s=rt.settings.prepare_timeout_s)
     return StoredPage(read.text, "ocr", image_sha256, read.confidence)

@@ -8,7 +8,7 @@ from PIL import ImageFilter
 from documents import pdf, text_image
 from schemas.sql.store import StoredPage
 from worker.documents.extract import extract_pages
-from worker.documents.ocr import LOW_CONFIDENCE_CODE, ocr_image, ocr_warnings, upright
+from worker.documents.ocr import LOW_CONFIDENCE_CODE, ocr_image, ocr_warnings, read_upright, upright
 
 LINES = ["SERVICES AGREEMENT", "between Acme Corporation (supplier)", "and Globex Limited (customer),",
          "dated 1 March 2024. The supplier", "shall deliver the goods within", "thirty days of each order."]
@@ -36,6 +36,19 @@ def test_a_scan_turned_sideways_or_upside_down_is_read_upright(turned_deg, garbl
     assert turned_by == turned_deg
     assert "SERVICES AGREEMENT" in read.text and "Globex Limited" in read.text
     assert read.confidence > 80
+
+
+def test_a_sideways_page_of_a_few_lines_is_read_upright_though_orientation_detection_is_unsure():
+    # Given a page of three lines lying on its side: too little text for OSD to be sure of its turn
+    scan = text_image(["SUPPLY AGREEMENT", "between Initech LLC (supplier)", "and Umbrella plc (customer)"])
+    sideways = scan.rotate(90, expand=True)
+    assert upright(sideways)[1] == 0  # what a vision model gets: turned only when OSD is sure
+    # When a text-only model's worker reads it, then it reads both ways and keeps the surer reading
+    image, read, turned_by = read_upright(sideways)
+    assert turned_by == 90 and image.size == scan.size
+    assert "SUPPLY AGREEMENT" in read.text and read.confidence > 80
+    # ... and an upright page of a few lines stays as it is
+    assert read_upright(scan)[2] == 0
 
 
 def test_an_upright_page_is_left_as_it_is():
