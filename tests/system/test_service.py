@@ -143,7 +143,7 @@ def test_a_failure_rate_over_its_threshold_fires_the_alert(service):
                            "--wait"], env=env, cwd=root, capture_output=True, text=True, timeout=300)
     assert done.returncode == 1, done.stderr[-2000:]
     # ... (`--wait` into a pipe writes plain progress lines, the last one when the batch has ended)
-    assert "2/2 finished (done 0, failed 2, running 0)" in done.stderr.splitlines()[-1]
+    assert "2/2 finished (done 0, failed 2, cancelled 0), running 0, pending 0" in done.stderr.splitlines()[-1]
     # Then the prepare worker's alert gauge fires, and its log says why
     wait_for(lambda: total(scrape(port), "docbatch_alert", alert="failure_rate", subject="worker") == 1,
              "the failure_rate alert", timeout_s=60)
