@@ -10,13 +10,14 @@ import redis
 
 from schemas.broker_state import UNACKED_INDEX, queue_keys
 from schemas.messages import INFER_QUEUE, INFER_TASK, make_celery, send
+from schemas.settings import Settings
 from worker.service.keeper import keep_delivered
 
 
-def test_a_held_jobs_message_is_not_delivered_again_and_one_nobody_holds_is(settings):
+def test_a_held_jobs_message_is_not_delivered_again_and_one_nobody_holds_is(broker_url, tmp_path):
     # Given two infer messages delivered to a consumer and never acknowledged, a minute ago (past the 10 s
     # visibility timeout); the job of the first is held, the second's consumer died
-    settings = settings.model_copy(update={"visibility_timeout_s": 10})
+    settings = Settings(home=tmp_path, broker_url=broker_url, visibility_timeout_s=10)
     app = make_celery(settings)
     for job_id in ("held-job", "orphan-job"):
         assert send(app, INFER_TASK, job_id, priority=5)
