@@ -214,9 +214,9 @@ def api_command(settings: Settings, address, port) -> None:
     openai SDK submits with base_url="http://HOST:PORT/v1" and a key from `docbatch api-key create`.
 
     Beyond a loopback address it refuses to start until a key exists."""
+    refuse_weak_passwords(settings)
     from producer.api.server import ApiRefused, serve
 
-    refuse_weak_passwords(settings)
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     try:
         serve(settings, address or settings.api_address, port or settings.api_port)
