@@ -8,6 +8,7 @@ from fastapi import FastAPI
 
 from producer.api import batches, errors, files
 from producer.api.context import ApiContext
+from producer.api.limits import BodyLimit
 from producer.api.sweeper import Sweeper
 from schemas.settings import Settings
 
@@ -31,4 +32,5 @@ def create_app(settings: Settings) -> FastAPI:
     errors.install(app)
     app.include_router(files.router(settings))
     app.include_router(batches.router(settings))
+    app.add_middleware(BodyLimit, settings=settings)
     return app

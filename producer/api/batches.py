@@ -71,7 +71,7 @@ def router(settings: Settings) -> APIRouter:
             raise not_found("Batch", batch_id)
         return row
 
-    @api.post("", max_body_size=settings.api_max_request_bytes)
+    @api.post("")
     def create(body: BatchCreate, key_id: str = Depends(caller), ctx: ApiContext = Depends(context)) -> dict[str, Any]:
         if body.endpoint != CHAT_URL and not (body.endpoint.startswith(TASK_URL_PREFIX)
                                               and task_name(body.endpoint) in ctx.tasks):

@@ -1,7 +1,7 @@
 """`/v1/files`: upload, list, retrieve, content, delete, scoped to the caller's key.
 
 An upload is parsed by Starlette into a temporary file (in memory up to 1 MiB, then on disk) while the route's body
-limit counts its bytes (413 on `Content-Length` or as soon as the count passes it), then copied into the store one
+limit (`limits.py`) counts its bytes (413 on `Content-Length` or as soon as the count passes it), then copied into the store one
 1 MiB part at a time. A download is streamed the same way. A `user_data` file is a document for a docbatch task
 (`/v1/docbatch/tasks/...` lines), stored where workers read documents.
 """
@@ -24,7 +24,6 @@ from schemas.sql.models import ApiFile, utcnow
 from worker.documents.extract import sniff
 
 PURPOSES = ("batch", "user_data")
-MULTIPART_OVERHEAD_BYTES = 64 * 1024  # boundaries, headers and the purpose field around the file's bytes
 EXPIRES_AFTER_S = (3600, 30 * 86400)  # OpenAI's bounds for expires_after.seconds
 
 
@@ -47,7 +46,7 @@ def _parts(upload: UploadFile) -> Iterator[bytes]:
 def router(settings: Settings) -> APIRouter:
     api = APIRouter(prefix="/v1/files", dependencies=[Depends(caller)])
 
-    @api.post("", max_body_size=settings.api_max_upload_bytes + MULTIPART_OVERHEAD_BYTES)
+    @api.post("")
     def upload(file: UploadFile = File(...), purpose: str = Form(...),
                anchor: str | None = Form(None, alias="expires_after[anchor]"),
                seconds: int | None = Form(None, alias="expires_after[seconds]"),
