@@ -48,25 +48,26 @@ class Settings(BaseSettings):
                             "model, else hf")
     attn_implementation: str = Field("sdpa", description="hf engine: transformers' attention implementation")
 
-    max_batch_size: int = Field(256, ge=1, description="sequences in one step (paged) or one generate call (hf)")
+    max_batch_size: int = Field(256, ge=1, description="sequences in one step (vllm, paged) or one generate call "
+                                                       "(hf)")
     max_step_tokens: int = Field(0, ge=0, description="tokens one step computes (prompt chunks + decodes); 0: the "
                                                       "engine's choice (paged: 8192; vllm: vLLM's for batch work, "
                                                       "16384 on a GPU of 70 GB or more)")
-    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="paged: share of the GPU's memory it may use")
-    kv_cache_gb: float = Field(0, ge=0, description="paged: KV cache size; 0 sizes it from free GPU memory (1 GiB on a CPU)")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="vllm: share of the GPU's memory it may use "
+                                                                        "(weights, activations, KV cache)")
+    kv_cache_gb: float = Field(0, ge=0, description="KV cache size; 0: vllm sizes it from the GPU's memory, paged takes "
+                                                    "1 GiB")
     kv_block_tokens: int = Field(16, ge=1, description="paged: tokens per KV cache block")
-    cuda_graphs: bool = Field(True, description="paged: replay decode steps from CUDA graphs")
-    weight_format: Literal["bf16", "int8", "fp8", "nf4"] = Field(
-        "bf16", description="paged: the layers' projections in the model's dtype (bf16), int8 or fp8 (weights "
-                            "per channel, activations per token), or nf4 (bitsandbytes, double-quantised)")
+    cuda_graphs: bool = Field(True, description="vllm: torch.compile and CUDA graphs (off: eager, starts faster)")
+    weight_format: Literal["bf16", "fp8", "nf4"] = Field(
+        "bf16", description="vllm: the weights as the checkpoint has them (bf16, or the AWQ, GPTQ or FP8 format its "
+                            "config names), or quantised as they load: fp8 (GPUs of compute capability 8.9+), nf4 "
+                            "(bitsandbytes: pip install 'docbatch[quant]')")
     gpu_weights_gb: float = Field(
         0, ge=0, description="hf: weights beyond this many GiB per GPU stay in CPU memory (accelerate's offload; slow: "
                              "copied to the GPU at every forward pass); 0: every weight on the GPUs")
-    gpu_group: Literal["tensor", "layers"] = Field(
-        "tensor", description="--gpus 0+1: tensor parallelism (paged engine, a process per GPU) or a split by layers "
-                              "(accelerate, one process; what the hf engine and image-text models need)")
     kv_cache_dtype: Literal["auto", "fp8"] = Field(
-        "auto", description="paged: the KV cache in the model's dtype, or in float8 e4m3 (twice the tokens)")
+        "auto", description="vllm: the KV cache in the model's dtype, or in float8 e4m3 (twice the tokens)")
     max_batch_tokens: int = Field(32768, ge=64, description="hf: padded tokens (prompt + new) in one generate call")
     max_wait_ms: int = Field(50, ge=0, description="hf: how long the engine waits for a batch to fill")
     max_model_len: int = Field(0, ge=0, description="vllm: the longest prompt plus answer the engine holds; 0: "
@@ -143,9 +144,9 @@ class Settings(BaseSettings):
             raise ValueError(f"DOCBATCH_DATABASE_URL is not a URL: {self.database_url!r}")
         if 0 < self.max_step_tokens < 16:
             raise ValueError("max_step_tokens is 0 (the engine's choice) or at least 16")
-        if self.gpu_weights_gb and (self.weight_format != "bf16" or self.engine == "paged"):
+        if self.gpu_weights_gb and (self.weight_format != "bf16" or self.engine in ("paged", "vllm")):
             raise ValueError("gpu_weights_gb (CPU offload) is the hf engine's: it cannot be combined with "
-                             "engine=paged or a weight_format")
+                             "engine=paged, engine=vllm or a weight_format")
         bad = [item for item in self.failpoints if "=" not in item or not item.split("=", 1)[1]]
         if bad:
             raise ValueError(f"DOCBATCH_FAILPOINTS items are 'point=marker', not {bad}")

@@ -42,7 +42,9 @@ def test_bad_values_are_refused_with_the_field_named(monkeypatch):
 def test_weight_formats_and_offload_are_checked_when_settings_are_built():
     assert Settings(weight_format="nf4", kv_cache_dtype="fp8").weight_format == "nf4"
     with pytest.raises(ValidationError, match="weight_format"):
-        Settings(weight_format="int4")
+        Settings(weight_format="int8")  # vLLM quantises online to fp8 or nf4 only
     with pytest.raises(ValidationError, match="CPU offload"):
-        Settings(gpu_weights_gb=20, weight_format="int8")
+        Settings(gpu_weights_gb=20, weight_format="fp8")
+    with pytest.raises(ValidationError, match="CPU offload"):
+        Settings(gpu_weights_gb=20, engine="vllm")
     assert Settings(gpu_weights_gb=20, engine="hf").gpu_weights_gb == 20

@@ -2,11 +2,11 @@
 
 `vllm` runs on a GPU (and on a CPU with vLLM's CPU build): every architecture and checkpoint format vLLM reads,
 image-text models included; it loads the weights itself, so the worker loads only the tokenizer and processor
-(`uses_vllm` tells before anything is loaded). `paged` (continuous batching over a paged KV cache) runs every text
-model of the Llama family (Llama, Qwen2, Qwen2.5) on one device or over a tensor-parallel group; `hf` (static
-batches through transformers' `generate`) runs the rest, image-text models on a CPU included, and stays as the
-reference the tests compare the paged engine with. `auto` picks `vllm` on a GPU where vLLM is installed, else
-`paged` wherever it can.
+(`uses_vllm` tells before anything is loaded). `paged` (docbatch's own continuous batching over a paged KV cache)
+runs every text model of the Llama family (Llama, Qwen2, Qwen2.5) on a CPU; `hf` (static batches through
+transformers' `generate`) runs the rest, image-text models on a CPU and any model on a GPU without vLLM included, and
+stays as the reference the tests compare the paged engine with. `auto` picks `vllm` on a GPU where vLLM is
+installed, else `paged` wherever it can, else `hf`.
 """
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ import importlib.util
 import logging
 import os
 import time
-from dataclasses import dataclass
 from typing import Any
 
 from schemas.settings import Settings
@@ -24,7 +23,6 @@ log = logging.getLogger(__name__)
 
 GIB = 1024 ** 3
 CPU_KV_CACHE_BYTES = 1 * GIB  # the default on a CPU, where memory is not measured
-GRAPH_RESERVE_BYTES = GIB // 2  # activations of the captured decode graphs, taken after the KV cache
 
 
 def uses_vllm(settings: Settings) -> bool:
@@ -40,9 +38,6 @@ def uses_vllm(settings: Settings) -> bool:
 
 def vllm_engine_args(settings: Settings, loaded: Any, tensor_parallel_size: int = 1) -> dict[str, Any]:
     """vLLM's `EngineArgs` for these settings and the model `loaded` describes (its weights not loaded)."""
-    if settings.weight_format == "int8":
-        raise ValueError("vLLM quantises weights online to fp8 or nf4 (bitsandbytes), not int8: set weight_format "
-                         "fp8 or nf4, or use an int8 (W8A8) checkpoint, whose format vLLM reads from it")
     on_cpu = loaded.device == "cpu"
     args: dict[str, Any] = dict(
         model=loaded.source, tokenizer=loaded.source, dtype=settings.dtype, seed=0,
@@ -70,10 +65,10 @@ def paged_unsupported(loaded: Any) -> str | None:
     """Why the paged engine cannot run this loaded model, or None."""
     from worker.engine.paged.model import unsupported_reason
 
+    if loaded.device != "cpu":
+        return "the paged engine runs on a CPU; on a GPU vLLM runs the model (pip install 'docbatch[gpu]')"
     if loaded.is_vision:
         return "image-text models run on the hf engine"
-    if len({str(d) for d in (getattr(loaded.model, "hf_device_map", None) or {}).values()}) > 1:
-        return "the model is split over several devices (GPUs, or a GPU and CPU memory)"
     return unsupported_reason(loaded.model.config)
 
 
@@ -84,21 +79,18 @@ def engine_kind(settings: Settings, loaded: Any) -> str:
         return "paged"
     if settings.engine == "paged":
         raise ValueError(f"DOCBATCH_ENGINE=paged cannot run {settings.model}: {reason}")
-    if settings.weight_format != "bf16" or settings.kv_cache_dtype != "auto":
-        raise ValueError(f"weight_format {settings.weight_format} and kv_cache_dtype {settings.kv_cache_dtype} apply "
-                         f"to the paged engine, which cannot run {settings.model}: {reason}")
     log.info("the hf engine runs %s: %s", settings.model, reason)
     return "hf"
 
 
-def build_engine(settings: Settings, loaded: Any, tp: Any = None) -> Any:
-    """The started engine for `loaded` (a `worker.models.loading.LoadedModel`), paged or hf. `tp` (a
-    `worker.engine.paged.tensor_parallel.TensorParallel`): this process leads a tensor-parallel group, whose other
-    ranks call `run_follower` with the same settings and model."""
+def build_engine(settings: Settings, loaded: Any) -> Any:
+    """The started engine for `loaded` (a `worker.models.loading.LoadedModel`): vLLM, paged or hf. ValueError where
+    the settings ask for what the engine that runs cannot do (vLLM's weight formats and KV cache dtype)."""
     if uses_vllm(settings):
         return _vllm(settings, loaded)
-    if tp is not None:
-        return _paged(settings, loaded, tp).start()
+    if settings.weight_format != "bf16" or settings.kv_cache_dtype != "auto":
+        raise ValueError(f"weight_format {settings.weight_format} and kv_cache_dtype {settings.kv_cache_dtype} are "
+                         f"vLLM's (the engine on a GPU); the {settings.engine} engine keeps weights and KV as loaded")
     return (_paged(settings, loaded) if engine_kind(settings, loaded) == "paged" else _static(settings, loaded)).start()
 
 
@@ -129,15 +121,6 @@ def _vllm(settings: Settings, loaded: Any) -> Any:
                       image_token_id=getattr(loaded.config, "image_token_id", None)).start()
 
 
-def run_follower(settings: Settings, loaded: Any, tp: Any) -> int:
-    """A tensor-parallel rank other than the leader: build this rank's shard and KV cache, then run every step
-    the leader sends until it stops. Returns the number of steps run."""
-    from worker.engine.paged.tensor_parallel import follow
-
-    parts = _PagedParts.build(settings, loaded, tp)
-    return follow(parts.model, parts.attention, tp)
-
-
 def _static(settings: Settings, loaded: Any) -> Any:
     import torch
 
@@ -155,67 +138,24 @@ def _static(settings: Settings, loaded: Any) -> Any:
     return engine
 
 
-@dataclass
-class _PagedParts:
-    """What every rank of a paged engine builds alike: its model (or shard), KV cache and attention."""
-
-    model: Any
-    cache: Any
-    attention: Any
-    workspace: Any  # FlashInfer's scratch buffer, or None
-
-    @classmethod
-    def build(cls, settings: Settings, loaded: Any, tp: Any = None) -> "_PagedParts":
-        import torch
-
-        from worker.engine.paged.attention import WORKSPACE_BYTES, FlashInferAttention, TorchAttention, flashinfer_available
-        from worker.engine.paged.kv_cache import CacheShape, KVCache
-        from worker.engine.paged.model import DecoderModel
-        from worker.engine.quant import KV_CACHE_DTYPES
-
-        weight_format = "fp16" if loaded.cpu_fp16 and settings.weight_format == "bf16" else settings.weight_format
-        model = DecoderModel(loaded.model, weight_format=weight_format, device=loaded.device, tp=tp)
-        shape = CacheShape(len(model.layers), model.heads.num_kv_heads, model.heads.head_dim, settings.kv_block_tokens,
-                           KV_CACHE_DTYPES[settings.kv_cache_dtype] or model.dtype)
-        on_gpu = model.device.type == "cuda"
-        use_flashinfer = on_gpu and flashinfer_available()
-        workspace = torch.empty(WORKSPACE_BYTES, dtype=torch.uint8, device=model.device) if use_flashinfer else None
-
-        def attention_over(cache: KVCache) -> Any:
-            if use_flashinfer:
-                return FlashInferAttention(cache, model.heads, workspace, model.dtype)
-            return TorchAttention(cache, model.heads)
-
-        if on_gpu:
-            from worker.engine.paged.memory import gpu_kv_bytes
-
-            kv_bytes = settings.kv_cache_gb * GIB or gpu_kv_bytes(model, shape, attention_over, settings,
-                                                                  reserve_bytes=GRAPH_RESERVE_BYTES)
-        else:
-            kv_bytes = settings.kv_cache_gb * GIB or CPU_KV_CACHE_BYTES
-        num_blocks = shape.blocks_in(kv_bytes)
-        if tp is not None:  # one set of block tables serves every rank: the smallest cache sets the size
-            num_blocks = tp.agree_on_min(num_blocks)
-        cache = KVCache(shape, num_blocks, model.device)
-        return cls(model, cache, attention_over(cache), workspace)
-
-
-def _paged(settings: Settings, loaded: Any, tp: Any = None) -> Any:
-    from worker.engine.paged.block_manager import BlockManager
-    from worker.engine.paged.cuda_graphs import DecodeGraphs
+def _paged(settings: Settings, loaded: Any) -> Any:
     from worker.engine.grammar import GrammarCache
-    from worker.engine.paged.memory import MemoryReport
+    from worker.engine.paged.attention import TorchAttention
+    from worker.engine.paged.block_manager import BlockManager
     from worker.engine.paged.engine import PagedEngine
+    from worker.engine.paged.kv_cache import CacheShape, KVCache
+    from worker.engine.paged.memory import MemoryReport
+    from worker.engine.paged.model import DecoderModel
     from worker.engine.paged.runner import ModelRunner
     from worker.engine.paged.scheduler import DEFAULT_MAX_STEP_TOKENS, Scheduler
 
     started = time.perf_counter()
-    parts = _PagedParts.build(settings, loaded, tp)
-    model, cache, attention = parts.model, parts.cache, parts.attention
-    runner = ModelRunner(model, cache, attention, max_num_seqs=settings.max_batch_size, tp=tp)
-    # Under tensor parallelism every rank would have to replay its own graph in step: not done yet, so eager.
-    if parts.workspace is not None and settings.cuda_graphs and tp is None:
-        runner.graphs = DecodeGraphs(model, attention, parts.workspace, max_batch_size=settings.max_batch_size)
+    model = DecoderModel(loaded.model, weight_format="fp16" if loaded.cpu_fp16 else "bf16", device=loaded.device)
+    shape = CacheShape(len(model.layers), model.heads.num_kv_heads, model.heads.head_dim, settings.kv_block_tokens,
+                       model.dtype)
+    cache = KVCache(shape, shape.blocks_in(settings.kv_cache_gb * GIB or CPU_KV_CACHE_BYTES), model.device)
+    attention = TorchAttention(cache, model.heads)
+    runner = ModelRunner(model, cache, attention, max_num_seqs=settings.max_batch_size)
     scheduler = Scheduler(BlockManager(cache.num_blocks, cache.shape.block_size), max_num_seqs=settings.max_batch_size,
                           max_step_tokens=settings.max_step_tokens or DEFAULT_MAX_STEP_TOKENS,
                           max_model_len=model.max_model_len)
@@ -223,7 +163,5 @@ def _paged(settings: Settings, loaded: Any, tp: Any = None) -> Any:
                          grammars=lambda: GrammarCache(loaded.tokenizer, model.vocab_size))
     report = MemoryReport.of(model, cache)
     report.record(engine.stats)
-    ranks = "" if tp is None else f", rank 0 of {tp.world_size} (tensor parallel; figures per rank)"
-    log.info("paged engine: %s; attention %s, CUDA graphs %s%s; built in %.1f s", report.summary(), attention.name,
-             "on" if runner.graphs is not None else "off", ranks, time.perf_counter() - started)
+    log.info("paged engine: %s; built in %.1f s", report.summary(), time.perf_counter() - started)
     return engine

@@ -127,7 +127,6 @@ class EngineStats:
     kv_cache_bytes: int | None = None
     kv_capacity_tokens: int | None = None
     kv_capacity_sequences: int | None = None  # of 4,096 tokens
-    device_peak_bytes: int | None = None  # most allocated on the GPU during start-up (graphs included)
 
     def summary(self) -> str:
         """One log line: work done, the mean decode step (where the engine times its steps), how full the KV cache is."""

@@ -96,16 +96,14 @@ def cpu_has_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
     return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
 
 
-def load_model(settings: Settings, *, keep_on_cpu: bool = False, weights: bool = True) -> LoadedModel:
+def load_model(settings: Settings, *, weights: bool = True) -> LoadedModel:
     """Load `settings.model` once for this process, for the device `settings.device` resolves to: its config,
     tokenizer (and a vision model's processor), and unless `weights` is False (vLLM loads them itself: one copy)
-    its weights through transformers. The weights stay on the CPU when the paged engine converts them
-    (`weight_format`) or when `keep_on_cpu` (a tensor-parallel rank keeps only its shard): it moves them to the
-    GPU layer by layer."""
+    its weights through transformers (for the paged and hf engines)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
 
-    from worker.engine.quant import check_kv_cache_dtype, check_weight_format, fbgemm_available
+    from worker.engine.quant import fbgemm_available
     from worker.models.source import model_source
     from worker.models.vision import is_vision_config, load_processor
 
@@ -118,8 +116,6 @@ def load_model(settings: Settings, *, keep_on_cpu: bool = False, weights: bool =
     if not weights:
         return LoadedModel(None, tokenizer, device, processor, config=config, source=source,
                            generation_config=_generation_config(source, config))
-    check_weight_format(settings.weight_format, device)
-    check_kv_cache_dtype(settings.kv_cache_dtype, device)
     dtype = model_dtype(settings.dtype, device)
     cpu_fp16 = device == "cpu" and dtype == torch.float16
     if cpu_fp16:
@@ -128,8 +124,6 @@ def load_model(settings: Settings, *, keep_on_cpu: bool = False, weights: bool =
         dtype = torch.float32
     # A worker that owns several GPUs (CUDA_VISIBLE_DEVICES=0,1) shards the model across them by layers.
     device_map = "auto" if device == "cuda" and torch.cuda.device_count() > 1 else device
-    if settings.weight_format != "bf16" or keep_on_cpu:
-        device_map = "cpu"
     options = {"dtype": dtype, "device_map": device_map, "attn_implementation": settings.attn_implementation}
     if settings.gpu_weights_gb and device == "cuda":
         # What does not fit stays in CPU memory: accelerate copies it to the GPU at every forward pass.

@@ -1,11 +1,8 @@
 """`docbatch worker`: one infer process per GPU (pinned with CUDA_VISIBLE_DEVICES before torch is
 imported) plus one prepare process, run under `worker.service.supervisor`.
 
-A GPU group (`--gpus 0+1`) runs one model over its GPUs. With `gpu_group=tensor` (the default) that is one
-process per GPU in a tensor-parallel group: the first is the infer worker and leads, the others follow its
-steps (`worker.engine.paged.tensor_parallel`); they meet through torch.distributed's environment variables. With
-`gpu_group=layers` it is one process owning every GPU of the group, the model split by layers (accelerate;
-the hf engine, which image-text models need). The ranks of a group restart together."""
+A GPU group (`--gpus 0+1`) runs one model over its GPUs in one process that sees them all: vLLM's tensor
+parallelism (`tensor_parallel_size` = the group's size), or for the hf engine the model split by layers."""
 from __future__ import annotations
 
 import logging
@@ -21,15 +18,12 @@ from worker.service.supervisor import Child, supervise
 
 log = logging.getLogger(__name__)
 
-TP_FOLLOWER = "tp-follower"  # the role of a tensor-parallel group's ranks after the first
-TP_BASE_PORT = 29500  # group n meets on this port + n (torch.distributed's default rendezvous port first)
 
 @dataclass(frozen=True)
 class WorkerSpec:
-    role: str  # "infer", "prepare" or "tp-follower"
+    role: str  # "infer" or "prepare"
     name: str  # Celery node name, e.g. gpu0@host
     cuda_visible_devices: str | None  # None: leave unset; "" hides every GPU
-    tensor_parallel: tuple[int, int, int] | None = None  # (rank, world size, rendezvous port) in a GPU group
 
 
 def count_gpus() -> int:
@@ -40,11 +34,10 @@ def count_gpus() -> int:
     return sum(1 for line in listing.stdout.splitlines() if line.startswith("GPU "))
 
 
-def plan_workers(gpus: str, num_gpus: int, host: str, with_prepare: bool = True,
-                 gpu_group: str = "tensor") -> list[WorkerSpec]:
+def plan_workers(gpus: str, num_gpus: int, host: str, with_prepare: bool = True) -> list[WorkerSpec]:
     """Worker processes for `--gpus`: `auto` (every GPU, else CPU), `all`, `cpu`, `0,1` (one process
-    each), `0+1` (one model over both GPUs: a process per GPU in a tensor-parallel group, or with
-    `gpu_group="layers"` one process owning both), or `none` (no inference: the prepare worker alone)."""
+    each), `0+1` (one model over both GPUs, one process owning both), or `none` (no inference: the prepare worker
+    alone)."""
     if gpus == "auto":
         gpus = "all" if num_gpus else "cpu"
     if gpus == "none":
@@ -62,41 +55,25 @@ def plan_workers(gpus: str, num_gpus: int, host: str, with_prepare: bool = True,
             for index in group.split("+"):
                 if not index.isdigit() or int(index) >= num_gpus:
                     raise ValueError(f"--gpus {gpus!r}: GPU {index} does not exist ({num_gpus} found)")
-        specs = [spec for n, group in enumerate(groups) for spec in _group_workers(group, n, host, gpu_group)]
+        specs = [WorkerSpec("infer", f"gpu{group}@{host}", ",".join(group.split("+"))) for group in groups]
     if with_prepare:
         specs.append(WorkerSpec("prepare", f"prepare@{host}", ""))
     return specs
-
-
-def _group_workers(group: str, index: int, host: str, gpu_group: str) -> list[WorkerSpec]:
-    """The processes of one `--gpus` entry: one for a single GPU or a layer-split group, else one per GPU."""
-    gpus = group.split("+")
-    if len(gpus) == 1 or gpu_group == "layers":
-        return [WorkerSpec("infer", f"gpu{group}@{host}", ",".join(gpus))]
-    port = TP_BASE_PORT + index
-    return [WorkerSpec("infer" if rank == 0 else TP_FOLLOWER, f"gpu{group}@{host}" if rank == 0 else
-                       f"gpu{group}-rank{rank}@{host}", gpu, (rank, len(gpus), port)) for rank, gpu in enumerate(gpus)]
 
 
 def _command(spec: WorkerSpec, env: dict[str, str]) -> Child:
     child_env = dict(env)
     if spec.cuda_visible_devices is not None:
         child_env["CUDA_VISIBLE_DEVICES"] = spec.cuda_visible_devices
-    if spec.tensor_parallel is not None:  # torch.distributed's env:// rendezvous
-        rank, world_size, port = spec.tensor_parallel
-        child_env.update(RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     if spec.role == "infer" and spec.cuda_visible_devices == "":
         child_env["DOCBATCH_DEVICE"] = "cpu"
-    # The ranks of a tensor-parallel group restart together: a new rank cannot join a running group, and the
-    # others would wait for the lost one forever.
-    group = None if spec.tensor_parallel is None else f"tensor-parallel:{spec.tensor_parallel[2]}"
-    return Child(spec.name, [sys.executable, "-m", "worker.service.process", spec.role, spec.name], child_env, group)
+    return Child(spec.name, [sys.executable, "-m", "worker.service.process", spec.role, spec.name], child_env)
 
 
 def launch(settings: Settings, gpus: str, with_prepare: bool = True) -> int:
     """Run the worker processes until a signal; returns the exit code (non-zero when a child could not be
     kept alive, so that systemd, compose or Kubernetes restart the whole worker)."""
-    specs = plan_workers(gpus, count_gpus(), socket.gethostname(), with_prepare, settings.gpu_group)
+    specs = plan_workers(gpus, count_gpus(), socket.gethostname(), with_prepare)
     # Each child serves its metrics on a port of its own: metrics_port, metrics_port + 1, ... in plan order.
     env = {**os.environ, **settings.to_env()}
     if not sys.stderr.isatty():

@@ -1,12 +1,9 @@
-"""One worker process: `python -m worker.service.process {infer|prepare|tp-follower} NAME`, started by the launcher.
+"""One worker process: `python -m worker.service.process {infer|prepare} NAME`, started by the launcher.
 
 An infer process loads the model once, starts the batching engine and runs Celery's threads pool on
 the `infer` queue, so many tasks wait on the one engine at the same time. A prepare process runs a
 prefork pool on the `prepare` queue: CPU work, each child under an address-space limit, each file
-under a time limit, so a hostile file costs one failed job and at most one child. A tp-follower is a
-rank after the first of a tensor-parallel GPU group: no Celery, only the forward passes its infer
-process (rank 0) sends. A process belongs to a group when the launcher set torch.distributed's `RANK`,
-`WORLD_SIZE`, `MASTER_ADDR` and `MASTER_PORT`.
+under a time limit, so a hostile file costs one failed job and at most one child.
 """
 from __future__ import annotations
 
@@ -46,10 +43,9 @@ def start_engine(settings: Settings, name: str) -> runtime.Runtime:
 
     started = time.perf_counter()
     vllm = uses_vllm(settings)  # vLLM loads the weights itself: here only the tokenizer (and processor)
-    tp = None if vllm else _join_tensor_parallel_group()
     try:
-        loaded = on_a_passing_thread(load_model, settings, keep_on_cpu=tp is not None, weights=not vllm)
-        engine = on_a_passing_thread(build_engine, settings, loaded, tp)
+        loaded = on_a_passing_thread(load_model, settings, weights=not vllm)
+        engine = on_a_passing_thread(build_engine, settings, loaded)
     except Exception as error:  # noqa: BLE001 - whatever stops the model from loading is said in one line
         first_line = (str(error).strip().splitlines() or [""])[0]
         raise EngineStartError(f"the {'vllm' if vllm else settings.engine} engine cannot load {settings.model}: "
@@ -71,27 +67,6 @@ def on_a_passing_thread(fn, *args, **kwargs):
     sleep between regions instead of spinning: a decode step of the small model on 2 cores took twice as long."""
     with ThreadPoolExecutor(1, thread_name_prefix="docbatch-load") as pool:
         return pool.submit(fn, *args, **kwargs).result()
-
-
-def _join_tensor_parallel_group():
-    """This process's `TensorParallel` place when the launcher made it a rank of a GPU group, else None."""
-    if "WORLD_SIZE" not in os.environ:
-        return None
-    from worker.engine.paged.tensor_parallel import join_group
-
-    return join_group()
-
-
-def run_follower_rank(settings: Settings) -> None:
-    """A tensor-parallel rank after the first: load this rank's shard, follow rank 0's steps until it stops."""
-    from worker.engine.builder import run_follower
-    from worker.models.loading import load_model
-
-    tp = _join_tensor_parallel_group()
-    if tp is None:
-        raise SystemExit("a tp-follower needs the launcher's RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT")
-    steps = run_follower(settings, load_model(settings, keep_on_cpu=True), tp)
-    log.info("rank %d of %d: the leader stopped after %d steps", tp.rank, tp.world_size, steps)
 
 
 def _exit_for_restart(error: BaseException) -> None:
@@ -158,7 +133,7 @@ def configure(settings: Settings, role: str, name: str) -> list[str]:
         task_failure.connect(_hard_timeouts_fail(rt), weak=False)
         pool = ["-Q", PREPARE_QUEUE, "-P", "prefork", "-c", str(settings.prepare_concurrency)]
     else:
-        raise SystemExit(f"unknown worker role {role!r}; expected infer, prepare or tp-follower")
+        raise SystemExit(f"unknown worker role {role!r}; expected infer or prepare")
     start_telemetry(settings, role, name)
     return pool
 
@@ -166,8 +141,6 @@ def configure(settings: Settings, role: str, name: str) -> list[str]:
 def main(role: str, name: str) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s [%(processName)s] %(name)s: %(message)s")
     settings = Settings.load()
-    if role == "tp-follower":
-        return run_follower_rank(settings)
     app = make_celery(settings)
     import worker.service.tasks  # noqa: F401 - registers the tasks with the app
 

@@ -6,8 +6,6 @@ A child that exits with `EXIT_CANNOT_START` could not start at all (its engine c
 settings: a model that does not fit, an architecture the engine lacks, a broken install): restarting it would only
 fail again, so the supervisor stops the others and exits with that code.
 A signal (SIGTERM, SIGINT) is passed to every child, and the supervisor exits 0 once they have stopped.
-Children of one group (the ranks of a tensor-parallel GPU group) restart together: when one is restarted,
-the others still running are stopped and started again with it.
 With `reap_orphans` (the `docbatch worker` launcher) the supervisor is its descendants' subreaper: what a dead child
 leaves running (vLLM's engine core, which holds the GPU's memory and does not watch its parent) comes back to the
 supervisor instead of living on under init, and is killed before the child starts again, and when the worker stops.
@@ -35,7 +33,6 @@ class Child:
     name: str
     argv: list[str]
     env: dict[str, str]
-    group: str | None = None  # children of one group restart together
 
 
 @dataclass
@@ -116,11 +113,9 @@ def _supervise(children: list[Child], make_policy: type[RestartPolicy], poll_s: 
                     log.warning("%s exited with code %s; restarting in %.0f s", child.name, code, delay_s)
                     restart_at[child.name] = now + delay_s
                 elif now >= restart_at[child.name]:
-                    for member in _group(child, children):
-                        restart_at.pop(member.name, None)
-                        _stop_all({member.name: running[member.name]})
-                        running[member.name] = _start(member)
-                        started_at[member.name] = time.monotonic()
+                    del restart_at[child.name]
+                    running[child.name] = _start(child)
+                    started_at[child.name] = time.monotonic()
         for process in running.values():
             process.wait()
         return 0
@@ -162,11 +157,6 @@ def _child_pids() -> list[int]:
             if parent == me:
                 children.append(int(entry))
     return children
-
-
-def _group(child: Child, children: list[Child]) -> list[Child]:
-    """`child` and the children of its group."""
-    return [c for c in children if c is child or (child.group is not None and c.group == child.group)]
 
 
 def _start(child: Child) -> subprocess.Popen:

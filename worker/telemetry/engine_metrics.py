@@ -33,7 +33,6 @@ ENGINE_GAUGES = {
     "kv_capacity_tokens": ("docbatch_engine_kv_capacity_tokens", "tokens the KV cache holds"),
     "kv_capacity_sequences": ("docbatch_engine_kv_capacity_sequences_4k",
                               "sequences of 4,096 tokens the KV cache holds"),
-    "device_peak_bytes": ("docbatch_engine_device_peak_bytes", "most GPU memory allocated during start-up"),
 }
 
 

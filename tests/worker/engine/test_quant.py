@@ -1,10 +1,6 @@
-"""Weight formats and the fp8 KV cache on the real small model (CPU): each loads through the product's loader
-and builder, its weights shrink by what the format stores, and its greedy answers stay close to the full-
-precision ones. Agreement is measured, then asserted a prompt below what was seen (deterministic on a CPU):
-a quantised 135 M model is not the same model, and one changed token changes the rest of a greedy answer.
-Seen with torch 2.13 (first tokens equal / tokens before the first difference, 8 prompts x 12 tokens):
-int8 75 % / 44 %, fp8 88 % / 46 %, nf4 75 % / 16 %, fp8 KV cache 88 % / 67 %.
-"""
+"""fp16 weights on a CPU (FBGEMM) on the real small model: they load through the product's loader and builder, take
+half float32's bytes and answer as float32 does; the weight formats of a GPU (fp8, nf4, a quantised checkpoint)
+are vLLM's, and the CPU engines refuse them at start."""
 from __future__ import annotations
 
 import pytest
@@ -22,7 +18,6 @@ GREEDY = GenerationOptions()  # greedy, no penalty: agreement measures the model
 QUESTIONS = ["The capital of France is", "A contract is an agreement between", "List three colours:",
              "The Supplier shall deliver the goods", "Water boils at", "Write one word:",
              "The invoice is payable within", "Once upon a time"]
-FLOAT32_BYTES = 4
 
 
 def _settings(small_model_dir, **overrides) -> Settings:
@@ -85,39 +80,6 @@ def _projection_params(small_model) -> int:
     return per_layer * layer.num_hidden_layers
 
 
-@pytest.mark.parametrize("weight_format, bytes_per_weight, min_first, min_prefix", [
-    ("int8", 1.0, 0.6, 0.3),
-    ("fp8", 1.0, 0.6, 0.3),
-    ("nf4", 0.5 + 1 / 64, 0.5, 0.1),  # 4 bits, one uint8 block scale per 64
-])
-def test_a_quantised_model_is_smaller_and_answers_mostly_as_the_full_one(
-        small_model_dir, small_model, questions, reference, full_bytes, weight_format, bytes_per_weight, min_first,
-        min_prefix):
-    if weight_format == "nf4":
-        pytest.importorskip("bitsandbytes", reason="nf4 needs bitsandbytes (pip install 'docbatch[quant]')")
-    # When the checkpoint loads in the format
-    answers, stats = _answers(small_model_dir, questions, weight_format=weight_format)
-    # Then the projections take `bytes_per_weight` instead of float32's 4 (scales within 1 % of the whole)
-    expected = full_bytes() - _projection_params(small_model) * (FLOAT32_BYTES - bytes_per_weight)
-    assert expected <= stats.weight_bytes <= expected * 1.01
-    # and the answers agree with the full-precision model's on most tokens
-    first, prefix = _agreement(answers, reference)
-    print(f"{weight_format}: weights {stats.weight_bytes / 2**20:.1f} MiB against {full_bytes() / 2**20:.1f}; "
-          f"first tokens equal {first:.0%}, tokens before the first difference {prefix:.0%}")
-    assert first >= min_first and prefix >= min_prefix
-
-
-def test_an_fp8_kv_cache_holds_four_times_the_float32_tokens_and_answers_mostly_the_same(
-        small_model_dir, questions, reference):
-    answers, stats = _answers(small_model_dir, questions, kv_cache_dtype="fp8", kv_cache_gb=0.05)
-    _, full = _answers(small_model_dir, questions[:1], kv_cache_gb=0.05)
-    assert stats.kv_capacity_tokens >= 4 * full.kv_capacity_tokens
-    first, prefix = _agreement(answers, reference)
-    print(f"fp8 KV cache: {stats.kv_capacity_tokens} tokens against {full.kv_capacity_tokens}; first tokens equal "
-          f"{first:.0%}, tokens before the first difference {prefix:.0%}")
-    assert first >= 0.75 and prefix >= 0.5
-
-
 @pytest.mark.skipif(not fbgemm_available(), reason="fp16 weights on a CPU need FBGEMM (x86 with AVX2)")
 @pytest.mark.parametrize("engine", ["paged", "hf"])
 def test_float16_on_a_cpu_keeps_projections_and_head_in_half_precision_and_answers_as_float32(
@@ -136,36 +98,34 @@ def test_float16_on_a_cpu_keeps_projections_and_head_in_half_precision_and_answe
     assert first == 1 and prefix >= 0.9
 
 
-@pytest.mark.parametrize("weight_format, tolerance", [("int8", 0.03), ("fp8", 0.08), ("nf4", 0.15), ("fp16", 1e-3)])
-def test_quantised_projections_compute_what_their_weights_say(small_model, weight_format, tolerance):
-    # One layer's down projection in the format against float32, on the same activations (relative error:
-    # int8 keeps 8 bits a value, e4m3 4 of mantissa, nf4 16 levels a weight, fp16 11 bits a weight)
+@pytest.mark.skipif(not fbgemm_available(), reason="fp16 weights on a CPU need FBGEMM (x86 with AVX2)")
+def test_fp16_projections_compute_what_their_weights_say(small_model):
+    # One layer's down projection in fp16 against float32, on the same activations (fp16 keeps 11 bits a weight)
     import torch
 
-    if weight_format == "nf4":
-        pytest.importorskip("bitsandbytes", reason="nf4 needs bitsandbytes (pip install 'docbatch[quant]')")
-    if weight_format == "fp16" and not fbgemm_available():
-        pytest.skip("fp16 weights on a CPU need FBGEMM (x86 with AVX2)")
     linear = small_model.model.model.layers[0].mlp.down_proj
     x = torch.randn(5, linear.in_features)
     expected = linear(x)
-    error = (quantize(linear, weight_format)(x) - expected).norm() / expected.norm()
-    assert error < tolerance
+    error = (quantize(linear, "fp16")(x) - expected).norm() / expected.norm()
+    assert error < 1e-3
 
 
-def test_a_checkpoint_already_quantised_is_left_to_the_hf_engine():
+def test_a_checkpoint_already_quantised_is_not_the_paged_engines():
     from transformers import Qwen2Config
 
     from worker.engine.paged.model import unsupported_reason
 
     config = Qwen2Config(quantization_config={"quant_method": "awq", "bits": 4})
-    assert "already quantised (awq)" in unsupported_reason(config)
+    assert "already quantised (awq): vLLM reads its format" in unsupported_reason(config)
 
 
-def test_formats_fail_at_start_on_the_hf_engine_which_reports_its_bf16_weights(small_model_dir, small_model):
-    settings = _settings(small_model_dir, engine="hf", weight_format="int8")
-    with pytest.raises(ValueError, match="apply to the paged engine"):
-        build_engine(settings, small_model)
+@pytest.mark.parametrize("engine, overrides", [("hf", {"weight_format": "fp8"}), ("paged", {"kv_cache_dtype": "fp8"})])
+def test_vllms_formats_fail_at_start_on_the_cpu_engines(small_model_dir, small_model, engine, overrides):
+    with pytest.raises(ValueError, match="are vLLM's"):
+        build_engine(_settings(small_model_dir, engine=engine, **overrides), small_model)
+
+
+def test_the_hf_engine_reports_its_weights(small_model_dir, small_model):
     # while the hf engine in bf16 starts, and reports its weights too
     engine = build_engine(_settings(small_model_dir, engine="hf"), small_model)
     engine.stop()

@@ -12,17 +12,9 @@ def test_auto_uses_every_gpu_or_falls_back_to_cpu():
 
 def test_listed_gpus_get_a_process_each_and_a_group_shares_one():
     assert [s.cuda_visible_devices for s in plan_workers("1,3", 4, "h", with_prepare=False)] == ["1", "3"]
-    (group,) = plan_workers("0+1", 2, "h", with_prepare=False, gpu_group="layers")
-    assert (group.name, group.cuda_visible_devices) == ("gpu0+1@h", "0,1")
-
-
-def test_a_tensor_parallel_group_gets_a_process_per_gpu_led_by_the_infer_worker():
+    # a group is one process that sees all its GPUs: vLLM's tensor parallelism over them
     assert plan_workers("0,1+2+3", 4, "h", with_prepare=False) == [
-        WorkerSpec("infer", "gpu0@h", "0"),
-        WorkerSpec("infer", "gpu1+2+3@h", "1", (0, 3, 29501)),
-        WorkerSpec("tp-follower", "gpu1+2+3-rank1@h", "2", (1, 3, 29501)),
-        WorkerSpec("tp-follower", "gpu1+2+3-rank2@h", "3", (2, 3, 29501))]
-
+        WorkerSpec("infer", "gpu0@h", "0"), WorkerSpec("infer", "gpu1+2+3@h", "1,2,3")]
 
 
 def test_none_starts_the_prepare_worker_alone():

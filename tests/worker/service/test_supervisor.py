@@ -73,28 +73,6 @@ def test_a_child_killed_by_a_signal_is_restarted(tmp_path: Path):
     assert len(set(pids.read_text().split())) == 3 and code == EXIT_GAVE_UP
 
 
-def test_the_children_of_a_group_restart_together(tmp_path: Path):
-    # Given a group of two (the ranks of a tensor-parallel pair) whose leader exits at once, beside a child
-    # outside the group
-    starts = tmp_path / "starts"
-
-    def child(name: str, mark: str, then: str, group: str | None) -> Child:
-        code = f"import time\nopen({str(starts)!r}, 'a').write({mark!r})\n{then}"
-        return Child(name, [sys.executable, "-c", code], dict(os.environ), group)
-
-    # (each life of the leader exits once this life of its follower has started)
-    wait = f"for _ in range(500):\n    t = open({str(starts)!r}).read()\n    if t.count('F') >= t.count('L'): break\n" \
-           f"    time.sleep(0.02)"
-    leader = child("leader", "L", wait, "tp:29500")
-    follower = child("follower", "F", "time.sleep(60)", "tp:29500")
-    alone = child("alone", "A", "time.sleep(60)", None)
-    # When the supervisor restarts the leader once, then gives up on it
-    code = supervise([leader, follower, alone], policy=_fast(max_restarts=1), poll_s=0.02)
-    # Then the follower was started again with the leader, and the child outside the group was not
-    text = starts.read_text()
-    assert (text.count("L"), text.count("F"), text.count("A")) == (2, 2, 1) and code == EXIT_GAVE_UP
-
-
 def test_what_a_dead_child_left_running_is_killed_before_it_starts_again(tmp_path: Path):
     # Given a child that starts a process of its own (as vLLM's engine core is) and then dies without stopping it
     pids = tmp_path / "pids"

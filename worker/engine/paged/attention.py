@@ -1,4 +1,4 @@
-"""Attention over the paged KV cache: FlashInfer's kernels on a GPU, plain PyTorch elsewhere.
+"""Attention over the paged KV cache, in plain PyTorch (the paged engine runs on a CPU; on a GPU, vLLM's kernels).
 
 A backend is planned once per step (`plan(inputs)`) and returns the callable every layer uses:
 `attend(layer, q [N, heads, dim], k, v [N, kv_heads, dim]) -> [N, heads, dim]`. It first writes the
@@ -7,7 +7,6 @@ up to and including itself (causal, aligned to the end of the sequence).
 """
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Callable
 
@@ -18,10 +17,7 @@ import torch.nn.functional as F
 from worker.engine.paged.kv_cache import KVCache
 from worker.engine.paged.step_inputs import StepInputs
 
-log = logging.getLogger(__name__)
-
 Attend = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-WORKSPACE_BYTES = 256 * 1024 * 1024  # FlashInfer's split-k scratch; 128 MB is its recommended minimum
 
 
 @dataclass(frozen=True)
@@ -39,7 +35,7 @@ class TorchAttention:
     """Gathers each sequence's keys and values from its blocks and calls SDPA (grouped heads natively).
 
     Decode rows share one padded call; prompt chunks run one sequence at a time. Correct everywhere and
-    fast enough for a small model on a CPU; a GPU should use FlashInfer."""
+    fast enough for a small model on a CPU."""
 
     name = "torch"
 
@@ -133,53 +129,3 @@ def _causal(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: 
     allowed = torch.arange(kv_len, device=query.device)[None, :] <= (
         torch.arange(q_len, device=query.device)[:, None] + kv_len - q_len)
     return F.scaled_dot_product_attention(query, key, value, attn_mask=allowed, scale=scale, enable_gqa=True)
-
-
-class FlashInferAttention:
-    """FlashInfer's paged kernels: batch decode (tensor cores, which a 7:1 head grouping needs) for
-    decode-only steps, batch prefill over the paged cache for steps with prompt chunks (decode rows there
-    are one-token queries)."""
-
-    name = "flashinfer"
-
-    def __init__(self, cache: KVCache, heads: HeadShape, workspace: torch.Tensor, q_dtype: torch.dtype) -> None:
-        import flashinfer
-
-        self.cache = cache
-        self.heads = heads
-        self.q_dtype = q_dtype  # the model's; the cache may hold fp8
-        self._decode = flashinfer.BatchDecodeWithPagedKVCacheWrapper(workspace, "NHD", use_tensor_cores=True)
-        self._prefill = flashinfer.BatchPrefillWithPagedKVCacheWrapper(workspace, "NHD")
-
-    def plan(self, inputs: StepInputs) -> Attend:
-        shape = self.cache.shape
-        kv = (torch.from_numpy(inputs.kv_indptr), torch.from_numpy(inputs.kv_indices),
-              torch.from_numpy(inputs.kv_last_page_len))
-        common = dict(q_data_type=self.q_dtype, kv_data_type=shape.dtype, sm_scale=self.heads.scale)
-        if inputs.is_decode_only:
-            wrapper = self._decode
-            wrapper.plan(*kv, self.heads.num_heads, self.heads.num_kv_heads, self.heads.head_dim, shape.block_size,
-                         **common)
-        else:
-            wrapper = self._prefill
-            wrapper.plan(torch.from_numpy(inputs.qo_indptr), *kv, self.heads.num_heads, self.heads.num_kv_heads,
-                         self.heads.head_dim, shape.block_size, causal=True, **common)
-        return self.bind(wrapper, inputs.slot_mapping)
-
-    def bind(self, wrapper, slot_mapping: torch.Tensor) -> Attend:
-        """The per-layer callable over a planned wrapper (also what a CUDA graph captures)."""
-        def attend(layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-            self.cache.write(layer, slot_mapping, k, v)
-            return wrapper.run(q, (self.cache.keys(layer), self.cache.values(layer)))
-
-        return attend
-
-
-def flashinfer_available() -> bool:
-    try:
-        import flashinfer  # noqa: F401
-    except Exception as error:  # noqa: BLE001 - any import failure means: use the torch path
-        log.warning("FlashInfer is not usable (%s); GPU attention falls back to plain PyTorch, which is slow",
-                    error)
-        return False
-    return True

@@ -36,7 +36,7 @@ STATS_LOG_INTERVAL_S = 10  # also logged whenever the engine runs out of work
 def _is_oom(error: BaseException) -> bool:
     import torch
 
-    return isinstance(error, torch.OutOfMemoryError)
+    return isinstance(error, (torch.OutOfMemoryError, MemoryError))
 
 
 class PagedEngine:
@@ -68,11 +68,6 @@ class PagedEngine:
     def stop(self, timeout_s: float = 10) -> None:
         self._stop.set()
         self._thread.join(timeout_s)
-        # Releasing tensor-parallel followers while a step still runs would interleave with its collectives.
-        if self._thread.is_alive():
-            log.warning("the engine's step outlived %s s; tensor-parallel followers are not released", timeout_s)
-        else:
-            self.runner.close()
         for future in list(self._futures.values()):
             self._gate.settle(future, error=RuntimeError("the engine stopped"))
         self._futures.clear()
@@ -196,10 +191,6 @@ class PagedEngine:
     def _step_failed(self, step: ScheduledStep, error: Exception) -> None:
         """A step raised: alone, its request fails; shared, every request in it runs again alone, so only
         the one that breaks the model fails."""
-        if _is_oom(error):
-            import torch
-
-            torch.cuda.empty_cache()
         if len(step.seqs) == 1:
             seq = step.seqs[0]
             log.warning("request of %d prompt tokens failed alone: %r", seq.num_prompt_tokens, error)

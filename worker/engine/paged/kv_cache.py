@@ -32,7 +32,7 @@ class CacheShape:
 
 class KVCache:
     """`[layers, 2, blocks, block_size, kv_heads, head_dim]`: per layer, keys and values as
-    `[blocks, block_size, kv_heads, head_dim]` (FlashInfer's NHD page layout)."""
+    `[blocks, block_size, kv_heads, head_dim]`."""
 
     def __init__(self, shape: CacheShape, num_blocks: int, device: torch.device | str) -> None:
         self.shape = shape

@@ -3,8 +3,7 @@
 Why a forward of our own rather than transformers' modules with our attention plugged in: a step's
 tokens arrive packed without padding ([N], every sequence's new tokens one after the other); q/k/v
 and gate/up run as one matrix product each; logits are computed only for the rows that sample (a
-152 k vocabulary over a 8 k-token prefill chunk would be 5 GB of float32); and nothing reads back to the
-CPU, so a decode step can be captured in a CUDA graph. The weights are the checkpoint's: they are taken
+152 k vocabulary over a 8 k-token prefill chunk would be 5 GB of float32). The weights are the checkpoint's: they are taken
 from the transformers model `worker.models.loading.load_model` loaded (hub id, local folder, packaged GGUF), and
 the norms, embeddings and rotary frequencies are transformers' own, so the numbers match its `generate`.
 """
@@ -19,7 +18,6 @@ from torch import nn
 
 from worker.engine.paged.attention import Attend, HeadShape
 from worker.engine.quant import quantize, weight_bytes
-from worker.engine.paged.tensor_parallel import TensorParallel
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2")
 # Rope variants whose frequencies do not depend on the sequence's length: one table serves every step.
@@ -40,7 +38,7 @@ def unsupported_reason(config: Any) -> str | None:
     quantized = getattr(config, "quantization_config", None)
     if quantized:  # its layers are the quantisation library's, not nn.Linear: transformers' own forward runs them
         method = quantized.get("quant_method") if isinstance(quantized, dict) else quantized.quant_method
-        return f"a checkpoint already quantised ({method}); set weight_format to quantise a bf16 one"
+        return f"a checkpoint already quantised ({method}): vLLM reads its format"
     return None
 
 
@@ -62,27 +60,21 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class DecoderLayer(nn.Module):
-    """One transformers decoder layer taken over: q/k/v and gate/up fused, under tensor parallelism this rank's
-    shard of each projection (`heads` is then this rank's share), each moved to `device` and converted to
-    `weight_format` there."""
+    """One transformers decoder layer taken over: q/k/v and gate/up fused, each moved to `device` and converted
+    to `weight_format` there."""
 
     def __init__(self, hf_layer: nn.Module, heads: HeadShape, index: int, *, weight_format: str = "bf16",
-                 device: torch.device | None = None, tp: TensorParallel | None = None) -> None:
+                 device: torch.device | None = None) -> None:
         super().__init__()
         attention, mlp = hf_layer.self_attn, hf_layer.mlp
         self.index = index
         self.heads = heads
-        self.tp = tp
         self._splits = [heads.num_heads * heads.head_dim] + [heads.num_kv_heads * heads.head_dim] * 2
         qkv = _fuse([attention.q_proj, attention.k_proj, attention.v_proj])
         gate_up = _fuse([mlp.gate_proj, mlp.up_proj])
         o_proj, down_proj = attention.o_proj, mlp.down_proj
-        if tp is not None:
-            full = [part * tp.world_size for part in self._splits]
-            qkv, o_proj = tp.split_outputs(qkv, full), tp.split_inputs(o_proj)
-            gate_up, down_proj = tp.split_outputs(gate_up, [mlp.gate_proj.out_features] * 2), tp.split_inputs(down_proj)
-        # The fused, split and converted copies replace the originals: drop those at once, so loading peaks one
-        # layer above the model.
+        # The fused and converted copies replace the originals: drop those at once, so loading peaks one layer above
+        # the model.
         attention.q_proj = attention.k_proj = attention.v_proj = mlp.gate_proj = mlp.up_proj = None
         attention.o_proj = mlp.down_proj = None
         self.qkv_proj = quantize(qkv.to(device), weight_format)
@@ -92,10 +84,6 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = hf_layer.input_layernorm.to(device)
         self.post_attention_layernorm = hf_layer.post_attention_layernorm.to(device)
 
-    def _sum_over_ranks(self, partial: torch.Tensor) -> torch.Tensor:
-        """A row-parallel projection's output: this rank's part, summed over the group (as is without one)."""
-        return partial if self.tp is None else self.tp.all_reduce(partial)
-
     def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend: Attend) -> torch.Tensor:
         """hidden [N, D] -> [N, D]; cos, sin [N, 1, head_dim]."""
         q, k, v = self.qkv_proj(self.input_layernorm(hidden)).split(self._splits, dim=-1)
@@ -104,22 +92,20 @@ class DecoderLayer(nn.Module):
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
         out = attend(self.index, q, k, v.view(-1, self.heads.num_kv_heads, self.heads.head_dim))
-        hidden = hidden + self._sum_over_ranks(self.o_proj(out.reshape(-1, self.heads.num_heads * self.heads.head_dim)))
+        hidden = hidden + self.o_proj(out.reshape(-1, self.heads.num_heads * self.heads.head_dim))
         gate, up = self.gate_up_proj(self.post_attention_layernorm(hidden)).chunk(2, dim=-1)
-        return hidden + self._sum_over_ranks(self.down_proj(F.silu(gate) * up))
+        return hidden + self.down_proj(F.silu(gate) * up)
 
 
 class DecoderModel(nn.Module):
     """Built from a loaded transformers `LlamaForCausalLM` / `Qwen2ForCausalLM`, whose layers it takes over.
 
-    `device`: where it computes (default: where the checkpoint was loaded). A model loaded on the CPU is moved
-    layer by layer, each layer converted to `weight_format` on arrival, so the device never holds more than
-    one layer of unconverted weights: a 7B model in nf4 fits a card its bf16 weights would not. `tp`: this
-    process's rank in a tensor-parallel group, whose shard of every layer it keeps (`heads` is then its share).
+    `device`: where it computes (default: where the checkpoint was loaded). `weight_format`: the layers'
+    projections as loaded (`bf16`) or in `fp16` (FBGEMM, on a CPU), `lm_head` then too.
     """
 
-    def __init__(self, hf_model: nn.Module, *, weight_format: str = "bf16", device: torch.device | str | None = None,
-                 tp: TensorParallel | None = None) -> None:
+    def __init__(self, hf_model: nn.Module, *, weight_format: str = "bf16",
+                 device: torch.device | str | None = None) -> None:
         super().__init__()
         config = hf_model.config
         reason = unsupported_reason(config)
@@ -129,14 +115,14 @@ class DecoderModel(nn.Module):
         device = torch.device(device) if device is not None else hf_model.lm_head.weight.device
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         heads = HeadShape(config.num_attention_heads, config.num_key_value_heads, head_dim)
-        self.heads = heads if tp is None else tp.heads(heads)
+        self.heads = heads
         self.embed_tokens = base.embed_tokens.to(device)
         head = hf_model.lm_head.to(device)
         self.vocab_size = head.weight.shape[0]
         self._dtype = head.weight.dtype  # the activations' (fp16 weights on a CPU compute in float32)
 
         def take_over(numbered: tuple[int, nn.Module]) -> DecoderLayer:
-            return DecoderLayer(numbered[1], self.heads, numbered[0], weight_format=weight_format, device=device, tp=tp)
+            return DecoderLayer(numbered[1], self.heads, numbered[0], weight_format=weight_format, device=device)
 
         if weight_format == "fp16":
             # fp16 weights on a CPU convert the head too: there it is the largest product of a step. FBGEMM packs
@@ -154,9 +140,7 @@ class DecoderModel(nn.Module):
         cos, sin = _rope_table(base.rotary_emb.to(device), self.max_model_len, self._dtype)
         self.register_buffer("cos", cos, persistent=False)
         self.register_buffer("sin", sin, persistent=False)
-        # Inference only: without this, a forward outside inference mode (a CUDA graph's capture) would keep
-        # every activation alive for a backward pass that never comes.
-        self.requires_grad_(False)
+        self.requires_grad_(False)  # inference only
 
     @property
     def dtype(self) -> torch.dtype:

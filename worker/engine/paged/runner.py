@@ -14,13 +14,10 @@ from worker.engine.paged.step_inputs import StepInputs
 
 
 class ModelRunner:
-    def __init__(self, model: DecoderModel, cache: KVCache, attention: Any, *, max_num_seqs: int,
-                 graphs: Any = None, tp: Any = None) -> None:
+    def __init__(self, model: DecoderModel, cache: KVCache, attention: Any, *, max_num_seqs: int) -> None:
         self.model = model
         self.cache = cache
-        self.attention = attention  # a TorchAttention or FlashInferAttention over `cache`
-        self.graphs = graphs  # DecodeGraphs on a GPU, or None (eager)
-        self.tp = tp  # TensorParallel when this runner leads a group: each step goes to the other ranks first
+        self.attention = attention  # a TorchAttention over `cache`
         self.device = model.device
         self.sampler = Sampler(max_num_seqs, model.vocab_size, self.device)
         self.masks = TokenMasks(max_num_seqs, model.vocab_size)
@@ -30,30 +27,20 @@ class ModelRunner:
         """The token sampled for each sequence of the step (None where a prompt is still being computed)."""
         inputs = StepInputs.build(step, self.cache.shape.block_size, self.device)
         self.sampler.start_rows([seq for seq in step.seqs if seq.is_row_fresh])
-        logits = self._forward(inputs)  # on a GPU this returns at once; the kernels run on
+        logits = self._forward(inputs)
         sampling = [step.seqs[row] for row in inputs.sample_rows]
         sampled: list[int | None] = [None] * len(step.seqs)
         if not sampling:
             return sampled
         matchers = [seq.matcher for seq in sampling]
-        allowed = self.masks.allowed(matchers, self.device)  # host work while the GPU computes the logits
+        allowed = self.masks.allowed(matchers, self.device)
         tokens = self.sampler(logits, SamplingBatch.of(sampling, self.device), allowed).tolist()
         self.masks.advance(matchers, tokens)
         for row, token in zip(inputs.sample_rows, tokens):
             sampled[row] = token
         return sampled
 
-    def close(self) -> None:
-        """Release the tensor-parallel followers (they return from `follow`)."""
-        if self.tp is not None:
-            self.tp.send_step(None)
-            self.tp = None
-
     def _forward(self, inputs: StepInputs) -> torch.Tensor:
         """Logits [S, vocab] of the sampling rows."""
-        if self.tp is not None:
-            self.tp.send_step(inputs)
-        if self.graphs is not None and inputs.is_decode_only and inputs.num_seqs <= self.graphs.max_batch_size:
-            return self.graphs.replay(inputs)
         hidden = self.model(inputs.input_ids, inputs.positions, self.attention.plan(inputs))
         return self.model.compute_logits(hidden[inputs.logits_indices])

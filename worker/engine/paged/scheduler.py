@@ -29,7 +29,7 @@ class ScheduledStep:
 
     @property
     def is_decode_only(self) -> bool:
-        """Every row computes one token that is followed by sampling: the shape CUDA graphs replay."""
+        """Every row computes one token that is followed by sampling (a decode step, timed apart in the statistics)."""
         return all(n == 1 and s.num_computed_tokens + 1 == s.num_tokens for s, n in zip(self.seqs, self.num_new_tokens))
 
     def remove(self, seqs: list[Sequence]) -> None:
