@@ -43,6 +43,7 @@ def vllm_engine_args(settings: Settings, loaded: Any, tensor_parallel_size: int 
         model=loaded.source, tokenizer=loaded.source, dtype=settings.dtype, seed=0,
         max_num_seqs=settings.max_batch_size, max_num_batched_tokens=settings.max_step_tokens or None,
         gpu_memory_utilization=settings.gpu_memory_utilization, enable_prefix_caching=True,
+        scheduling_policy="priority",  # the adapter's places in line: one document's tasks run together
         kv_cache_dtype=settings.kv_cache_dtype,
         enforce_eager=on_cpu or not settings.cuda_graphs, tensor_parallel_size=tensor_parallel_size,
         distributed_executor_backend="uni" if tensor_parallel_size == 1 else None)

@@ -39,12 +39,16 @@ class ModelInput:
     """One prompt: its token ids, and optionally the JSON schema its answer must match (constrained decoding).
     A vision model's prompt also carries its page images: for the hf engine as the processor's tensors (`extras`:
     `pixel_values`, `image_grid_thw`), for vLLM as the images themselves (`images`, PIL), which vLLM's own
-    processor turns into tensors; either way `token_ids` hold every image expanded into its placeholders."""
+    processor turns into tensors; either way `token_ids` hold every image expanded into its placeholders.
+    `prefix_group` names the prefix the prompt shares with others (one document part's tasks: its prompts start
+    with the document): the vLLM engine runs a group's prompts one after the other, so the prefix cache still holds
+    the document when the next task reads it."""
 
     token_ids: list[int]
     extras: dict[str, Any] = field(default_factory=dict)
     json_schema: str | None = None
     images: tuple[Any, ...] = ()
+    prefix_group: str | None = None
 
 
 @dataclass(frozen=True)

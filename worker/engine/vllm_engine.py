@@ -11,17 +11,23 @@ Requests start when this adapter hands them to vLLM, which it does while fewer t
 and `future.cancel()` drops it without any compute; `abort` also takes back one vLLM already holds. vLLM answers an
 aborted request with no output, so the adapter settles its future itself.
 
+Order: first come, first served, except that the prompts of one prefix group (`ModelInput.prefix_group`: one
+document's tasks) keep their group's place in line, here and in vLLM's scheduler (its priority policy, the place as
+the priority). A document's second task thus runs right behind its first, while vLLM's prefix cache still holds the
+document: its prompt is computed once. Served in arrival order, a batch of two tasks over many documents would meet
+each document again only after every other document's first task had gone through the cache.
+
 When vLLM's engine core dies, vLLM's synchronous client may wait for its output forever (0.32 does), so a watchdog
 thread watches the processes vLLM started and calls `on_fatal` when one of them is gone.
 """
 from __future__ import annotations
 
+import heapq
 import itertools
 import logging
 import queue
 import threading
 import time
-from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -47,6 +53,8 @@ class _Request:
     params: Any  # vLLM's SamplingParams
     future: Future
     num_prompt_tokens: int
+    group: str | None  # its ModelInput's prefix_group
+    place: int = 0  # its place in line: its group's (vLLM's priority; lower goes first)
     in_engine: bool = False
     most_beside: int = field(default=0)  # the most requests vLLM held at once while it held this one
 
@@ -75,8 +83,10 @@ class VllmEngine:
         self.max_model_len = 0
         self.kv_capacity_tokens = 0
         self._inbox: queue.SimpleQueue[tuple[str, _Request]] = queue.SimpleQueue()
-        self._waiting: deque[_Request] = deque()
+        self._waiting: list[tuple[int, int, _Request]] = []  # a heap by (place, arrival)
         self._held: dict[str, _Request] = {}  # what vLLM holds now, by request id
+        self._groups: dict[str, list[int]] = {}  # prefix group -> [its place, its requests here or in vLLM]
+        self._places = itertools.count()
         self._ids = itertools.count()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="docbatch-vllm", daemon=True)
@@ -173,7 +183,7 @@ class VllmEngine:
         if model_input.images:  # vLLM's processor repeats each image's placeholder itself: one each is handed over
             prompt = {"prompt_token_ids": _one_placeholder_per_image(tokens, self.image_token_id),
                       "multi_modal_data": {"image": list(model_input.images)}}
-        request = _Request(str(next(self._ids)), prompt, params, future, len(tokens))
+        request = _Request(str(next(self._ids)), prompt, params, future, len(tokens), model_input.prefix_group)
         future._docbatch_request = request  # type: ignore[attr-defined] - what `abort` finds it by
         return request
 
@@ -212,7 +222,7 @@ class VllmEngine:
         while True:
             kind, request = command
             if kind == "add":
-                self._waiting.append(request)
+                self._queue(request)
             else:
                 self._take_back(request)
             try:
@@ -220,15 +230,35 @@ class VllmEngine:
             except queue.Empty:
                 return
 
+    def _queue(self, request: _Request) -> None:
+        """Give the request its place in line (its prefix group's, if the group is here or in vLLM) and queue it."""
+        if request.group is None:
+            request.place = next(self._places)
+        else:
+            group = self._groups.setdefault(request.group, [next(self._places), 0])
+            group[1] += 1
+            request.place = group[0]
+        heapq.heappush(self._waiting, (request.place, int(request.request_id), request))
+
+    def _leave(self, request: _Request) -> None:
+        """The request is done here (answered, refused or taken back): its group keeps its place while it has others."""
+        group = self._groups.get(request.group) if request.group is not None else None
+        if group is not None:
+            group[1] -= 1
+            if not group[1]:
+                del self._groups[request.group]
+
     def _hand_over(self) -> None:
-        """Hand waiting requests to vLLM while it holds fewer than `max_in_engine`."""
+        """Hand waiting requests to vLLM, first place first, while it holds fewer than `max_in_engine`."""
         while self._waiting and len(self._held) < self.max_in_engine:
-            request = self._waiting.popleft()
+            request = heapq.heappop(self._waiting)[2]
             if not request.future.set_running_or_notify_cancel():
+                self._leave(request)
                 continue  # cancelled while it waited here: never computed
             try:
-                self.llm.add_request(request.request_id, request.prompt, request.params)
+                self.llm.add_request(request.request_id, request.prompt, request.params, priority=request.place)
             except ValueError as error:  # vLLM refused it (too long for its limits, a schema it cannot compile)
+                self._leave(request)
                 request.future.set_exception(error)
                 continue
             request.in_engine = True
@@ -243,8 +273,13 @@ class VllmEngine:
                 return  # finished meanwhile
             self.llm.abort_request([request.request_id])
             request.in_engine = False
-        elif request in self._waiting:
-            self._waiting.remove(request)
+            self._leave(request)
+        else:
+            queued = [entry for entry in self._waiting if entry[2] is not request]
+            if len(queued) < len(self._waiting):
+                self._waiting = queued
+                heapq.heapify(self._waiting)
+                self._leave(request)
         if not request.future.done():
             request.future.set_exception(RequestAborted("the request was aborted"))
 
@@ -256,6 +291,7 @@ class VllmEngine:
             request = self._held.pop(output.request_id, None)
             if request is None:
                 continue  # aborted meanwhile
+            self._leave(request)
             finished += 1
             completion = output.outputs[0]
             token_ids = list(completion.token_ids)
@@ -308,8 +344,10 @@ class VllmEngine:
 
     def _fail_all(self, error: BaseException) -> None:
         self._stop.set()
-        for request in list(self._held.values()) + list(self._waiting):  # copies: the watchdog may call this
+        # copies: the watchdog may call this
+        for request in list(self._held.values()) + [entry[2] for entry in list(self._waiting)]:
             if not request.future.done():
                 request.future.set_exception(RuntimeError(f"the engine stopped: {error!r}"))
         self._held.clear()
         self._waiting.clear()
+        self._groups.clear()

@@ -36,7 +36,10 @@ class Answer:
 def answer_and_finish(rt: Runtime, job: Job, request: Request) -> None:
     """Answer a held job's request and store the result (unless its lease was lost meanwhile)."""
     task, prompt = request.task, request.prompt
-    answer = generate_answer(rt, job.id, prompt.model_input, request.generation, request.schema, task.output_model,
+    # the document part's other tasks start with the same text: the engine runs them together (one prefill)
+    model_input = dataclasses.replace(prompt.model_input, prefix_group=f"{job.document_sha256}/{job.chunk_level or 0}/"
+                                                                       f"{job.chunk_index or 0}")
+    answer = generate_answer(rt, job.id, model_input, request.generation, request.schema, task.output_model,
                              repair=task.kind != "chat")
     result: dict[str, Any] = {"text": answer.text} if answer.value is None or task.kind == "chat" else {}
     if answer.value is not None:

@@ -143,6 +143,42 @@ def test_a_request_that_can_never_fit_fails_alone_before_vllm(loaded, engine):
     assert fine.result(timeout=300).token_ids
 
 
+def test_one_documents_tasks_run_one_behind_the_other(loaded, engine, monkeypatch):
+    # Given what the adapter hands vLLM, in order, with the priority it gives (vLLM's scheduler orders by it)
+    handed: list[tuple[str, int]] = []
+    add_request = engine.llm.add_request
+
+    def record(request_id, *args, **kwargs):
+        handed.append((request_id, kwargs["priority"]))
+        return add_request(request_id, *args, **kwargs)
+
+    monkeypatch.setattr(engine.llm, "add_request", record)
+    # And vLLM's share filled, so that what comes next waits in the adapter
+    blockers = [engine.submit(_prompt(loaded, CONTRACT[:200]), 8, EXACT) for _ in range(engine.max_in_engine)]
+    # When three documents' first tasks come, then two of them come again with a second task
+    tasks = {name: builtin_task(name, Settings()).render for name in ("summarize", "extract")}
+    texts = {doc: f"Contract {doc}. " + CONTRACT[:300] for doc in ("one", "two", "three")}
+
+    def task(name: str, doc: str) -> ModelInput:
+        model_input = build_text_prompt(loaded.tokenizer, tasks[name], texts[doc], 2048).model_input
+        return ModelInput(model_input.token_ids, prefix_group=doc)
+
+    order = [("summarize", "one"), ("summarize", "two"), ("summarize", "three"), ("extract", "one"),
+             ("extract", "two")]
+    futures = {job: engine.submit(task(*job), 8, EXACT) for job in order}
+    for future in [*blockers, *futures.values()]:
+        assert len(future.result(timeout=300).token_ids) == 8
+    # Then each document's second task went to vLLM right behind its first, ahead of the third document, at its
+    # first task's priority; documents keep their order of arrival
+    ids = {future._docbatch_request.request_id: job for job, future in futures.items()}
+    went = [(ids[request_id], priority) for request_id, priority in handed if request_id in ids]
+    assert [job for job, _ in went] == [("summarize", "one"), ("extract", "one"), ("summarize", "two"),
+                                        ("extract", "two"), ("summarize", "three")]
+    priority = dict(went)
+    assert priority["summarize", "one"] == priority["extract", "one"] < priority["summarize", "two"] \
+        == priority["extract", "two"] < priority["summarize", "three"]
+
+
 def test_when_the_engine_core_dies_the_engine_says_so_and_fails_what_waits(loaded, engine):
     # Given the engine's fatal-error handler (a worker process exits there, for its supervisor to restart it)
     fatal: list[BaseException] = []
