@@ -8,6 +8,11 @@ each workload's documents are its own, so no workload reads another's prefixes):
   B  256 contracts of 345 to 4,048 prompt tokens, 256 new tokens each
   C  256 contracts of ~1,080 prompt tokens, 64 to 512 new tokens (fixed per document; an OpenAI Batch file)
   D  128 contracts of ~8,000 prompt tokens, 512 new tokens each (a real contract summary is prefill-heavy)
+  T  two tasks over D's 128 contracts (summarize and extract, 256 requests, 512 new tokens each), submitted as two
+     batches at once; the baseline runs them as one `generate` in the conventional layout, the instructions before
+     the document ("T instruction-first"), and in docbatch's, the document first ("T document-first")
+  V  128 page images (a contract page rendered at 1,000 x 1,400 pixels, ~1,800 image tokens), 256 new tokens each,
+     through a vision model (`make_random_model.py --vision`: Qwen2.5-VL-7B's shape)
 
 1. Inputs: the documents as files (A, B, D: the summarize task; C: an OpenAI Batch file) and the token ids docbatch
    sends for each, built by docbatch's own prompt code (`inputs.json` per workload).
@@ -33,6 +38,7 @@ import re
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -48,7 +54,9 @@ CLAUSE = ("Clause {k}. The Supplier shall deliver the goods listed in Schedule {
 # Datasheet figures (dense bf16, HBM): the rooflines' inputs
 GPUS = {"H100": (3.35e12, 989e12), "H200": (4.8e12, 989e12)}
 WORKLOADS = {  # name: (documents, prompt tokens per document or None for B's spread, new tokens or None for C's)
-    "A": (256, 1024, 256), "B": (256, None, 256), "C": (256, 1024, None), "D": (128, 8000, 512)}
+    "A": (256, 1024, 256), "B": (256, None, 256), "C": (256, 1024, None), "D": (128, 8000, 512),
+    "T": (128, 8000, 512), "V": (128, 600, 256)}
+TASKS = {"T": ("summarize", "extract")}  # a workload's tasks (default: summarize)
 
 
 def contract(label: str, i: int, tokenizer, tokens: int) -> str:
@@ -73,14 +81,35 @@ def workload(name: str, docs: int | None) -> tuple[list[int], list[int]]:
     return lengths, news
 
 
-def build_inputs(name: str, out: Path, tokenizer, settings: Settings, docs: int | None) -> list[str]:
-    """Writes the documents and `inputs.json` (the token ids docbatch will send); returns `submit`'s arguments."""
+def page_image(text: str, path: Path) -> None:
+    """`text` typeset on a white page of 1,000 x 1,400 pixels, as a scan of it would look."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    page = Image.new("RGB", (1000, 1400), "white")
+    draw, font = ImageDraw.Draw(page), ImageFont.load_default(size=18)
+    lines, line = [], ""
+    for word in text.split():
+        if draw.textlength(f"{line} {word}", font=font) > 900:
+            lines.append(line)
+            line = word
+        else:
+            line = f"{line} {word}".strip()
+    for row, line in enumerate([*lines, line][:56]):
+        draw.text((50, 50 + row * 23), line, fill="black", font=font)
+    page.save(path)
+
+
+def build_inputs(name: str, out: Path, tokenizer, settings: Settings, docs: int | None) -> list[list[str]]:
+    """Writes the documents and `inputs.json` (the token ids docbatch will send; T's also in the conventional layout,
+    `instruction_first.json`); returns each `submit`'s arguments (T: two, run at once)."""
     from worker.answers.prompts import build_text_prompt, chat_tokens
     from worker.documents.extract import extract_pages
     from worker.documents.inputs import document_parts
 
     lengths, new_tokens = workload(name, docs)
     texts = [contract(name, i, tokenizer, n) for i, n in enumerate(lengths)]
+    if name == "V":
+        return vision_inputs(out, texts, new_tokens, settings)
     if name == "C":
         lines, prompts = [], []
         for i, text in enumerate(texts):
@@ -90,24 +119,66 @@ def build_inputs(name: str, out: Path, tokenizer, settings: Settings, docs: int 
                                      "body": body}))
             prompts.append(chat_tokens(tokenizer, messages))
         (out / "requests.jsonl").write_text("\n".join(lines) + "\n")
-        arguments = ["--openai-batch", str(out / "requests.jsonl")]
+        submits = [["--openai-batch", str(out / "requests.jsonl")]]
     else:
         folder = out / "docs"
         folder.mkdir(parents=True, exist_ok=True)
-        render = builtin_task("summarize", settings).render
         for i, text in enumerate(texts):
             (folder / f"contract_{i:04d}.txt").write_text(text)
         # the worker's own reading of each file (its pages, labelled and joined), so the token ids are the ones it sends
         read = ["\n\n".join(part["text"] for part in document_parts(
             [SimpleNamespace(text=page.text, image_sha256=None) for page in extract_pages(path.read_bytes())],
             False, None)) for path in sorted(folder.iterdir())]
-        prompts = [build_text_prompt(tokenizer, render, text, 100_000).model_input.token_ids for text in read]
-        arguments = [str(folder), "--task", "summarize"]
+        tasks = [builtin_task(task, settings) for task in TASKS.get(name, ("summarize",))]
+        prompts = [build_text_prompt(tokenizer, task.render, text, 100_000).model_input.token_ids
+                   for task in tasks for text in read]
+        new_tokens = new_tokens * len(tasks)
+        submits = [[str(folder), "--task", task.name] for task in tasks]
+        if len(tasks) > 1:  # the conventional layout: each task's instructions, then the document
+            def instruction_first(task, text: str) -> str:
+                before, after = task.around_text()
+                return f"{after.strip()}\n\n{before}{text}"
+
+            conventional = [build_text_prompt(tokenizer, partial(instruction_first, task), text, 100_000)
+                            .model_input.token_ids for task in tasks for text in read]
+            (out / "instruction_first.json").write_text(json.dumps({
+                "name": f"{name} instruction-first", "prompts": conventional, "new_tokens": new_tokens,
+                "repetition_penalty": settings.repetition_penalty}))
     # C's requests run as OpenAI chat requests: no repetition penalty, as OpenAI decodes (the tasks: the settings')
     penalty = 1.0 if name == "C" else settings.repetition_penalty
     (out / "inputs.json").write_text(json.dumps({"name": name, "prompts": prompts, "new_tokens": new_tokens,
                                                  "repetition_penalty": penalty}))
-    return arguments
+    return submits
+
+
+def vision_inputs(out: Path, texts: list[str], new_tokens: list[int], settings: Settings) -> list[list[str]]:
+    """V: each contract's first page as a PNG; the token ids the worker builds for each (its processor expands every
+    image into its placeholders: `prompt_tokens` counts them), and for the baseline the same ids with one placeholder
+    per image, as the vLLM engine hands them over, beside the image it sends."""
+    from worker.documents.extract import extract_pages
+    from worker.engine.vllm_engine import _one_placeholder_per_image
+    from worker.models.loading import load_model
+    from worker.models.vision import build_vision_prompt
+
+    folder, images = out / "docs", out / "images"
+    folder.mkdir(parents=True, exist_ok=True)
+    images.mkdir(exist_ok=True)
+    processor = load_model(settings, weights=False).processor
+    around = builtin_task("summarize", settings).around_text()
+    image_pad = processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    prompts, counts, sent = [], [], []
+    for i, text in enumerate(texts):
+        page_image(text, folder / f"contract_{i:04d}.png")
+        image = extract_pages((folder / f"contract_{i:04d}.png").read_bytes())[0].image.convert("RGB")
+        image.save(images / f"{i:04d}.png")
+        token_ids = build_vision_prompt(processor, around, [image], 100_000).model_input.token_ids
+        counts.append(len(token_ids))
+        prompts.append(_one_placeholder_per_image(token_ids, image_pad))
+        sent.append([str(images / f"{i:04d}.png")])
+    (out / "inputs.json").write_text(json.dumps({"name": "V", "prompts": prompts, "prompt_tokens": counts,
+                                                 "images": sent, "new_tokens": new_tokens,
+                                                 "repetition_penalty": settings.repetition_penalty}))
+    return [[str(folder), "--task", "summarize"]]
 
 
 def vllm_baseline(model: str, inputs: list[Path], out: Path, gpu_memory_utilization: float) -> dict[str, dict]:
@@ -139,18 +210,23 @@ def docbatch_worker(settings: Settings, gpus: str, log_path: Path):
             worker.wait(120)
 
 
-def docbatch_submit(settings: Settings, arguments: list[str], out: Path, name: str, new_tokens: int) -> dict:
-    """One workload through `docbatch submit --wait` and `docbatch results`: throughput from the job records."""
+def docbatch_submit(settings: Settings, submits: list[list[str]], out: Path, name: str, new_tokens: int) -> dict:
+    """One workload through `docbatch submit --wait` (T: two at once) and `docbatch results`: throughput from the job
+    records."""
     env = {**os.environ, **settings.to_env(), "DOCBATCH_MAX_NEW_TOKENS": str(new_tokens), "DOCBATCH_IGNORE_EOS": "true"}
-    done = subprocess.run([sys.executable, "-m", "producer.cli", "submit", *arguments, "--wait"], env=env,
-                          capture_output=True, text=True)
-    (out / "submit.stderr.txt").write_text(done.stderr[-200_000:])
-    if done.returncode not in (0, 1):
-        raise SystemExit(f"docbatch submit failed ({done.returncode}):\n{done.stderr[-5000:]}")
-    batch = done.stdout.strip().splitlines()[0]
-    export = subprocess.run([sys.executable, "-m", "producer.cli", "results", batch], env=env, capture_output=True,
-                            text=True, check=True)
-    records = [json.loads(line) for line in export.stdout.splitlines()]
+    running = []
+    for i, arguments in enumerate(submits):
+        with open(out / f"submit{i}.stderr.txt", "wb") as stderr:
+            running.append(subprocess.Popen([sys.executable, "-m", "producer.cli", "submit", *arguments, "--wait"],
+                                            env=env, stdout=subprocess.PIPE, stderr=stderr, text=True))
+    records = []
+    for i, submit in enumerate(running):
+        stdout = submit.communicate()[0]
+        if submit.returncode not in (0, 1):
+            raise SystemExit(f"docbatch submit failed ({submit.returncode}): see {out}/submit{i}.stderr.txt")
+        export = subprocess.run([sys.executable, "-m", "producer.cli", "results", stdout.strip().splitlines()[0]],
+                                env=env, capture_output=True, text=True, check=True)
+        records += [json.loads(line) for line in export.stdout.splitlines()]
     stamp = lambda s: dt.datetime.fromisoformat(s).timestamp()  # noqa: E731
     span = max(stamp(r["finished_at"]) for r in records) - min(stamp(r["started_at"]) for r in records)
     tokens_out = sum(r["tokens_out"] or 0 for r in records)
@@ -165,8 +241,22 @@ def _last(pattern: str, text: str) -> str | None:
     return found[-1] if found else None
 
 
-def rooflines(prompts: list[list[int]], new_tokens: list[int], max_batch: int) -> dict:
-    """Floors in seconds for the GPU this runs on, for Qwen2.5-7B's shape."""
+def shared_prefix_tokens(prompts: list[list[int]], tasks: int) -> int:
+    """The prompt tokens that a document's later tasks share with its first (`prompts`: each task's, task by task)."""
+    per_task = len(prompts) // tasks
+    shared = 0
+    for i in range(per_task):
+        first = prompts[i]
+        for later in prompts[i + per_task::per_task]:
+            shared += next((k for k, (a, b) in enumerate(zip(first, later)) if a != b), min(len(first), len(later)))
+    return shared
+
+
+def rooflines(prompts: list[list[int]], new_tokens: list[int], max_batch: int, shared: int = 0,
+              prompt_tokens: list[int] | None = None) -> dict:
+    """Floors in seconds for the GPU this runs on, for Qwen2.5-7B's shape; `shared` prompt tokens are computed once
+    (a document's later tasks read them from the prefix cache); `prompt_tokens`: the prompts' lengths once images are
+    expanded into their placeholders (the vision encoder's own work is not counted)."""
     import torch
 
     name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
@@ -174,15 +264,15 @@ def rooflines(prompts: list[list[int]], new_tokens: list[int], max_batch: int) -
     params, weight_bytes, kv_bytes_per_token, layers, width = 7.62e9, 15.23e9, 57_344, 28, 3584
     steps = [0] * (max(new_tokens) + 1)  # sequences decoding at each answer position, all admitted together
     kv_read = 0.0
-    for prompt, new in zip(prompts, new_tokens):
-        kv_read += kv_bytes_per_token * (len(prompt) * new + new * (new - 1) / 2)
+    lengths = prompt_tokens or [len(p) for p in prompts]
+    for length, new in zip(lengths, new_tokens):
+        kv_read += kv_bytes_per_token * (length * new + new * (new - 1) / 2)
         for j in range(new):
             steps[j] += 1
     weight_reads = sum(-(-rows // max_batch) for rows in steps if rows)
     decode_s = (weight_reads * weight_bytes + kv_read) / bandwidth
-    prompt_tokens = sum(len(p) for p in prompts)
-    attention_flops = sum(2 * 2 * layers * width * len(p) ** 2 / 2 for p in prompts)
-    prefill_s = (2 * params * prompt_tokens + attention_flops) / flops
+    attention_flops = sum(2 * 2 * layers * width * length ** 2 / 2 for length in lengths)
+    prefill_s = (2 * params * (sum(lengths) - shared) + attention_flops) / flops
     tokens = sum(new_tokens)
     return {"gpu": name, "decode_roofline_tok_s": round(tokens / decode_s), "full_roofline_tok_s":
             round(tokens / (decode_s + prefill_s)), "decode_floor_s": round(decode_s, 2),
@@ -221,19 +311,24 @@ def run(args: argparse.Namespace, settings: Settings) -> None:
         (args.out / name).mkdir(exist_ok=True)
         submits[name] = build_inputs(name, args.out / name, tokenizer, settings, args.docs)
     inputs = {name: json.loads((args.out / name / "inputs.json").read_text()) for name in names}
-    base = {} if args.skip_baseline else vllm_baseline(args.model, [args.out / n / "inputs.json" for n in names],
-                                                       args.out, args.gpu_memory_utilization)
+    files = [path for n in names for path in (args.out / n / "instruction_first.json", args.out / n / "inputs.json")
+             if path.exists()]
+    base = {} if args.skip_baseline else vllm_baseline(args.model, files, args.out, args.gpu_memory_utilization)
     rows = []
     with docbatch_worker(settings, args.gpus, args.out / "worker.log"):
         for name in names:
             measured = docbatch_submit(settings, submits[name], args.out / name, name, max(inputs[name]["new_tokens"]))
             # the prompt tokens docbatch computed are the baseline's (its prompt building is the worker's own)
-            measured["same_prompt_tokens"] = measured["tokens_in"] == sum(map(len, inputs[name]["prompts"]))
+            given = inputs[name]
+            lengths = given.get("prompt_tokens") or [len(p) for p in given["prompts"]]
+            measured["same_prompt_tokens"] = measured["tokens_in"] == sum(lengths)
             print(json.dumps(measured), flush=True)
-            roof = rooflines(inputs[name]["prompts"], inputs[name]["new_tokens"], args.max_batch_size)
+            shared = shared_prefix_tokens(given["prompts"], len(submits[name]))
+            roof = rooflines(given["prompts"], given["new_tokens"], args.max_batch_size, shared, lengths)
             print(json.dumps(roof), flush=True)
             rows.append({"workload": name, "vllm": base.get(name), "docbatch": measured, "roofline": roof,
-                         "prompt_tokens_mean": round(sum(map(len, inputs[name]["prompts"])) / len(inputs[name]["prompts"]))})
+                         "vllm_instruction_first": base.get(f"{name} instruction-first"),
+                         "prompt_tokens_mean": round(sum(lengths) / len(lengths)), "shared_prefix_tokens": shared})
     log = (args.out / "worker.log").read_text()
     summary = {"rows": rows, "engine": _last(r"vLLM engine: .*|paged engine: .*", log),
                "stats": _last(r"engine stats: .*", log)}
@@ -241,11 +336,15 @@ def run(args: argparse.Namespace, settings: Settings) -> None:
     print("\n| workload | plain vLLM out tok/s | docbatch out tok/s | docbatch / vLLM | full roofline | vLLM | docbatch |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for row in rows:
-        ours, theirs, roof = row["docbatch"]["out_tok_s"], (row["vllm"] or {}).get("out_tok_s"), \
-            row["roofline"]["full_roofline_tok_s"]
-        ratio = f"{ours / theirs:.2f}x" if theirs else "-"
-        print(f"| {row['workload']} | {theirs or '-'} | {ours} | {ratio} | {roof} | "
-              f"{f'{theirs / roof:.0%}' if theirs else '-'} | {ours / roof:.0%} |")
+        ours, roof = row["docbatch"]["out_tok_s"], row["roofline"]["full_roofline_tok_s"]
+        for label, baseline in ((row["workload"], row["vllm"]),
+                                (f"{row['workload']} against instruction-first", row["vllm_instruction_first"])):
+            if label != row["workload"] and not baseline:
+                continue
+            theirs = (baseline or {}).get("out_tok_s")
+            ratio = f"{ours / theirs:.2f}x" if theirs else "-"
+            print(f"| {label} | {theirs or '-'} | {ours} | {ratio} | {roof} | "
+                  f"{f'{theirs / roof:.0%}' if theirs else '-'} | {ours / roof:.0%} |")
 
 
 if __name__ == "__main__":
