@@ -45,8 +45,8 @@ def instant_engine(settings: Settings, loaded):
     from worker.engine.paged.scheduler import DEFAULT_MAX_STEP_TOKENS, Scheduler
 
     class Model:  # what the engine reads of a model
-        vocab_size = loaded.model.config.vocab_size
-        max_model_len = loaded.model.config.max_position_embeddings
+        vocab_size = loaded.config.vocab_size
+        max_model_len = loaded.config.max_position_embeddings
 
     scheduler = Scheduler(BlockManager(65536, settings.kv_block_tokens), max_num_seqs=settings.max_batch_size,
                           max_step_tokens=settings.max_step_tokens or DEFAULT_MAX_STEP_TOKENS, max_model_len=Model.max_model_len)
@@ -56,10 +56,12 @@ def instant_engine(settings: Settings, loaded):
 
 
 def serve_infer(name: str) -> None:
-    """This file as an infer worker process whose engine answers at once."""
+    """This file as an infer worker process whose engine answers at once: the model's weights are not loaded (as for
+    vLLM, which loads its own), only its config and tokenizer, so any model folder serves, a 7B's on a GPU host."""
     import worker.service.process
 
     worker.service.process.build_engine = instant_engine
+    worker.service.process.uses_vllm = lambda settings: True
     worker.service.process.main("infer", name)
 
 
@@ -69,6 +71,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--max-inflight", type=int, default=0, help="infer tasks in flight (0: the default)")
     parser.add_argument("--openai", action="store_true", help="submit OpenAI Batch requests instead of documents")
+    parser.add_argument("--model", help="the model whose tokenizer and config serve (default: the packaged one)")
+    parser.add_argument("--prepare-concurrency", type=int, default=0, help="prepare processes (0: the default)")
     parser.add_argument("--out", type=Path, default=Path("ceiling-out"))
     parser.add_argument("--infer-worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -79,8 +83,11 @@ def main() -> None:
 
     inputs = write_inputs(args)
     with embedded_redis() as broker:
+        chosen = {"model": args.model} if args.model else {}
+        if args.prepare_concurrency:
+            chosen["prepare_concurrency"] = args.prepare_concurrency
         settings = Settings(home=args.out / "home", broker_url=broker, ignore_eos=True, max_new_tokens=args.new_tokens,
-                            max_inflight=args.max_inflight)
+                            max_inflight=args.max_inflight, **chosen)
         env = {**os.environ, **settings.to_env()}
         logs = args.out / "logs"
         logs.mkdir(exist_ok=True)
