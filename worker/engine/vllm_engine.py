@@ -72,6 +72,8 @@ class VllmEngine:
     stripped from answers, as the other engines do; `max_in_engine` bounds what vLLM holds at once (see the module
     docstring)."""
 
+    processes_images = True  # vLLM's processor turns page images into tensors: prompts need only their placeholders
+
     def __init__(self, make_llm: Callable[[list[Any]], Any], *, max_num_seqs: int, eos_token_ids: frozenset[int],
                  image_token_id: int | None = None, max_in_engine: int | None = None) -> None:
         self._make_llm = make_llm

@@ -16,6 +16,7 @@ from PIL import Image
 from worker.engine.request import ModelInput
 from worker.answers.prompts import Prompt
 
+_PLACEHOLDER = "<|placeholder|>"  # an image's placeholders while the others are still being expanded
 VISION_MODEL_TYPES = {"qwen2_5_vl": "Qwen2_5_VLProcessor", "qwen2_vl": "Qwen2VLProcessor"}
 
 
@@ -45,9 +46,10 @@ def load_processor(source: str, config: Any) -> Any:
 
 
 def build_vision_prompt(processor: Any, around: tuple[str, str], parts: list[str | Image.Image],
-                        max_input_tokens: int) -> Prompt:
+                        max_input_tokens: int, *, tensors: bool = True) -> Prompt:
     """One user turn holding `parts` in order (text and page images) between the task prompt's text before
-    and after the document (`around`).
+    and after the document (`around`). Without `tensors` (vLLM, whose processor makes them from the images) the
+    images are not processed here: their placeholders are counted from their sizes, as the processor counts them.
 
     The result fits `max_input_tokens`: text is cut from the end of the text parts first (the last part
     first) and `is_truncated` is set; images are never cut. Raises ValueError when the images, the
@@ -62,7 +64,7 @@ def build_vision_prompt(processor: Any, around: tuple[str, str], parts: list[str
     kept_texts = list(texts)
     is_truncated = False
     while True:
-        encoded = _encode(processor, around, parts, kept_texts, images)
+        encoded = _encode(processor, around, parts, kept_texts, images, tensors)
         token_ids = encoded["input_ids"][0].tolist()
         excess = len(token_ids) - max_input_tokens
         if excess <= 0:
@@ -79,14 +81,16 @@ def build_vision_prompt(processor: Any, around: tuple[str, str], parts: list[str
                 kept_ids[index] = kept_ids[index][:len(kept_ids[index]) - cut]
                 kept_texts[index] = tokenizer.decode(kept_ids[index])
                 excess -= cut
-    extras = {"pixel_values": encoded["pixel_values"], "image_grid_thw": encoded["image_grid_thw"]} if images else {}
+    extras = {"pixel_values": encoded["pixel_values"], "image_grid_thw": encoded["image_grid_thw"]} \
+        if images and tensors else {}
     return Prompt(ModelInput(token_ids, extras, images=tuple(images)), is_truncated=is_truncated)
 
 
 def _encode(processor: Any, around: tuple[str, str], parts: list[str | Image.Image], texts: list[str],
-            images: list[Image.Image]) -> Any:
+            images: list[Image.Image], tensors: bool) -> Any:
     """Chat-template the parts (with `texts` standing in for the text parts, in order) between the text
-    `around` them, and run the processor. Qwen's template joins content parts with nothing between them."""
+    `around` them, and run the processor (without `tensors`: expand each image's placeholder as it does, and
+    tokenize). Qwen's template joins content parts with nothing between them."""
     before, after = around
     content: list[dict[str, str]] = [{"type": "text", "text": before}] if before else []
     remaining = iter(texts)
@@ -99,4 +103,10 @@ def _encode(processor: Any, around: tuple[str, str], parts: list[str | Image.Ima
         content.append({"type": "text", "text": after})
     prompt = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
                                            tokenize=False)
-    return processor(text=[prompt], images=images or None, return_tensors="pt")
+    if tensors:
+        return processor(text=[prompt], images=images or None, return_tensors="pt")
+    merged = processor.image_processor.merge_size ** 2  # patches per placeholder
+    for image in images:  # as Qwen2-VL's processor does, with the patch count its image processor gives
+        count = processor.image_processor.get_number_of_image_patches(image.height, image.width) // merged
+        prompt = prompt.replace(processor.image_token, _PLACEHOLDER * count, 1)
+    return processor.tokenizer([prompt.replace(_PLACEHOLDER, processor.image_token)], return_tensors="pt")

@@ -79,7 +79,8 @@ def _build_prompt(rt: Runtime, task: TaskDefinition, parts: list[Part], *, reduc
             from worker.models.vision import build_vision_prompt
 
             return build_vision_prompt(rt.processor, task.around_text(reduce=reduce, **metadata),
-                                       materialise(parts, rt.store), rt.max_input_tokens)
+                                       materialise(parts, rt.store), rt.max_input_tokens,
+                                       tensors=not getattr(rt.engine, "processes_images", False))
         render: Callable[[str], str] = task.render_reduce if reduce else partial(task.render, **metadata)
         return build_text_prompt(rt.tokenizer, render, "\n\n".join(p["text"] for p in parts), rt.max_input_tokens)
     except ValueError as e:  # the fixed part of the prompt (template, images) alone exceeds the budget

@@ -73,6 +73,19 @@ def test_an_image_becomes_one_placeholder_per_merged_patch_before_the_text_and_i
     assert text.index("<|vision_start|>") < text.index("Invoice 42 from ACME") < text.index(INSTRUCTION)
 
 
+def test_for_vllm_the_placeholders_are_counted_without_processing_the_images(vl_model):
+    # Given pages of different sizes and shapes between text parts (the tiny processor's pixel limits scale some)
+    pages = [page_image(), page_image().resize((90, 300)), page_image().resize((56, 56))]
+    parts = ["Cover note", pages[0], "Invoice 42", pages[1], pages[2]]
+    # When the prompt is built for vLLM, whose own processor makes the image tensors
+    for_vllm = build_vision_prompt(vl_model.processor, AROUND, parts, 1000, tensors=False).model_input
+    # Then its token ids are the processor's own, placeholders included, with no tensors computed
+    processed = build_vision_prompt(vl_model.processor, AROUND, parts, 1000).model_input
+    assert for_vllm.token_ids == processed.token_ids
+    assert for_vllm.extras == {} and len(for_vllm.images) == 3
+    assert len({count for count in (int(grid.prod()) for grid in processed.extras["image_grid_thw"])}) > 1
+
+
 def test_a_task_prompt_with_text_before_the_document_keeps_its_order(vl_model):
     # Given a custom task whose template puts text before and after the document
     around = ("File: scan.png\n\n", "\n\nAnswer as JSON.")
