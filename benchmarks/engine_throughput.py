@@ -46,7 +46,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from schemas.settings import Settings  # noqa: E402
-from schemas.tasks import builtin_task  # noqa: E402
+from schemas.tasks import DOCUMENT, INSTRUCTIONS, builtin_task  # noqa: E402
 
 CLAUSE = ("Clause {k}. The Supplier shall deliver the goods listed in Schedule {k} to the Customer's site within "
           "{d} business days of each purchase order, and the Customer shall pay each undisputed invoice within "
@@ -99,6 +99,12 @@ def page_image(text: str, path: Path) -> None:
     page.save(path)
 
 
+def instruction_first(task, text: str) -> str:
+    """A built-in task's user turn in the conventional layout: its instructions, then the document (docbatch's
+    built-in tasks put the document first)."""
+    return f"{INSTRUCTIONS[task.name]}\n\n{DOCUMENT.replace('{{ text }}', text)}"
+
+
 def build_inputs(name: str, out: Path, tokenizer, settings: Settings, docs: int | None) -> list[list[str]]:
     """Writes the documents and `inputs.json` (the token ids docbatch will send; T's also in the conventional layout,
     `instruction_first.json`); returns each `submit`'s arguments (T: two, run at once)."""
@@ -135,10 +141,6 @@ def build_inputs(name: str, out: Path, tokenizer, settings: Settings, docs: int 
         new_tokens = new_tokens * len(tasks)
         submits = [[str(folder), "--task", task.name] for task in tasks]
         if len(tasks) > 1:  # the conventional layout: each task's instructions, then the document
-            def instruction_first(task, text: str) -> str:
-                before, after = task.around_text()
-                return f"{after.strip()}\n\n{before}{text}"
-
             conventional = [build_text_prompt(tokenizer, partial(instruction_first, task), text, 100_000)
                             .model_input.token_ids for task in tasks for text in read]
             (out / "instruction_first.json").write_text(json.dumps({

@@ -159,28 +159,32 @@ def _schema_error(text: str) -> str:
     return LLMatcher.validate_grammar(grammar)
 
 
-_SUMMARIZE = (
-    "{{ text }}\n\nSummarize this contract as JSON: a summary of a few sentences, the parties and their roles, the "
-    "agreement, effective and expiration dates, term, renewal, payment terms, termination, governing law, "
-    "liability cap and key obligations. Use null for anything the contract does not state.")
-_EXTRACT = (
-    "{{ text }}\n\nExtract this financial report as JSON: company, report type, period, currency (ISO code), unit "
-    "scale, revenue, cost of revenue, operating income, net income, EPS basic and diluted, total assets, total "
-    "liabilities, equity, cash, operating cash flow, capital expenditure and segment revenues. Numbers as numbers "
-    "in the stated unit; null for anything the report does not state.")
-BUILTIN_TASKS = ("summarize", "extract")
+# The built-in tasks put the document first and their instructions after it, so that a document's tasks share its
+# text as a prompt prefix (the vLLM engine computes it once for all of them); the document is set off by quotes, with
+# which the packaged small model answers as well as with the instructions first (benchmarks/prompt_layout.py).
+DOCUMENT = 'Document:\n"""\n{{ text }}\n"""'
+INSTRUCTIONS = {
+    "summarize": "Summarize this contract as JSON: a summary of a few sentences, the parties and their roles, the "
+                 "agreement, effective and expiration dates, term, renewal, payment terms, termination, governing law, "
+                 "liability cap and key obligations. Use null for anything the contract does not state.",
+    "extract": "Extract this financial report as JSON: company, report type, period, currency (ISO code), unit "
+               "scale, revenue, cost of revenue, operating income, net income, EPS basic and diluted, total assets, "
+               "total liabilities, equity, cash, operating cash flow, capital expenditure and segment revenues. "
+               "Numbers as numbers in the stated unit; null for anything the report does not state."}
+BUILTIN_TASKS = tuple(INSTRUCTIONS)
 
 
 def builtin_task(name: str, settings: Settings) -> TaskDefinition:
     """`summarize`, `extract` or `chat`, with the decoding settings of `settings`."""
     generation = Generation(max_new_tokens=settings.max_new_tokens, repetition_penalty=settings.repetition_penalty,
                             ignore_eos=settings.ignore_eos)
+    prompt = f"{DOCUMENT}\n\n{INSTRUCTIONS.get(name, '')}"
     if name == "summarize":
-        return TaskDefinition(name=name, prompt=_SUMMARIZE, json_schema=ContractSummary.model_json_schema(),
+        return TaskDefinition(name=name, prompt=prompt, json_schema=ContractSummary.model_json_schema(),
                               checks="summarize", generation=generation)
     if name == "extract":
         reduce_prompt = DEFAULT_REDUCE_PROMPT + " Where parts disagree on a figure, prefer the one stated as a total."
-        return TaskDefinition(name=name, prompt=_EXTRACT, reduce_prompt=reduce_prompt,
+        return TaskDefinition(name=name, prompt=prompt, reduce_prompt=reduce_prompt,
                               json_schema=FinancialReport.model_json_schema(), checks="extract", generation=generation)
     if name == CHAT_TASK:
         # OpenAI's defaults for what a request leaves out: temperature 1, no repetition penalty.

@@ -94,6 +94,6 @@ def test_built_in_tasks_carry_their_schema_checks_and_the_configured_decoding():
 def test_the_text_around_the_document_splits_the_prompt_where_the_text_goes():
     task = builtin_task("summarize", SETTINGS)
     before, after = task.around_text(**METADATA)
-    assert before == "" and after.startswith("\n\nSummarize this contract as JSON")
+    assert before == 'Document:\n"""\n' and after.startswith('\n"""\n\nSummarize this contract as JSON')
     assert before + "DOC" + after == task.render("DOC", **METADATA)
     assert task.around_text(reduce=True)[1].startswith("\n\nThese are answers for consecutive parts")
