@@ -24,6 +24,7 @@ from worker.service import runtime
 from worker.engine.builder import build_engine, uses_vllm
 from worker.service.keeper import Keeper
 from worker.service.middleware import fail_hard_timeout
+from worker.service.redis_transport import mend_channel_close
 from worker.service.supervisor import EXIT_CANNOT_START
 from worker.telemetry.exporter import start_telemetry
 
@@ -105,11 +106,13 @@ def configure(settings: Settings, role: str, name: str) -> list[str]:
     telemetry); returns the Celery worker options its pool needs.
 
     Every process that claims jobs renews their leases: the infer process, and each prepare child. The
-    infer process and the prepare parent also sweep for lost work. A weak password in the settings stops it."""
+    infer process and the prepare parent also sweep for lost work. A weak password in the settings stops it.
+    Either consumer outlives a Redis outage (`worker.service.redis_transport`)."""
     try:
         check_passwords(settings)
     except WeakPassword as e:
         raise SystemExit(str(e)) from e
+    mend_channel_close()
     app = current_app._get_current_object()  # made by main(), or by Celery's own command line
     if role == "infer":
         rt = start_engine(settings, name)
