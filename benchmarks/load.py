@@ -241,32 +241,49 @@ class Workers:
                 process.kill()
 
 
-def submit_all(folders: list[Path], num_producers: int, env: dict[str, str],
-               out: Path) -> tuple[list[dict], list[threading.Thread]]:
+class Producers:
     """`docbatch submit` of every folder, `num_producers` processes at once, each its share in turn, started now;
-    returns the list that gets one record per submit (folder, batch, seconds, peak memory) and the threads."""
-    records, lock = [], threading.Lock()
+    `records` gets one record per submit (folder, batch, seconds, peak memory)."""
 
-    def producer(index: int) -> None:
-        for folder in folders[index::num_producers]:
+    def __init__(self, folders: list[Path], num_producers: int, env: dict[str, str], out: Path) -> None:
+        self.records, self.running = [], {}
+        self._lock, self._stopping = threading.Lock(), threading.Event()
+        self._threads = [threading.Thread(target=self._produce, args=(i, folders[i::num_producers], env, out))
+                         for i in range(num_producers)]
+        for thread in self._threads:
+            thread.start()
+
+    @property
+    def is_alive(self) -> bool:
+        return any(thread.is_alive() for thread in self._threads)
+
+    def _produce(self, index: int, folders: list[Path], env: dict[str, str], out: Path) -> None:
+        for folder in folders:
+            if self._stopping.is_set():
+                return
             started = time.time()
             process = subprocess.Popen([sys.executable, "-m", "producer.cli", "submit", str(folder), "--task",
                                         "summarize"], env=env, stdout=subprocess.PIPE,
                                        stderr=open(out / "logs" / f"producer{index + 1}.log", "ab"), text=True)
+            self.running[index] = process
             peak_kb = 0
             while process.poll() is None:
                 peak_kb = max(peak_kb, memory_kb(process.pid)[1])
                 time.sleep(0.2)
             batch = process.stdout.read().split()
-            with lock:
-                records.append({"producer": index + 1, "folder": folder.name, "batch": batch[0] if batch else None,
-                                "rc": process.returncode, "start": started, "end": time.time(),
-                                "docs": sum(1 for _ in folder.iterdir()), "peak_rss_mb": round(peak_kb / 1024)})
+            with self._lock:
+                self.records.append({"producer": index + 1, "folder": folder.name, "rc": process.returncode,
+                                     "batch": batch[0] if batch else None, "start": started, "end": time.time(),
+                                     "docs": sum(1 for _ in folder.iterdir()), "peak_rss_mb": round(peak_kb / 1024)})
 
-    threads = [threading.Thread(target=producer, args=(i,)) for i in range(num_producers)]
-    for thread in threads:
-        thread.start()
-    return records, threads
+    def stop(self) -> None:
+        """Start no more submits, end the running ones, wait for the threads."""
+        self._stopping.set()
+        for process in self.running.values():
+            if process.poll() is None:
+                process.terminate()
+        for thread in self._threads:
+            thread.join()
 
 
 def sample_once(engine, client, started: float) -> dict:
@@ -343,34 +360,14 @@ def drive(args, folders: list[Path], redis_server: RedisServer, database_url: st
     (args.out / "ps_at_start.txt").write_text(top_processes())
     started = time.time()
     workers = Workers(env, args.out)
-    submits, producers = submit_all(folders, args.producers, env, args.out)
-    samples, faults = [], []
-    with open(args.out / "samples.jsonl", "w", buffering=1) as sample_log:
-        while True:
-            time.sleep(args.sample_s)
-            rss_mb = workers.sample()
-            sample = sample_once(store.engine, client, started) | {"rss_mb": rss_mb}
-            samples.append(sample)
-            sample_log.write(json.dumps(sample) + "\n")
-            ended = sum(sample["jobs"].get(state, 0) for state in TERMINAL)
-            submitted = not any(thread.is_alive() for thread in producers)
-            if submitted and ended == sum(sample["jobs"].values()):
-                break
-            if time.time() - started > args.drain_timeout_s:
-                faults.append({"t": sample["t"], "what": "drain timeout: stopped waiting"})
-                break
-            if args.faults and not faults and ended >= 0.4 * args.docs:
-                held = store_held(store, KILLED_WORKER)
-                workers.kill_and_restart(KILLED_WORKER, down_s=5)
-                faults.append({"t": sample["t"], "what": f"kill -9 {KILLED_WORKER} (holding {held} jobs), "
-                                                         "restarted 5 s later"})
-            elif args.faults and len(faults) == 1 and ended >= 0.6 * args.docs:
-                redis_server.crash_and_restart(down_s=3)
-                faults.append({"t": sample["t"], "what": "kill -9 redis-server, restarted on its AOF 3 s later"})
-    drained = time.time()
-    (args.out / "ps_at_end.txt").write_text(top_processes())
-    for thread in producers:
-        thread.join()
+    producers = Producers(folders, args.producers, env, args.out)
+    try:
+        samples, faults = drain(args, store, client, workers, producers, redis_server, started)
+        drained = time.time()
+        (args.out / "ps_at_end.txt").write_text(top_processes())
+    finally:  # an interrupted or timed-out run leaves no process behind
+        producers.stop()
+        workers.stop()
     with store.engine.connect() as conn:
         sizes = dict(conn.execute(text(
             "SELECT 'database', pg_database_size(current_database()) UNION ALL "
@@ -380,9 +377,36 @@ def drive(args, folders: list[Path], redis_server: RedisServer, database_url: st
             "SELECT count(*) FILTER (WHERE state NOT IN ('done', 'failed', 'cancelled')), "
             "count(*) FILTER (WHERE state = 'done'), count(*) FILTER (WHERE attempts > 1), "
             "(SELECT count(*) FROM results) FROM jobs")).one()
-    workers.stop()
     store.close()
-    return summarise(args, submits, samples, faults, started, drained, workers, sizes, checks)
+    return summarise(args, producers.records, samples, faults, started, drained, workers, sizes, checks)
+
+
+def drain(args, store, client, workers: Workers, producers: Producers, redis_server: RedisServer,
+          started: float) -> tuple[list[dict], list[dict]]:
+    """Sample every --sample-s until every job has ended (or --drain-timeout-s), injecting the faults on the way;
+    returns the samples and the faults."""
+    samples, faults = [], []
+    with open(args.out / "samples.jsonl", "w", buffering=1) as sample_log:
+        while True:
+            time.sleep(args.sample_s)
+            rss_mb = workers.sample()
+            sample = sample_once(store.engine, client, started) | {"rss_mb": rss_mb}
+            samples.append(sample)
+            sample_log.write(json.dumps(sample) + "\n")
+            ended = sum(sample["jobs"].get(state, 0) for state in TERMINAL)
+            if not producers.is_alive and ended == sum(sample["jobs"].values()):
+                return samples, faults
+            if time.time() - started > args.drain_timeout_s:
+                faults.append({"t": sample["t"], "what": "drain timeout: stopped waiting"})
+                return samples, faults
+            if args.faults and not faults and ended >= 0.4 * args.docs:
+                held = store_held(store, KILLED_WORKER)
+                workers.kill_and_restart(KILLED_WORKER, down_s=5)
+                faults.append({"t": sample["t"], "what": f"kill -9 {KILLED_WORKER} (holding {held} jobs), "
+                                                         "restarted 5 s later"})
+            elif args.faults and len(faults) == 1 and ended >= 0.6 * args.docs:
+                redis_server.crash_and_restart(down_s=3)
+                faults.append({"t": sample["t"], "what": "kill -9 redis-server, restarted on its AOF 3 s later"})
 
 
 def sweep_scale(args) -> dict:
