@@ -252,7 +252,8 @@ def worker_command(ctx, gpus, max_batch_size, max_batch_tokens, max_wait_ms, no_
 def run_command(ctx, paths, task, task_file, openai_batch, gpus, out_dir) -> None:
     """Everything on this machine: Redis (embedded if none answers), a local worker, submit, progress,
     results in OUT_DIR/BATCH.jsonl (and OUT_DIR/BATCH.openai.jsonl for --openai-batch). Exit code 0 when
-    every job is done, 1 when any failed."""
+    every job is done, 1 when any failed. SIGTERM, SIGHUP or Ctrl-C stops the local worker, writes the results
+    finished by then and exits 128 + the signal's number (143 for SIGTERM)."""
     settings = _settings(ctx)
     source, definition = _resolve(settings, paths, task, task_file, openai_batch)
     sys.exit(_run_and_show(settings, source, definition, gpus, out_dir))
@@ -281,17 +282,26 @@ def demo_command(ctx, gpus, out_dir) -> None:
 
 
 def _run_and_show(settings: Settings, source, definition: TaskDefinition, gpus: str, out_dir: Path) -> int:
-    from producer.run import run
+    """`run`, shown; its exit code: 0 when every job is done, 1 when any failed. Stopped by a signal, the process
+    exits at once with 128 + its number."""
+    from producer.run import Stopped, run
 
     try:
         outcome = run(settings, source, definition, gpus=gpus, out_dir=out_dir, console=console)
     except ValueError as e:
         raise click.ClickException(error_text(e)) from e
+    except Stopped as stopped:
+        console.print(f"{stopped}: stopped before the batch was recorded", highlight=False)
+        sys.exit(stopped.exit_code)
     _report_submission(outcome.submission, definition)
     _print_records(outcome.records)
     _print_status([outcome.status])
-    console.print(f"results: {outcome.results_path}  (a readable report: docbatch results "
-                  f"{outcome.submission.batch.batch_id} --format md)")
+    batch_id = outcome.submission.batch.batch_id
+    console.print(f"results: {outcome.results_path}  (a readable report: docbatch results {batch_id} --format md)")
+    if outcome.stopped_by is not None:
+        console.print(f"stopped by {outcome.stopped_by}: the results finished by then are written; the same "
+                      f"`docbatch run` finishes the rest", highlight=False)
+        sys.exit(outcome.stopped_by.exit_code)
     return 1 if outcome.status.failed else 0
 
 

@@ -8,53 +8,28 @@ Ctrl-C (or SIGTERM) stops them all, newest first, and Redis after them; a child 
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
-import subprocess
-import sys
 import time
-from dataclasses import dataclass
-from pathlib import Path
 
 from rich.console import Console
 
+from producer.service.children import Child, stop_children
 from producer.service.embedded import redis_for
 from schemas.settings import Settings
 
 STOP_TIMEOUT_S = 60
 
 
-@dataclass
-class Child:
-    name: str
-    process: subprocess.Popen
-    log_path: Path
-
-
 def _start(name: str, args: list[str], settings: Settings, console: Console) -> Child:
-    log_path = settings.home / "logs" / f"{name}.log"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "ab") as log:
-        # A process group of its own, so that stopping it reaches its own children (a worker's pool) too.
-        process = subprocess.Popen([sys.executable, "-m", "producer.cli", *args],
-                                   env={**os.environ, **settings.to_env()}, stdout=log, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
-    console.print(f"started {name} (pid {process.pid}); its log: {log_path}")
-    return Child(name, process, log_path)
+    child = Child.start(name, args, settings)
+    console.print(f"started {name} (pid {child.process.pid}); its log: {child.log_path}")
+    return child
 
 
 def _stop(children: list[Child], console: Console) -> None:
-    """SIGTERM to each child's process group, newest first; a group still there after STOP_TIMEOUT_S is killed."""
-    for child in reversed(children):
-        if child.process.poll() is None:
-            os.killpg(child.process.pid, signal.SIGTERM)
-    for child in reversed(children):
-        try:
-            child.process.wait(STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            console.print(f"[yellow]{child.name} did not stop in {STOP_TIMEOUT_S} s; killed[/]")
-            os.killpg(child.process.pid, signal.SIGKILL)
-            child.process.wait()
+    """Each child's process group stopped, newest first; a group still there after STOP_TIMEOUT_S is killed."""
+    for child in stop_children(children, STOP_TIMEOUT_S):
+        console.print(f"[yellow]{child.name} did not stop in {STOP_TIMEOUT_S} s; killed[/]")
     console.print("stopped " + ", ".join(child.name for child in children))
 
 
