@@ -51,8 +51,13 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(256, ge=1, description="sequences in one step (vllm, paged) or one generate call "
                                                        "(hf)")
     max_step_tokens: int = Field(0, ge=0, description="tokens one step computes (prompt chunks + decodes); 0: the "
-                                                      "engine's choice (paged: 8192; vllm: vLLM's for batch work, "
-                                                      "16384 on a GPU of 70 GB or more)")
+                                                      "engine's choice (paged: 512, so that a long prompt's chunk "
+                                                      "holds the running answers up for a second, not a minute, on "
+                                                      "a CPU; vllm: vLLM's for batch work, 16384 on a GPU of 70 GB "
+                                                      "or more)")
+    cpu_threads: int = Field(0, ge=0, description="paged engine: threads a step computes with; 0: the cores other "
+                                                  "processes leave free, looked at again every 3 s (busy-waiting "
+                                                  "threads that share a core with other work slow a step tenfold)")
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="vllm: share of the GPU's memory it may use "
                                                                         "(weights, activations, KV cache)")
     kv_cache_gb: float = Field(0, ge=0, description="KV cache size; 0: vllm sizes it from the GPU's memory, paged takes "
