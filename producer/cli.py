@@ -267,6 +267,7 @@ def demo_command(ctx, gpus, out_dir) -> None:
 
     Answers are capped at DEMO_MAX_NEW_TOKENS so that the demo takes a few minutes on a laptop CPU."""
     from producer.intake.submit import Source
+    from producer.run import local_pipeline
 
     samples = importlib.resources.files("producer") / "samples"
     settings = _settings(ctx)
@@ -275,10 +276,18 @@ def demo_command(ctx, gpus, out_dir) -> None:
     for line in demo_banner(settings.model):
         console.print(line, highlight=False)
     code = 0
-    for folder, task in (("contracts", "summarize"), ("financials", "extract")):
-        console.rule(f"{task}: bundled {folder}")
-        code |= _run_and_show(settings, Source(paths=(Path(str(samples / folder)),)), builtin_task(task, settings),
-                              gpus, out_dir)
+    runs = [(f"{task}: bundled {folder}", Source(paths=(Path(str(samples / folder)),)), builtin_task(task, settings))
+            for folder, task in (("contracts", "summarize"), ("financials", "extract"))]
+    try:
+        # Both batches are submitted first: one worker answers them, their rows sharing the engine's steps.
+        with local_pipeline(settings, gpus, console) as pipeline:
+            submitted = [(title, pipeline.submit(source, definition), definition)
+                         for title, source, definition in runs]
+            for title, submission, definition in submitted:
+                console.rule(title)
+                code |= _show(pipeline.finish(submission, out_dir), definition)
+    except ValueError as e:
+        raise click.ClickException(error_text(e)) from e
     if caveat := model_caveat(settings.model):  # said again under the answers, where the reader's eyes are
         console.rule()
         console.print(caveat, highlight=False)
@@ -298,6 +307,11 @@ def _run_and_show(settings: Settings, source, definition: TaskDefinition, gpus: 
         outcome = run(settings, source, definition, gpus=gpus, out_dir=out_dir, console=console)
     except ValueError as e:
         raise click.ClickException(error_text(e)) from e
+    return _show(outcome, definition)
+
+
+def _show(outcome, definition: TaskDefinition) -> int:
+    """A finished local run's submission, records, status and results file; 1 when a job failed, else 0."""
     _report_submission(outcome.submission, definition)
     _print_records(outcome.records)
     _print_status([outcome.status])
