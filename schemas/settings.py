@@ -64,9 +64,9 @@ class Settings(BaseSettings):
                                                        "(hf)")
     max_step_tokens: int = Field(0, ge=0, description="tokens one step computes (prompt chunks + decodes); 0: the "
                                                       "engine's choice (paged: 512, so that a long prompt's chunk "
-                                                      "holds the running answers up for a second, not a minute, on "
-                                                      "a CPU; vllm: vLLM's for batch work, 16384 on a GPU of 70 GB "
-                                                      "or more)")
+                                                      "holds the running answers up for a second or so on a CPU, "
+                                                      "not half a minute; vllm: vLLM's for batch work, 16384 on a "
+                                                      "GPU of 70 GB or more)")
     cpu_threads: int = Field(0, ge=0, description="paged engine: threads a step computes with; 0: the cores other "
                                                   "processes leave free, looked at again every 3 s (busy-waiting "
                                                   "threads that share a core with other work slow a step tenfold)")
