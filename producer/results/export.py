@@ -10,6 +10,7 @@ from typing import Iterable
 from producer.intake.openai_batch import render_openai
 from producer.results.report import render_markdown
 from schemas.records import JobRecord
+from schemas.sql.models import Batch
 from schemas.sql.store import Store
 
 FORMATS = ("jsonl", "csv", "md", "openai")
@@ -22,9 +23,11 @@ def batch_records(store: Store, batch_id: str) -> list[JobRecord]:
             + [JobRecord.from_reject(reject, batch.task, batch.model) for reject in store.batch_rejects(batch_id)])
 
 
-def render(records: Iterable[JobRecord], fmt: str, *, title: str = "docbatch results") -> str:
+def render(records: Iterable[JobRecord], fmt: str, *, title: str = "docbatch results",
+           batch: Batch | None = None) -> str:
     """The records as `jsonl` (one JSON object a line), `csv` (the result as a JSON string column), `md`
-    (a readable report per document) or `openai` (the OpenAI Batch output format)."""
+    (a readable report per document, naming `batch`'s model and task definition) or `openai` (the OpenAI Batch
+    output format)."""
     if fmt == "jsonl":
         return "".join(record.model_dump_json() + "\n" for record in records)
     if fmt == "csv":
@@ -37,7 +40,7 @@ def render(records: Iterable[JobRecord], fmt: str, *, title: str = "docbatch res
             writer.writerow(row)
         return buffer.getvalue()
     if fmt == "md":
-        return render_markdown(list(records), title=title)
+        return render_markdown(list(records), title=title, batch=batch)
     if fmt == "openai":
         return render_openai(records)
     raise ValueError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")

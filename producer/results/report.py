@@ -7,10 +7,14 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from schemas.records import JobRecord
+from schemas.settings import model_caveat
 from schemas.states import JobState
+
+if TYPE_CHECKING:
+    from schemas.sql.models import Batch
 
 NULL = "—"
 
@@ -168,6 +172,15 @@ def _summary(records: list[JobRecord]) -> str:
     return f"{len(records)} {documents}: {', '.join(states)}; {warned} with warnings."
 
 
-def render_markdown(records: list[JobRecord], *, title: str) -> str:
-    """The report: `# title`, a one-line summary of outcomes, then one section per record in the given order."""
-    return "\n\n".join([f"# {_inline(title)}", _summary(records), *map(_section, records)]) + "\n"
+def _answered_by(model: str, task: str, task_hash: str | None) -> list[str]:
+    """Which model answered which task definition, and, for the packaged model, what its answers are worth."""
+    definition = f", definition `{task_hash}`" if task_hash else ""
+    caveat = model_caveat(model)
+    return [f"Model `{_inline(model)}`; task `{_inline(task)}`{definition}.", *([f"> {caveat}"] if caveat else [])]
+
+
+def render_markdown(records: list[JobRecord], *, title: str, batch: Batch | None = None) -> str:
+    """The report: `# title`, the model and task definition of `batch` (when given), a one-line summary of
+    outcomes, then one section per record in the given order."""
+    about = _answered_by(batch.model, batch.task, batch.task_hash) if batch is not None else []
+    return "\n\n".join([f"# {_inline(title)}", *about, _summary(records), *map(_section, records)]) + "\n"

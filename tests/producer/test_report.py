@@ -1,4 +1,5 @@
-"""The Markdown report: exact lines for contracts, financial reports, other tasks, failures and warnings."""
+"""The Markdown report: the model and task definition that answered; exact lines for contracts, financial reports,
+other tasks, failures and warnings."""
 from __future__ import annotations
 
 from typing import Any
@@ -6,6 +7,8 @@ from typing import Any
 from producer.results.report import render_markdown
 from schemas.outputs import ContractSummary, FinancialReport
 from schemas.records import JobRecord
+from schemas.settings import PACKAGED_MODEL, REAL_MODEL_COMMAND, model_caveat
+from schemas.sql.models import Batch
 from schemas.states import JobState
 
 
@@ -188,3 +191,19 @@ def test_built_in_task_with_a_text_result_falls_back_to_the_text():
 
 def test_no_records():
     assert render_markdown([], title="Empty") == "# Empty\n\n0 documents: 0 done, 0 failed; 0 with warnings.\n"
+
+
+def test_the_report_names_the_model_and_the_task_definition_and_what_the_packaged_models_answers_prove():
+    records = [done("a.pdf", "summarize", contract())]
+    packaged = Batch(id="b1", task="summarize", task_hash="c0ffee" * 10 + "abcd", model=PACKAGED_MODEL)
+    lines = render_markdown(records, title="Batch b1", batch=packaged).splitlines()
+    assert lines[:5] == ["# Batch b1", "", f"Model `smollm2-135m`; task `summarize`, definition `{'c0ffee' * 10}abcd`.",
+                         "", f"> {model_caveat(PACKAGED_MODEL)}"]
+    assert "is a placeholder: its answers prove that the pipeline runs, not answer quality" in lines[4]
+    assert REAL_MODEL_COMMAND in lines[4]
+    assert lines[6] == "1 document: 1 done, 0 failed; 0 with warnings."
+    # A real model's report has no such note
+    real = Batch(id="b2", task="extract", task_hash=None, model="Qwen/Qwen2.5-7B-Instruct")
+    assert render_markdown(records, title="Batch b2", batch=real).splitlines()[:5] == [
+        "# Batch b2", "", "Model `Qwen/Qwen2.5-7B-Instruct`; task `extract`.", "",
+        "1 document: 1 done, 0 failed; 0 with warnings."]

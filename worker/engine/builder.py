@@ -140,6 +140,7 @@ def _static(settings: Settings, loaded: Any) -> Any:
 
 
 def _paged(settings: Settings, loaded: Any) -> Any:
+    from worker.engine.cpu_threads import CpuThreads
     from worker.engine.grammar import GrammarCache
     from worker.engine.paged.attention import TorchAttention
     from worker.engine.paged.block_manager import BlockManager
@@ -161,7 +162,8 @@ def _paged(settings: Settings, loaded: Any) -> Any:
                           max_step_tokens=settings.max_step_tokens or DEFAULT_MAX_STEP_TOKENS,
                           max_model_len=model.max_model_len)
     engine = PagedEngine(runner, scheduler, eos_token_ids=loaded.eos_token_ids,
-                         grammars=lambda: GrammarCache(loaded.tokenizer, model.vocab_size))
+                         grammars=lambda: GrammarCache(loaded.tokenizer, model.vocab_size),
+                         threads=CpuThreads(settings.cpu_threads))
     report = MemoryReport.of(model, cache)
     report.record(engine.stats)
     log.info("paged engine: %s; built in %.1f s", report.summary(), time.perf_counter() - started)

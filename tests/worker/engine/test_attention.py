@@ -1,5 +1,5 @@
-"""The plain-PyTorch attention's decode path against SDPA: grouped heads, padded rows, float32 and bfloat16;
-and the dtype of a model's weights."""
+"""The plain-PyTorch attention's decode path against SDPA: grouped heads, padded rows, float32 and bfloat16; decode
+rows grouped by length; and the dtype of a model's weights."""
 from __future__ import annotations
 
 import pytest
@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import worker.engine.quant
 import worker.models.loading
-from worker.engine.paged.attention import _decode
+from worker.engine.paged.attention import _decode, decode_groups
 from worker.models.loading import cpu_has_bf16, model_dtype
 
 
@@ -28,6 +28,21 @@ def test_decode_attention_is_sdpas_with_grouped_heads_and_padded_rows(dtype, tol
     # ... and each row is unchanged by what lies in its padding
     key[0, :, 7:] = 1e4
     assert torch.equal(_decode(query.to(dtype), key.to(dtype), value.to(dtype), mask, 0.125)[0], out[0])
+
+
+def test_decode_rows_are_padded_only_to_rows_of_similar_length():
+    # Given 26 decode rows: one of a long document's 7,800 tokens, 25 of 700 to 1,000, two of 8 and 15
+    lengths = [900, 7800, *range(700, 1000, 13)[:23], 1000, 8, 15]
+    rows = list(range(100, 100 + len(lengths)))
+    # When they are grouped for the padded products
+    groups = decode_groups(lengths, rows)
+    # Then the long row is alone, the short rows are not padded to it, and no group pads past twice its shortest
+    assert [len(group) for group in groups] == [1, 25, 2]
+    assert groups[0] == [101] and sorted(row for group in groups for row in group) == rows
+    length_of = dict(zip(rows, lengths))
+    assert all(length_of[group[0]] <= 2 * min(length_of[row] for row in group) for group in groups)
+    # ... and rows of one length stay together
+    assert decode_groups([50] * 4, [0, 1, 2, 3]) == [[3, 2, 1, 0]]
 
 
 def test_auto_is_bfloat16_where_it_is_native_else_fp16_weights_where_fbgemm_runs(monkeypatch, tmp_path):

@@ -16,6 +16,7 @@ import time
 from concurrent.futures import Future
 from typing import Any, Callable
 
+from worker.engine.cpu_threads import CpuThreads
 from worker.engine.request import (
     Completion,
     EngineStats,
@@ -41,8 +42,9 @@ def _is_oom(error: BaseException) -> bool:
 
 class PagedEngine:
     def __init__(self, runner: ModelRunner, scheduler: Scheduler, *, eos_token_ids: frozenset[int],
-                 grammars: Callable[[], Any]) -> None:
+                 grammars: Callable[[], Any], threads: CpuThreads | None = None) -> None:
         self.runner = runner
+        self.threads = threads  # on a CPU: the engine thread's torch threads, set from the free cores
         self.scheduler = scheduler
         self.eos_token_ids = eos_token_ids
         self._make_grammars = grammars  # builds the GrammarCache on the first constrained request
@@ -145,6 +147,8 @@ class PagedEngine:
             step = self._started(self.scheduler.schedule())
             if not step.seqs:
                 continue
+            if self.threads is not None:
+                self.threads.adjust()
             tokens_in, started = self._prompt_tokens(step), time.perf_counter()
             try:
                 sampled = self.runner.run(step)
