@@ -108,7 +108,7 @@ class Settings(BaseSettings):
     prepare_timeout_s: int = Field(300, ge=1, description="extraction of one file, OCR included")
     prepare_memory_mb: int = Field(2048, ge=256, description="memory a prepare process may map for one file")
     chunk_overlap_tokens: int = Field(128, ge=0, description="tokens repeated across a chunk boundary")
-    max_attempts: int = Field(3, ge=1, description="runs a job may lose to a crash while alone before it fails")
+    max_attempts: int = Field(3, ge=1, description="runs a job may lose to a crash while it runs alone before it fails")
 
     # Nothing lost: leases on held jobs, the sweep that takes them back, and waiting out outages.
     lease_s: float = Field(30, ge=1, description="a held job's lease; the holder renews it every lease_s / 3")

@@ -29,9 +29,6 @@ from schemas.states import TRANSITIONS, ErrorCode, JobState, StopRequest, check_
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 HELD = (JobState.PREPARING, JobState.RUNNING)
-# A job lost while held this many times more than max_attempts fails even if it never ran alone: the
-# backstop for a document that kills its worker after its isolated start (see `after_lost_run`).
-LOST_RUNS_BACKSTOP = 3
 
 
 @dataclass(frozen=True)
@@ -44,7 +41,11 @@ class Holder:
 
     @classmethod
     def this_process(cls, name: str, lease_s: float) -> "Holder":
-        return cls(name, f"{name}/{os.getpid()}", lease_s)
+        return cls(name, cls.owner_of(name, os.getpid()), lease_s)
+
+    @staticmethod
+    def owner_of(name: str, pid: int) -> str:
+        return f"{name}/{pid}"
 
     def expiry(self) -> dt.datetime:
         return utcnow() + dt.timedelta(seconds=self.lease_s)
@@ -62,22 +63,24 @@ class LostRun:
 
 def after_lost_run(state: JobState, lost_runs: int, isolate: bool, max_attempts: int, *,
                    stop_requested: bool = False) -> LostRun:
-    """Crash attribution, pure. A run lost while batched with others is not the job's fault: it runs again,
-    batched; lost twice, it runs alone next (its claim and prompt with no other job starting beside it). A
-    job that keeps killing its worker while alone fails once its losses exceed `max_attempts`, and so does
-    one lost more than `max_attempts + LOST_RUNS_BACKSTOP` times in all. Extraction always runs one document
-    per process, so a prepare job fails once its losses exceed `max_attempts`. A running job `cancel` had
-    asked to stop (`stop_requested`) is cancelled instead of run again."""
+    """Crash attribution, pure. A job whose infer process died while it ran beside others is not blamed (any of them
+    may have killed it), but it runs alone from then on (`isolate`; `worker.service.lane`: its process lets the jobs
+    it runs finish, then runs it with nothing beside it), so it never costs, nor loses, another job's run again. A
+    job lost while it ran alone is the one that killed its process: it fails once its losses exceed `max_attempts`
+    (after at most `max_attempts` alone-runs). Extraction always runs one document per process, so a prepare job
+    fails once its losses exceed `max_attempts`. A running job `cancel` had asked to stop (`stop_requested`) is
+    cancelled instead of run again."""
     lost = lost_runs + 1
     if state == JobState.RUNNING and stop_requested:
         return LostRun(JobState.CANCELLED, lost, isolate)
-    back = JobState.QUEUED if state == JobState.PREPARING else JobState.READY
-    if state == JobState.PREPARING and lost > max_attempts:
-        return LostRun(JobState.FAILED, lost, isolate, f"its prepare process died {lost} times while it ran")
-    if state == JobState.RUNNING and ((isolate and lost > max_attempts) or lost > max_attempts + LOST_RUNS_BACKSTOP):
-        return LostRun(JobState.FAILED, lost, isolate, f"its worker died {lost} times while it ran"
-                       + (", the last ones while it started alone" if isolate else ""))
-    return LostRun(back, lost, isolate or (state == JobState.RUNNING and lost >= 2))
+    if state == JobState.PREPARING:
+        if lost > max_attempts:
+            return LostRun(JobState.FAILED, lost, isolate, f"its prepare process died {lost} times while it ran")
+        return LostRun(JobState.QUEUED, lost, isolate)
+    if isolate and lost > max_attempts:
+        return LostRun(JobState.FAILED, lost, isolate, f"its worker died {lost} times while it ran, the last ones "
+                                                       "while it ran alone")
+    return LostRun(JobState.READY, lost, True)
 
 
 def is_infrastructure_error(error: BaseException) -> bool:
@@ -132,16 +135,18 @@ class Lifecycle:
     # -- a worker's side ---------------------------------------------------------------------------
     @retried
     def claim(self, job_id: str, from_state: JobState, to_state: JobState, holder: Holder,
-              count_attempt: bool = False) -> Job | None:
-        """Take a job under `holder`'s lease if it is still in `from_state`; None if it is not (another has
-        it, or it moved on). Claiming again a job this holder already has returns it (a retried call)."""
+              count_attempt: bool = False, isolate: bool | None = None) -> Job | None:
+        """Take a job under `holder`'s lease if it is still in `from_state` (and, given `isolate`, still runs alone or
+        not as the caller prepared for); None if it is not (another has it, or it moved on). Claiming again a job
+        this holder already has returns it (a retried call)."""
         now = utcnow()
         values: dict[str, Any] = dict(worker=holder.name, lease_owner=holder.owner, lease_expires_at=holder.expiry())
         if count_attempt:
             values.update(attempts=Job.attempts + 1, started_at=now)
+        where = [] if isolate is None else [Job.isolate == isolate]
         with self._sessions.begin() as session:
             job = session.get(Job, job_id) if self.transition([job_id], [from_state], to_state, session=session,
-                                                              **values) else None
+                                                              where=where, **values) else None
             if job is None:  # not moved: a retried call finds the job already its own
                 job = session.scalar(select(Job).where(Job.id == job_id, Job.state == to_state,
                                                        Job.lease_owner == holder.owner))
@@ -152,12 +157,6 @@ class Lifecycle:
         """Extraction done: the job waits for a GPU worker."""
         return bool(self.transition([job_id], [JobState.PREPARING], JobState.READY, where=[Job.lease_owner == holder.owner],
                                     prepared_at=utcnow(), sent_at=utcnow(), **_NO_LEASE))
-
-    @retried
-    def pass_isolation(self, job_id: str, holder: Holder) -> None:
-        """The job started alone without killing its worker: it runs batched from now on."""
-        with self._sessions.begin() as session:
-            session.execute(update(Job).where(Job.id == job_id, Job.lease_owner == holder.owner).values(isolate=False))
 
     @retried
     def finish(self, job_id: str, data: dict[str, Any], raw_text: str, *, tokens_in: int | None,
@@ -273,6 +272,13 @@ class Lifecycle:
                                    .values(lease_expires_at=holder.expiry())).rowcount if ids else 0
             session.execute(update(Worker).where(Worker.owner == holder.owner).values(heartbeat_at=utcnow()))
             return held
+
+    def ran_alone(self, owner: str) -> bool:
+        """Whether the process `owner` holds a job it runs alone: a process that died so was killed by that job
+        (`after_lost_run` charges the loss to it), asked while the dead process's leases still run."""
+        with self._sessions() as session:
+            return session.scalar(select(func.count()).select_from(Job).where(
+                Job.lease_owner == owner, Job.state == JobState.RUNNING, Job.isolate.is_(True))) > 0
 
     def worker_stopped(self, holder: Holder) -> None:
         with self._sessions.begin() as session:

@@ -52,7 +52,7 @@ def test_a_live_holders_jobs_are_renewed_and_a_dead_ones_come_back(store):
     assert set(moved) == {dead, dropped}
     assert store.get_job(alive).state == JobState.RUNNING
     back = store.get_job(dead)
-    assert (back.state, back.lost_runs, back.isolate, back.lease_owner) == (JobState.READY, 1, False, None)
+    assert (back.state, back.lost_runs, back.isolate, back.lease_owner) == (JobState.READY, 1, True, None)
     # And the holder that lost it can no longer record an outcome for it
     assert not store.finish(dead, {"text": "late"}, "late", tokens_in=1, tokens_out=1, batch_size=1, holder=OTHER)
     assert store.expire_leases(max_attempts=3) == []
@@ -71,21 +71,25 @@ def test_a_job_that_keeps_killing_its_worker_alone_fails_with_too_many_attempts(
         states.append((job.state, job.isolate))
         if job.state == JobState.FAILED:
             break
-    assert states == [(JobState.READY, False), (JobState.READY, True), (JobState.READY, True),
+    assert states == [(JobState.READY, True), (JobState.READY, True), (JobState.READY, True),
                       (JobState.FAILED, True)]
     job = store.get_job(job_id)
     assert job.error_code == ErrorCode.TOO_MANY_ATTEMPTS.value and "alone" in job.error_message
 
 
-def test_a_job_that_starts_alone_without_harm_runs_batched_again(store):
-    _, (job_id,) = _jobs(store, "innocent")
+def test_a_claim_checks_the_isolation_it_was_prepared_for_and_tells_a_job_run_alone(store):
+    # Given a ready job that its worker died beside (isolated now)
+    _, (job_id,) = _jobs(store, "suspect")
     store.claim(job_id, JobState.QUEUED, JobState.PREPARING, PREP)
     store.mark_ready(job_id, PREP)
     with store.engine.begin() as conn:
-        conn.execute(update(Job).where(Job.id == job_id).values(isolate=True, lost_runs=2))
-    store.claim(job_id, JobState.READY, JobState.RUNNING, GPU, count_attempt=True)
-    store.pass_isolation(job_id, GPU)
-    assert not store.get_job(job_id).isolate
+        conn.execute(update(Job).where(Job.id == job_id).values(isolate=True, lost_runs=1))
+    # When a task that read it before then claims it to run beside others, it gets nothing
+    assert store.claim(job_id, JobState.READY, JobState.RUNNING, GPU, count_attempt=True, isolate=False) is None
+    assert not store.ran_alone(GPU.owner)
+    # And claimed to run alone, it is its holder's job run alone
+    assert store.claim(job_id, JobState.READY, JobState.RUNNING, GPU, count_attempt=True, isolate=True) is not None
+    assert store.ran_alone(GPU.owner) and not store.ran_alone(OTHER.owner)
 
 
 def test_workers_register_and_show_what_they_hold(store):

@@ -7,7 +7,7 @@ import itertools
 
 import pytest
 
-from schemas.sql.lifecycle import LOST_RUNS_BACKSTOP, after_lost_run
+from schemas.sql.lifecycle import after_lost_run
 from schemas.states import TRANSITIONS, IllegalTransition, JobState, check_transition
 
 S = JobState
@@ -55,16 +55,15 @@ def test_the_store_refuses_an_illegal_move_and_changes_nothing(store):
 
 
 @pytest.mark.parametrize("state, lost_runs, isolate, expected", [
-    # batched and lost once: not its fault, it runs batched again
-    (S.RUNNING, 0, False, (S.READY, 1, False)),
-    # lost twice: it starts alone next
+    # lost while it ran beside others: not its fault, but it runs alone next
+    (S.RUNNING, 0, False, (S.READY, 1, True)),
+    # the same after a loss while it was extracted
     (S.RUNNING, 1, False, (S.READY, 2, True)),
-    # lost while starting alone, within max_attempts (3): once more alone
+    # lost while it ran alone, within max_attempts (3): once more alone
+    (S.RUNNING, 1, True, (S.READY, 2, True)),
     (S.RUNNING, 2, True, (S.READY, 3, True)),
-    # lost alone past max_attempts: it is the one that kills its worker
+    # lost alone past max_attempts (its third alone-run): it is the one that kills its worker
     (S.RUNNING, 3, True, (S.FAILED, 4, True)),
-    # never alone when lost (it passed its isolated start), but lost too often: the backstop
-    (S.RUNNING, 3 + LOST_RUNS_BACKSTOP, False, (S.FAILED, 4 + LOST_RUNS_BACKSTOP, False)),
     # extraction runs one document per process: its losses count at once
     (S.PREPARING, 0, False, (S.QUEUED, 1, False)),
     (S.PREPARING, 2, False, (S.QUEUED, 3, False)),

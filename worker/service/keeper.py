@@ -1,20 +1,22 @@
 """A worker process's housekeeping thread: it registers the process, renews the leases of the jobs the
-process works on (one statement every `lease_s / 3`), keeps their messages from being delivered again while
-it does, passes on the stops `docbatch cancel` asked for them, and sweeps for lost work
-(`worker.service.reconcile`) every `sweep_interval_s`, so the sweep lives in every worker, never in one
-process that can vanish.
+process works on (one statement every `lease_s / 3`), keeps their messages (and those of the jobs waiting in its
+lane to be claimed) from being delivered again while it does, passes on the stops `docbatch cancel` asked for
+them, and sweeps for lost work (`worker.service.reconcile`) every `sweep_interval_s`, so the sweep lives in every
+worker, never in one process that can vanish.
 
 After a database outage the sweep waits until the database has answered for a whole `lease_s`: every
 live holder has renewed its leases by then, so a lease that is still expired is truly abandoned.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
 import time
+from collections import Counter
 from concurrent.futures import Future
-from typing import Callable
+from typing import Callable, Iterator
 
 import redis
 
@@ -30,11 +32,13 @@ log = logging.getLogger(__name__)
 
 class HeldJobs:
     """The jobs this process's tasks are working on (only these leases are renewed), the engine request each
-    one waits on, and the stops `docbatch cancel` asked for them."""
+    one waits on, and the stops `docbatch cancel` asked for them; and the jobs whose messages its tasks have, whose
+    messages are kept delivered (a held job's, and one's that waits in `worker.service.lane` to be claimed)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._ids: set[str] = set()
+        self._delivered: Counter[str] = Counter()  # a duplicated message may wait beside the first
         self._requests: dict[str, Future] = {}
         self._stops: dict[str, bool] = {}  # job id -> now (abort even a request being generated)
 
@@ -51,6 +55,23 @@ class HeldJobs:
     def ids(self) -> list[str]:
         with self._lock:
             return list(self._ids)
+
+    @contextlib.contextmanager
+    def delivered(self, job_id: str) -> Iterator[None]:
+        """A task has `job_id`'s message: it is kept from a second delivery while the block runs, while the job
+        waits to be claimed as while it is held."""
+        with self._lock:
+            self._delivered[job_id] += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._delivered -= Counter([job_id])
+
+    def kept_ids(self) -> list[str]:
+        """The jobs whose messages this process keeps from being delivered again."""
+        with self._lock:
+            return list(self._ids | set(self._delivered))
 
     def waiting_on(self, job_id: str, future: Future, abort: Callable[[Future], None]) -> None:
         """The held job's task waits on this engine request now; a stop asked before applies to it at once."""
@@ -137,7 +158,7 @@ class Keeper:
                 continue
             if stops:
                 _quietly(lambda: self.on_stop(stops), "stopping cancelled jobs")
-            self._keep_messages(held)
+            self._keep_messages(self.held.kept_ids())
             now = time.monotonic()
             if self.sweeps and now >= next_sweep and now - reachable_since >= s.lease_s:
                 next_sweep = now + s.sweep_interval_s

@@ -12,8 +12,11 @@ import socket
 import subprocess
 import sys
 from dataclasses import dataclass
+from typing import Callable
 
 from schemas.settings import Settings
+from schemas.sql.lifecycle import Holder
+from schemas.sql.store import Store
 from worker.service.supervisor import Child, supervise
 
 log = logging.getLogger(__name__)
@@ -85,4 +88,17 @@ def launch(settings: Settings, gpus: str, with_prepare: bool = True) -> int:
                 for i, spec in enumerate(specs)]
     for spec in specs:
         log.info("starting %s (CUDA_VISIBLE_DEVICES=%r)", spec.name, spec.cuda_visible_devices)
-    return supervise(children, reap_orphans=True)
+    return supervise(children, reap_orphans=True, killed_by_a_job=_killed_by_a_job(settings))
+
+
+def _killed_by_a_job(settings: Settings) -> Callable[[Child, int], bool]:
+    """Asks the store whether a dead child held a job it ran alone (its leases outlive it by most of `lease_s`)."""
+    store = Store(settings.effective_database_url)
+
+    def killed(child: Child, pid: int) -> bool:
+        try:
+            return store.ran_alone(Holder.owner_of(child.name, pid))
+        except Exception as e:  # noqa: BLE001 - the database away: the death counts as the child's own
+            log.warning("cannot tell whether a job killed %s (%s)", child.name, str(e).splitlines()[0])
+            return False
+    return killed

@@ -26,10 +26,10 @@ T = TypeVar("T")
 
 @contextlib.contextmanager
 def held(rt: Runtime, job_id: str, from_state: JobState, to_state: JobState, *,
-         count_attempt: bool = False) -> Iterator[Job | None]:
-    """Claim the job (None when it is not in `from_state` any more) and keep its lease renewed until the
-    block ends."""
-    job = rt.store.claim(job_id, from_state, to_state, rt.holder, count_attempt=count_attempt)
+         count_attempt: bool = False, isolate: bool | None = None) -> Iterator[Job | None]:
+    """Claim the job (None when it is not in `from_state` any more, or given `isolate`, when its isolation
+    changed) and keep its lease renewed until the block ends."""
+    job = rt.store.claim(job_id, from_state, to_state, rt.holder, count_attempt=count_attempt, isolate=isolate)
     if job is None:
         log.debug("job %s is not %s any more (a duplicate or late message); nothing to do", job_id, from_state.value)
         yield None

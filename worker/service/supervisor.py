@@ -5,6 +5,10 @@ up when one keeps dying: then it stops the others and exits non-zero, so that wh
 A child that exits with `EXIT_CANNOT_START` could not start at all (its engine cannot load the model with these
 settings: a model that does not fit, an architecture the engine lacks, a broken install): restarting it would only
 fail again, so the supervisor stops the others and exits with that code.
+A child that died while it ran a job alone (`worker.service.lane`) was killed by that job, which the sweep charges
+and fails after `max_attempts` such deaths (`schemas.sql.lifecycle.after_lost_run`): the caller says so
+(`killed_by_a_job`), and such a death is restarted after the first delay and counts toward neither giving up nor
+the delay's growth, so that hostile documents fail one by one and never stop the worker.
 A signal (SIGTERM, SIGINT) is passed to every child, and the supervisor exits 0 once they have stopped.
 With `reap_orphans` (the `docbatch worker` launcher) the supervisor is its descendants' subreaper: what a dead child
 leaves running (vLLM's engine core, which holds the GPU's memory and does not watch its parent) comes back to the
@@ -21,6 +25,7 @@ import subprocess
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Callable
 
 log = logging.getLogger(__name__)
 EXIT_GAVE_UP = 3
@@ -49,9 +54,11 @@ class RestartPolicy:
     _restarts: deque[float] = field(default_factory=deque)
     _quick_deaths: int = 0
 
-    def next_delay_s(self, now: float, ran_s: float = 0.0) -> float | None:
+    def next_delay_s(self, now: float, ran_s: float = 0.0, killed_by_a_job: bool = False) -> float | None:
         """The delay before the next restart of a child that ran `ran_s`, or None to give up. Records the
-        restart."""
+        restart, unless a job it ran alone killed it."""
+        if killed_by_a_job:
+            return self.first_delay_s
         while self._restarts and now - self._restarts[0] > self.window_s:
             self._restarts.popleft()
         if len(self._restarts) >= self.max_restarts:
@@ -65,18 +72,20 @@ class RestartPolicy:
 
 
 def supervise(children: list[Child], policy: type[RestartPolicy] | None = None, poll_s: float = 0.2,
-              reap_orphans: bool = False) -> int:
+              reap_orphans: bool = False, killed_by_a_job: Callable[[Child, int], bool] | None = None) -> int:
     """Run `children` until a signal (exit 0), until one cannot be kept alive (exit `EXIT_GAVE_UP`) or until one
-    cannot start (exit `EXIT_CANNOT_START`). `reap_orphans`: see the module docstring."""
+    cannot start (exit `EXIT_CANNOT_START`). `reap_orphans`, `killed_by_a_job` (asked of a dead child and its
+    pid): see the module docstring."""
     reaping = reap_orphans and _become_subreaper()
     try:
-        return _supervise(children, policy or RestartPolicy, poll_s, reaping)
+        return _supervise(children, policy or RestartPolicy, poll_s, reaping, killed_by_a_job or (lambda *_: False))
     finally:
         if reaping:
             _kill_orphans(set())
 
 
-def _supervise(children: list[Child], make_policy: type[RestartPolicy], poll_s: float, reaping: bool) -> int:
+def _supervise(children: list[Child], make_policy: type[RestartPolicy], poll_s: float, reaping: bool,
+               killed_by_a_job: Callable[[Child, int], bool]) -> int:
     running = {child.name: _start(child) for child in children}
     started_at = dict.fromkeys(running, time.monotonic())
     policies = {child.name: make_policy() for child in children}
@@ -105,12 +114,14 @@ def _supervise(children: list[Child], make_policy: type[RestartPolicy], poll_s: 
                     _stop_all(running)
                     return EXIT_CANNOT_START
                 if child.name not in restart_at:
-                    delay_s = policies[child.name].next_delay_s(now, ran_s=now - started_at[child.name])
+                    charged = killed_by_a_job(child, running[child.name].pid)
+                    delay_s = policies[child.name].next_delay_s(now, now - started_at[child.name], charged)
                     if delay_s is None:
                         log.error("%s keeps exiting (last code %s); giving up: stopping the worker", child.name, code)
                         _stop_all(running)
                         return EXIT_GAVE_UP
-                    log.warning("%s exited with code %s; restarting in %.0f s", child.name, code, delay_s)
+                    log.warning("%s exited with code %s%s; restarting in %.0f s", child.name, code,
+                                " (killed by the job it ran alone)" if charged else "", delay_s)
                     restart_at[child.name] = now + delay_s
                 elif now >= restart_at[child.name]:
                     del restart_at[child.name]

@@ -6,13 +6,14 @@ prepare (CPU pool):  queued -> preparing -> ready: pages extracted (OCR for text
 infer (GPU thread):  ready -> running -> done, via the in-process engine that batches across threads;
                      the answer is decoded under the task's JSON schema, validated, checked and stored;
                      the last chunk of a level moves its document on (reduce).
-A job that keeps its worker from surviving is started alone (`worker.service.lane`) before anything is
-counted against it. `docbatch cancel` reaches the jobs a worker holds through the control command
-`docbatch_cancel` (and, should the broadcast miss it, through the keeper at its next lease renewal).
+A job whose worker died while it ran beside others runs alone next (`worker.service.lane`), so that a death
+is counted only against the job that ran alone in it. `docbatch cancel` reaches the jobs a worker holds through
+the control command `docbatch_cancel` (and, should the broadcast miss it, through the keeper at its next lease
+renewal).
 """
 from __future__ import annotations
 
-import contextlib
+import logging
 from typing import Callable
 
 from celery import shared_task
@@ -27,6 +28,8 @@ from worker.service.runtime import Runtime
 from worker.stages.answering import answer_and_finish
 from worker.stages.extraction import prepare_job
 from worker.stages.prompting import build_request
+
+log = logging.getLogger(__name__)
 
 
 @shared_task(name=PREPARE_TASK)
@@ -43,20 +46,21 @@ def prepare(job_id: str, name: str | None = None) -> None:
 def infer(job_id: str, name: str | None = None) -> None:
     """`name` is the document's name in its batch, carried for Flower and the logs only."""
     rt = runtime.current()
-    seen = rt.store.get_job(job_id)
-    if seen is None or seen.state != JobState.READY:
-        return
-    with contextlib.ExitStack() as holding:
-        with rt.lane.start(alone=seen.isolate):  # claim and prompt: where a hostile document kills its worker
-            job = holding.enter_context(held(rt, job_id, JobState.READY, JobState.RUNNING, count_attempt=True))
-            if job is None:
+    while (seen := rt.store.get_job(job_id)) is not None and seen.state == JobState.READY:
+        if seen.isolate:
+            log.warning("%s runs alone: this worker finishes the jobs it runs, then runs it with none beside it",
+                        rt.store.describe_job(job_id))
+        # The lane holds the job until it may run (alone, or beside the others) and for as long as it runs; the
+        # claim checks that the job still runs as the lane let it in.
+        with rt.held.delivered(job_id), rt.lane.run(alone=seen.isolate), held(
+                rt, job_id, JobState.READY, JobState.RUNNING, count_attempt=True, isolate=seen.isolate) as job:
+            if job is not None:
+                failpoints.hit("infer_claimed", rt.settings, _document(rt, job))
+                request = fail_on_error(rt, job, lambda: build_request(rt, job))
+                if request is not None:
+                    fail_on_error(rt, job, lambda: answer_and_finish(rt, job, request))
                 return
-            failpoints.hit("infer_claimed", rt.settings, _document(rt, job))
-            request = fail_on_error(rt, job, lambda: build_request(rt, job))
-        if request is not None:
-            if job.isolate:
-                rt.store.pass_isolation(job_id, rt.holder)
-            fail_on_error(rt, job, lambda: answer_and_finish(rt, job, request))
+        # not claimed: it moved on (taken, cancelled), or its holder died since it was read: read it again
 
 
 @control_command(name=CANCEL_COMMAND, args=[("job_ids", list), ("now", bool)], signature="<job_id>... [now]")

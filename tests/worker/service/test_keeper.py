@@ -11,7 +11,7 @@ import redis
 from schemas.broker_state import UNACKED_INDEX, queue_keys
 from schemas.messages import INFER_QUEUE, INFER_TASK, make_celery, send
 from schemas.settings import Settings
-from worker.service.keeper import keep_delivered
+from worker.service.keeper import HeldJobs, keep_delivered
 
 
 def test_a_held_jobs_message_is_not_delivered_again_and_one_nobody_holds_is(broker_url, tmp_path):
@@ -35,3 +35,16 @@ def test_a_held_jobs_message_is_not_delivered_again_and_one_nobody_holds_is(brok
         listed = [item for key in queue_keys(INFER_QUEUE) for item in client.lrange(key, 0, -1)]
         assert len(listed) == 1 and b"orphan-job" in listed[0]
         assert client.zcard(UNACKED_INDEX) == 1
+
+
+def test_the_messages_of_jobs_waiting_in_the_lane_are_kept_as_the_held_ones_are():
+    # Given a held job, and a job whose task waits to claim it (twice: a duplicated message waits beside it)
+    held = HeldJobs()
+    held.add("held-job")
+    with held.delivered("waiting-job"):
+        with held.delivered("waiting-job"):
+            # Then the keeper keeps both messages, and renews only the held job's lease
+            assert sorted(held.kept_ids()) == ["held-job", "waiting-job"] and held.ids() == ["held-job"]
+        assert sorted(held.kept_ids()) == ["held-job", "waiting-job"]
+    # And once its task is done with it, its message is nobody's
+    assert held.kept_ids() == ["held-job"]

@@ -1,4 +1,4 @@
-"""Where infer jobs start: together, except a job under isolation, which starts with nobody beside it."""
+"""Where infer jobs run: together, except a job under isolation, which runs with nobody beside it."""
 from __future__ import annotations
 
 import threading
@@ -7,38 +7,42 @@ import time
 from worker.service.lane import Lane
 
 
-def test_an_isolated_start_waits_for_the_others_and_holds_them_off():
+def test_an_isolated_job_waits_for_the_running_ones_to_finish_and_runs_with_none_beside_it():
     lane, events = Lane(), []
-    first_in, release_first = threading.Event(), threading.Event()
+    running, finish = threading.Event(), threading.Event()
 
     def batched(name: str, hold: threading.Event | None = None) -> None:
-        with lane.start(alone=False):
+        with lane.run(alone=False):
             events.append(f"{name} in")
             if hold:
-                first_in.set()
+                running.set()
                 hold.wait(10)
             events.append(f"{name} out")
 
-    def isolated() -> None:
-        with lane.start(alone=True):
-            events.append("alone in")
+    def isolated(name: str) -> None:
+        with lane.run(alone=True):
+            events.append(f"{name} in")
             time.sleep(0.05)
-            events.append("alone out")
+            events.append(f"{name} out")
 
-    # Given a batched job starting
-    a = threading.Thread(target=batched, args=("a", release_first))
+    # Given a batched job running
+    a = threading.Thread(target=batched, args=("a", finish))
     a.start()
-    first_in.wait(10)
-    # When an isolated job and then another batched one arrive
-    alone = threading.Thread(target=isolated)
-    alone.start()
-    while lane._num_waiting_alone == 0:
+    running.wait(10)
+    # When two isolated jobs and then another batched one arrive
+    alone = [threading.Thread(target=isolated, args=(name,)) for name in ("x", "y")]
+    for thread in alone:
+        thread.start()
+    while lane._num_waiting_alone < 2:
         time.sleep(0.01)
     b = threading.Thread(target=batched, args=("b",))
     b.start()
     time.sleep(0.05)
-    release_first.set()
-    for thread in (a, alone, b):
+    assert events == ["a in"]  # nothing got in beside the running job
+    finish.set()
+    for thread in (a, *alone, b):
         thread.join(10)
-    # Then the isolated job started only once the first had, and the second waited for it
-    assert events == ["a in", "a out", "alone in", "alone out", "b in", "b out"]
+    # Then each isolated job ran once the first had finished, one at a time, and the second batched job after them
+    assert events[:2] == ["a in", "a out"] and events[-2:] == ["b in", "b out"]
+    assert sorted(events[2:6]) == ["x in", "x out", "y in", "y out"]
+    assert events[2][0] == events[3][0] and events[4][0] == events[5][0]

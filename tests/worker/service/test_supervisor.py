@@ -23,6 +23,13 @@ def test_restart_delays_grow_and_the_policy_gives_up_within_its_window():
     assert RestartPolicy(max_restarts=1, window_s=10).next_delay_s(0) == 1
 
 
+def test_a_death_a_job_is_charged_with_neither_counts_nor_grows_the_delay():
+    policy = RestartPolicy(first_delay_s=1, max_delay_s=30, max_restarts=2, window_s=100)
+    delays = [policy.next_delay_s(t, killed_by_a_job=charged) for t, charged in (
+        (0, False), (1, True), (2, True), (3, True), (4, False), (5, True), (6, False))]
+    assert delays == [1, 1, 1, 1, 2, 1, None]
+
+
 def _child(name: str, code: str) -> Child:
     return Child(name, [sys.executable, "-c", code], dict(os.environ))
 
@@ -41,6 +48,23 @@ def test_a_child_that_exits_cleanly_is_restarted_and_one_that_keeps_dying_stops_
     # Then the quitter was restarted each time, and when it kept exiting the worker gave up, non-zero
     assert starts.read_text() == "xxxx"
     assert code == EXIT_GAVE_UP
+
+
+def test_deaths_charged_to_the_jobs_a_child_ran_alone_do_not_stop_the_worker(tmp_path: Path):
+    # Given a child that kills itself in each life (a hostile document's SIGKILL), the first five times while
+    # running a job alone, as the launcher reads from the store
+    pids = tmp_path / "pids"
+    child = _child("infer", f"import os, signal\nopen({str(pids)!r}, 'a').write(f'{{os.getpid()}}\\n')\n"
+                            f"os.kill(os.getpid(), signal.SIGKILL)")
+
+    def killed_by_a_job(dead: Child, pid: int) -> bool:
+        assert dead is child
+        return str(pid) in pids.read_text().split()[:5]
+
+    # When it runs under a supervisor that gives up on the third restart within its window
+    code = supervise([child], policy=_fast(max_restarts=2, window_s=60), poll_s=0.02, killed_by_a_job=killed_by_a_job)
+    # Then the five charged deaths were restarted without counting, and only its own deaths stopped the worker
+    assert len(pids.read_text().split()) == 8 and code == EXIT_GAVE_UP
 
 
 def test_a_signal_stops_every_child_and_exits_zero(tmp_path: Path):
