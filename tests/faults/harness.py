@@ -3,9 +3,10 @@ fault injected at a random point of the run, and the invariants checked at the e
 
     python tests/faults/harness.py --docs 24 --faults all --out /tmp/faults     # the full suite
     python tests/faults/harness.py --docs 200 --faults kill_infer,redis_wiped    # larger, chosen faults
+    python tests/faults/harness.py --docs 15 --faults poison,two_poisons         # hostile documents
 
 Each fault of the full suite gets services and a worker of its own (`Rig`); `tests/faults/test_faults.py`
-runs a short version in CI, two faults on one rig. Everything is real: redis-server with AOF, PostgreSQL
+runs a short version in CI, three faults on one rig. Everything is real: redis-server with AOF, PostgreSQL
 (initdb into a temporary folder, run as the `postgres` user), `docbatch worker --gpus cpu` with the packaged
 small model. Recovery time is measured from the moment the fault ends (the worker or the service is back)
 to the moment the last job ends.
@@ -40,7 +41,8 @@ from schemas.sql.store import Store  # noqa: E402
 POSTGRES_BIN = Path("/usr/lib/postgresql") / (sorted(os.listdir("/usr/lib/postgresql"))[-1] if Path(
     "/usr/lib/postgresql").exists() else "none") / "bin"
 POISON = "POISON-7f3a"  # the marker of the document that kills its worker (failpoint infer_claimed)
-FAULTS = ("kill_infer", "kill_worker", "redis_restart", "redis_wiped", "database_down", "poison")
+FAULTS = ("kill_infer", "kill_worker", "redis_restart", "redis_wiped", "database_down", "poison", "two_poisons")
+POISONS = {"poison": 1, "two_poisons": 2}  # how many documents that kill their worker a fault's batch holds
 
 
 class Redis:
@@ -116,6 +118,20 @@ class Worker:
         for pid in pids:
             os.kill(int(pid), signal.SIGKILL)
 
+    def is_alive(self, timeout_s: float = 60) -> bool:
+        """The worker's supervisor runs, and so does an infer process under it (waited for up to `timeout_s`: one
+        that died last is being restarted)."""
+        deadline = time.monotonic() + timeout_s
+        while self.process.poll() is None and time.monotonic() < deadline:
+            if _answers(["pgrep", "-g", str(self.process.pid), "-f", "infer cpu@"]):
+                return True
+            time.sleep(0.5)
+        return False
+
+    def restarts(self) -> list[str]:
+        """The supervisor's lines about the children it restarted, so far."""
+        return [line for line in self.log_path.read_text(errors="replace").splitlines() if "; restarting in" in line]
+
     def kill_all(self) -> None:
         os.killpg(self.process.pid, signal.SIGKILL)
         self.process.wait()
@@ -138,20 +154,23 @@ class Outcome:
     injected_after_done: int  # jobs done when the fault was injected
     recovery_s: float  # from the fault's end to the last job's end
     total_s: float
+    lost_runs: dict[str, int]  # name -> runs it lost to a dead worker process, for the jobs that lost any
+    restarts: int  # worker processes the supervisor restarted during the run
+    restarts_charged: int  # of which a job running alone killed (counted toward neither giving up nor delays)
     violations: list[str] = field(default_factory=list)
 
 
-def write_documents(folder: Path, count: int, poison: bool) -> None:
+def write_documents(folder: Path, count: int, poisons: int) -> None:
     """`count` small contracts (their text names the folder's parent, so that the runs of one rig share no
-    document), and with `poison` the document that kills its worker."""
+    document), and `poisons` documents that kill their worker."""
     folder.mkdir(parents=True)
     run = folder.parent.name
     for i in range(count):
         (folder / f"contract_{i:03d}.txt").write_text(
             f"Services agreement no. {i} ({run}) between Party {i} Ltd and Client {i + 1} plc, dated {1 + i % 28} "
             f"March 2024. The supplier delivers item {i} within {10 + i} days; payment within 30 days.")
-    if poison:
-        (folder / "hostile.txt").write_text(f"A document that kills its worker: {POISON}.")
+    for k in range(poisons):
+        (folder / f"hostile_{k}.txt").write_text(f"A document that kills its worker ({run}, {k}): {POISON}.")
 
 
 class Rig:
@@ -188,12 +207,13 @@ class Rig:
 
 
 def run_fault(fault: str, rig: Rig, num_docs: int, seed: int) -> Outcome:
-    """One run on `rig`: `num_docs` documents of their own (and the poison one for `poison`), `fault` injected
-    once at a random point, the invariants checked once every job has ended."""
+    """One run on `rig`: `num_docs` documents of their own (and the poison ones for `poison`, `two_poisons`),
+    `fault` injected once at a random point, the invariants checked once every job has ended."""
     rng = random.Random(seed)
     store, worker = rig.store, rig.worker
     folder = rig.workdir / fault / "docs"
-    write_documents(folder, num_docs, poison=fault == "poison")
+    write_documents(folder, num_docs, POISONS.get(fault, 0))
+    restarts_before = len(worker.restarts())
     started = time.monotonic()
     batch_id = _submit(rig.settings, store, folder)
     # a random point of the run: once between none and half of the jobs are done
@@ -204,7 +224,12 @@ def run_fault(fault: str, rig: Rig, num_docs: int, seed: int) -> Outcome:
     fault_ended = _inject(fault, worker, rig.redis, rig.postgres, rng)
     _wait_for(lambda: _all_ended(store, batch_id), "every job to end", timeout_s=900)
     ended = time.monotonic()
-    return _outcome(fault, store, batch_id, done_before, ended - fault_ended, ended - started)
+    outcome = _outcome(fault, store, batch_id, done_before, ended - fault_ended, ended - started)
+    if not worker.is_alive():
+        outcome.violations.append("the worker stopped: its supervisor gave up")
+    restarts = worker.restarts()[restarts_before:]
+    outcome.restarts, outcome.restarts_charged = len(restarts), sum("killed by the job" in line for line in restarts)
+    return outcome
 
 
 def _inject(fault: str, worker: Worker, redis: Redis, postgres: Postgres, rng: random.Random) -> float:
@@ -223,7 +248,7 @@ def _inject(fault: str, worker: Worker, redis: Redis, postgres: Postgres, rng: r
         postgres.stop()
         time.sleep(30)
         postgres.start()
-    elif fault != "poison":
+    elif fault not in POISONS:
         raise ValueError(f"unknown fault {fault!r}; known: {', '.join(FAULTS)}")
     return time.monotonic()
 
@@ -257,15 +282,19 @@ def _outcome(fault: str, store: Store, batch_id: str, done_before: int, recovery
     for _, job, _ in rows:
         states[job.state.value] = states.get(job.state.value, 0) + 1
     failures = {item.name: job.error_code for item, job, _ in rows if job.state == JobState.FAILED}
-    outcome = Outcome(fault, len(rows), states, failures, done_before, round(recovery_s, 1), round(total_s, 1))
-    outcome.violations = check_invariants(store, batch_id, expect_failed={"docs/hostile.txt"} if fault == "poison" else set())
+    lost_runs = {item.name: job.lost_runs for item, job, _ in rows if job.lost_runs}
+    outcome = Outcome(fault, len(rows), states, failures, done_before, round(recovery_s, 1), round(total_s, 1),
+                      lost_runs, restarts=0, restarts_charged=0)
+    outcome.violations = check_invariants(store, batch_id, expect_failed={
+        f"docs/hostile_{k}.txt" for k in range(POISONS.get(fault, 0))})
     return outcome
 
 
 def check_invariants(store: Store, batch_id: str, expect_failed: set[str]) -> list[str]:
     """What must hold after any fault: every job ended; only the expected documents failed (a poison one
     with too_many_attempts); every done job has its one result; no job ran more often than its lost runs
-    explain (nothing was answered twice)."""
+    explain (nothing was answered twice); no other job lost more than one run (the one a dead process cost it:
+    from then on it runs alone)."""
     from sqlalchemy import func, select
 
     violations = []
@@ -281,6 +310,8 @@ def check_invariants(store: Store, batch_id: str, expect_failed: set[str]) -> li
             violations.append(f"{item.name}: done without a result")
         if job.attempts > job.lost_runs + 1:
             violations.append(f"{item.name}: ran {job.attempts} times with {job.lost_runs} lost runs")
+        if item.name not in expect_failed and job.lost_runs > 1:
+            violations.append(f"{item.name}: lost {job.lost_runs} runs")
     with store._sessions() as session:
         extra = session.scalar(select(func.count()).select_from(Result).join(Job, Job.id == Result.job_id)
                                .where(Job.state != JobState.DONE, Job.state != JobState.FAILED))
