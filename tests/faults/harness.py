@@ -216,8 +216,8 @@ def run_fault(fault: str, rig: Rig, num_docs: int, seed: int) -> Outcome:
     restarts_before = len(worker.restarts())
     started = time.monotonic()
     batch_id = _submit(rig.settings, store, folder)
-    # a random point of the run: once between none and half of the jobs are done
-    threshold = rng.randint(0, num_docs // 2)
+    # a random point of the run: once between none and half of the jobs are done (a poison is there from the start)
+    threshold = 0 if fault in POISONS else rng.randint(0, num_docs // 2)
     _wait_for(lambda: _count(store, batch_id, JobState.DONE) >= threshold and (
         threshold or _count(store, batch_id, JobState.RUNNING)), "the run to reach its fault", timeout_s=600)
     done_before = _count(store, batch_id, JobState.DONE)
