@@ -42,7 +42,9 @@ def test_a_poison_document_fails_alone_and_costs_its_neighbours_one_run_at_most(
     # And no other document lost more than the one run during which a poison first killed the worker
     innocents = {name: n for name, n in outcome.lost_runs.items() if not name.startswith("docs/hostile_")}
     assert all(n <= 1 for n in innocents.values()), innocents
-    # And each poison killed the infer process once beside others and then each time it ran alone, deaths the
-    # supervisor charged to it: the worker (supervisor and infer process) is still up
-    assert (outcome.restarts, outcome.restarts_charged) == (3 * num_poisons, 2 * num_poisons)
+    # And each poison killed the infer process twice while it ran alone, deaths the supervisor charged to it, after
+    # the death beside others that made it a suspect (two poisons claimed at once die in one): the worker
+    # (supervisor and infer process) is still up
+    assert outcome.restarts_charged == 2 * num_poisons
+    assert 1 <= outcome.restarts - outcome.restarts_charged <= num_poisons
     assert outcome.violations == []  # among them: the worker is alive, its supervisor did not give up
