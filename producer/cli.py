@@ -32,7 +32,9 @@ from schemas.tasks import (
 )
 
 console = Console(stderr=True, soft_wrap=True)
-DEMO_MAX_NEW_TOKENS = 384
+# Room for a contract summary's JSON; the retry at twice the room (1,024) can hold the 800-character summary even when
+# the packaged model loops on one-digit tokens ("2024-02-12T12:30:00Z_12:30:00_..."), which 768 could not
+DEMO_MAX_NEW_TOKENS = 512
 PYDANTIC_URL = re.compile(r"\s*For further information visit https://errors\.pydantic\.dev/\S*")
 TASK_FILE_HELP = ("\b\nA --task-file prompt is a Jinja2 template of the user's turn; its variables:\n"
                   + "\n".join(f"  {{{{ {name} }}}}  {meaning}" for name, meaning in TEMPLATE_VARIABLES.items()))
