@@ -9,6 +9,8 @@ this app (`celery -A worker.celery_app ...`), or it writes bindings the workers 
 from __future__ import annotations
 
 import logging
+import time
+from typing import Any
 
 from celery import Celery
 from kombu import Queue
@@ -108,3 +110,21 @@ def send(app: Celery, task_name: str, job_id: str, priority: int, name: str | No
     except OperationalError as e:
         log.info("could not send job %s to %s (%s); the sweep sends it when the broker is back", job_id, queue, e)
         return False
+
+
+def send_all(app: Celery, store: Any, jobs: list[tuple[str, int, str | None]], grace_s: float) -> int:
+    """Send the prepare messages of `jobs` ((job id, priority, name), in order); the number sent, stopping at the
+    first the broker refuses (the rest wait in SQL for the workers' sweep).
+
+    A batch of tens of thousands takes minutes to send. The workers' sweep takes a queued job whose message went out
+    over `grace_s` (the settings' message_grace_s) ago and is not in Redis for lost and sends it again; a job's
+    `sent_at` is set when it is recorded, so the jobs this loop has not reached yet would look lost. So every third
+    of `grace_s`, from the start, the jobs not sent yet are marked sent now (`store.mark_sent`)."""
+    refreshed = -float("inf")
+    for i, (job_id, priority, name) in enumerate(jobs):
+        if time.monotonic() - refreshed >= grace_s / 3:
+            store.mark_sent([job for job, _, _ in jobs[i:]])
+            refreshed = time.monotonic()
+        if not send(app, PREPARE_TASK, job_id, priority, name):
+            return i
+    return len(jobs)

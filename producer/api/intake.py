@@ -17,7 +17,7 @@ from typing import Any, Iterator
 
 from producer.api.context import ApiContext
 from producer.intake.openai_batch import DuplicateCustomId, Request, chat_request, store_requests
-from schemas.messages import PREPARE_TASK, send
+from schemas.messages import send_all
 from schemas.openai import CHAT_URL, TASK_URL_PREFIX, InvalidRequest, parse_document_line
 from schemas.sql.models import ApiBatch, utcnow
 from schemas.tasks import CHAT_TASK
@@ -78,9 +78,9 @@ def run_intake(ctx: ApiContext, batch_id: str) -> None:
         ctx.store.move_api_batch(batch_id, ["cancelling"], owner=ctx.owner, lease_owner=None, lease_until=None)
         return
     log.info("batch %s in progress: %d jobs to send", batch_id, len(to_send))
-    for job_id, name in to_send.items():
-        if not send(ctx.celery, PREPARE_TASK, job_id, 5, name):
-            break  # Redis is away: the jobs are queued in SQL, and the workers' sweep sends them
+    # Redis away: what was not sent is queued in SQL, and the workers' sweep sends it
+    send_all(ctx.celery, ctx.store, [(job_id, 5, name) for job_id, name in to_send.items()],
+             ctx.settings.message_grace_s)
 
 
 def _make_batch(ctx: ApiContext, row: ApiBatch) -> dict[str, str | None]:

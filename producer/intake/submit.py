@@ -22,7 +22,7 @@ from rich.progress import (
 
 from producer.intake.openai_batch import store_request_file
 from producer.intake.walk import walk
-from schemas.messages import PREPARE_TASK, send
+from schemas.messages import send_all
 from schemas.settings import Settings
 from schemas.states import ErrorCode
 from schemas.sql.store import NewBatch, Reject, Store
@@ -106,9 +106,9 @@ def submit(settings: Settings, store: Store, app: Celery, source: Source, task: 
     batch = store.create_batch(task.name, {"task": task.hash}, settings.model, collected.items, label=label,
                                priority=priority, rejects=collected.rejects,
                                task_hash=task.hash, key_by_name=task.uses_filename)
-    for job_id in batch.to_enqueue:
-        if not send(app, PREPARE_TASK, job_id, priority, batch.names.get(job_id)):
-            raise BrokerUnreachable(Submission(batch, collected), f"cannot reach Redis at {_safe(settings)}")
+    jobs = [(job_id, priority, batch.names.get(job_id)) for job_id in batch.to_enqueue]
+    if send_all(app, store, jobs, settings.message_grace_s) < len(jobs):
+        raise BrokerUnreachable(Submission(batch, collected), f"cannot reach Redis at {_safe(settings)}")
     return Submission(batch, collected)
 
 

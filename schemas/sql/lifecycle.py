@@ -22,7 +22,7 @@ from sqlalchemy import func, or_, select, update
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
-from schemas.sql.db import dialect_insert
+from schemas.sql.db import chunked, dialect_insert
 from schemas.sql.models import Job, Result, Worker, new_id, utcnow
 from schemas.states import TRANSITIONS, ErrorCode, JobState, StopRequest, check_transition
 
@@ -350,8 +350,10 @@ class Lifecycle:
             return list(session.scalars(query.order_by(Job.sent_at).limit(limit)))
 
     def mark_sent(self, job_ids: list[str]) -> None:
+        now = utcnow()
         with self._sessions.begin() as session:
-            session.execute(update(Job).where(Job.id.in_(job_ids)).values(sent_at=utcnow()))
+            for part in chunked(job_ids):
+                session.execute(update(Job).where(Job.id.in_(part)).values(sent_at=now))
 
 
 _NO_LEASE = dict(lease_owner=None, lease_expires_at=None)

@@ -10,7 +10,7 @@ from sqlalchemy import update
 
 from schemas.broker_state import read_queue
 from schemas.sql.lifecycle import Holder
-from schemas.messages import INFER_QUEUE, PREPARE_QUEUE, PREPARE_TASK, make_celery, send
+from schemas.messages import INFER_QUEUE, PREPARE_QUEUE, PREPARE_TASK, make_celery, send, send_all
 from schemas.sql.models import Job, utcnow
 from schemas.states import JobState
 from schemas.sql.store import Store
@@ -63,6 +63,27 @@ def test_lost_messages_are_sent_again_without_duplicating_the_ones_redis_still_h
     assert counts["resent"] == 3
     assert read_queue(client, PREPARE_QUEUE).num_listed == 5
     assert sweep(store, settings, app, client)["resent"] == 0
+
+
+def test_a_batch_whose_messages_are_still_going_out_is_not_sent_twice(settings, tmp_path):
+    # Given 5 queued jobs recorded a while before their messages go out (a batch of tens of thousands takes minutes)
+    settings, store, app, client, ids = _setup(settings, tmp_path, 5)
+    settings = settings.model_copy(update={"message_grace_s": 60})
+    with store.engine.begin() as conn:
+        conn.execute(update(Job).values(sent_at=utcnow() - dt.timedelta(minutes=5)))
+    # When a worker sweeps after the producer has sent two of them
+    swept: list[dict] = []
+
+    class Producer:  # the Celery app, with a sweep coming in after its second message
+        def send_task(self, *args, **kwargs):
+            app.send_task(*args, **kwargs)
+            if read_queue(client, PREPARE_QUEUE).num_listed == 2:
+                swept.append(sweep(store, settings, app, client))
+
+    assert send_all(Producer(), store, [(job_id, 5, None) for job_id in ids], settings.message_grace_s) == 5
+    # Then the sweep took the three not sent yet for on their way, not lost: each job has one message
+    assert swept[0]["resent"] == 0
+    assert read_queue(client, PREPARE_QUEUE).num_listed == 5
 
 
 def test_a_message_delivered_to_a_consumer_that_died_is_sent_again(settings, tmp_path):
