@@ -25,6 +25,7 @@ from schemas.sql.models import ApiBatch, utcnow
 
 WINDOW = re.compile(r"^([1-9][0-9]*)([smhd])$")
 UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+TAKE_IN_GRACE_S = 30  # how long a new batch waits for its own process's intake before another process may take it in
 
 
 class OutputExpiresAfter(BaseModel):
@@ -84,9 +85,12 @@ def router(settings: Settings) -> APIRouter:
         ctx.redis.ping()  # refuse (503) rather than record a batch that could not be sent now
         now = utcnow()
         expires_s = body.output_expires_after.seconds if body.output_expires_after else settings.api_output_expires_s
+        # made with this process's intake lease, which its intake thread takes over at once: another API process's
+        # sweeper takes the batch in only when this process did not (it died) within TAKE_IN_GRACE_S
         row = ctx.store.add_api_batch(key_id=key_id, endpoint=body.endpoint, input_file_id=source.id,
                                       completion_window=body.completion_window, metadata_=body.metadata,
-                                      output_expires_s=expires_s, expires_at=now + dt.timedelta(seconds=body.window_s))
+                                      output_expires_s=expires_s, expires_at=now + dt.timedelta(seconds=body.window_s),
+                                      lease_owner=ctx.owner, lease_until=now + dt.timedelta(seconds=TAKE_IN_GRACE_S))
         ctx.intake.submit(take_in, ctx, row.id)
         return batch_object(row, settings.model)
 
