@@ -24,8 +24,7 @@ from schemas.outputs import FinancialReport  # noqa: E402
 from schemas.settings import Settings  # noqa: E402
 from worker.engine.request import GenerationOptions, ModelInput  # noqa: E402
 from worker.documents.extract import extract_pages  # noqa: E402
-from worker.engine.builder import build_engine, uses_vllm  # noqa: E402
-from worker.models.loading import load_model  # noqa: E402
+from worker.service.process import start_engine  # noqa: E402
 from schemas.tasks import builtin_task  # noqa: E402
 from worker.answers.prompts import build_text_prompt  # noqa: E402
 
@@ -41,13 +40,13 @@ def main() -> None:
     args = parser.parse_args()
 
     settings = Settings(home=args.home, model=args.model, engine=args.engine, max_batch_size=args.rows)
-    loaded = load_model(settings, weights=not uses_vllm(settings))
+    rt = start_engine(settings, "bench@constrained")  # as an infer worker starts it
+    engine, tokenizer = rt.engine, rt.tokenizer
     folder = importlib.resources.files("producer") / "samples" / "financials"
     texts = ["\n\n".join(p.text for p in extract_pages(f.read_bytes())) for f in sorted(folder.iterdir())]
     task = builtin_task("extract", settings)
-    prompts = [build_text_prompt(loaded.tokenizer, task.render, texts[i % len(texts)], 4096).model_input
+    prompts = [build_text_prompt(tokenizer, task.render, texts[i % len(texts)], 4096).model_input
                for i in range(args.rows)]
-    engine = build_engine(settings, loaded)
     options = GenerationOptions(repetition_penalty=1.1)
     engine.submit(ModelInput(prompts[0].token_ids, json_schema=task.schema_text), 8, options).result()  # warm-up
     rows = []
@@ -58,7 +57,7 @@ def main() -> None:
                    for p in prompts]
         outputs = [future.result().token_ids for future in futures]
         seconds = time.perf_counter() - started
-        answers = [loaded.tokenizer.decode(o, skip_special_tokens=True) for o in outputs]
+        answers = [tokenizer.decode(o, skip_special_tokens=True) for o in outputs]
         valid = sum(_valid(a) for a in answers)
         tokens = sum(len(o) for o in outputs)
         # A batch runs until its longest row ends: count the steps it took, not only the tokens kept.
@@ -68,7 +67,7 @@ def main() -> None:
                      "ms_per_step": round(1000 * seconds / steps, 1), "valid": f"{valid}/{len(prompts)}"})
         print(json.dumps(rows[-1]), flush=True)
     engine.stop()
-    print(f"\ndevice {loaded.device}, model {args.model}, engine {type(engine).__name__}")
+    print(f"\nmodel {args.model}, engine {type(engine).__name__}")
     print("| decoding | round | rows | output tokens | decode steps | seconds | output tokens/s | ms per step | valid |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:

@@ -158,7 +158,7 @@ def vision_inputs(out: Path, texts: list[str], new_tokens: list[int], settings: 
     image into its placeholders: `prompt_tokens` counts them), and for the baseline the same ids with one placeholder
     per image, as the vLLM engine hands them over, beside the image it sends."""
     from worker.documents.extract import extract_pages
-    from worker.engine.vllm_engine import _one_placeholder_per_image
+    from worker.engine.vllm_engine import one_placeholder_per_image
     from worker.models.loading import load_model
     from worker.models.vision import build_vision_prompt
 
@@ -175,7 +175,7 @@ def vision_inputs(out: Path, texts: list[str], new_tokens: list[int], settings: 
         image.save(images / f"{i:04d}.png")
         token_ids = build_vision_prompt(processor, around, [image], 100_000).model_input.token_ids
         counts.append(len(token_ids))
-        prompts.append(_one_placeholder_per_image(token_ids, image_pad))
+        prompts.append(one_placeholder_per_image(token_ids, image_pad))
         sent.append([str(images / f"{i:04d}.png")])
     (out / "inputs.json").write_text(json.dumps({"name": "V", "prompts": prompts, "prompt_tokens": counts,
                                                  "images": sent, "new_tokens": new_tokens,

@@ -36,7 +36,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT / "tests"))
 
+from faults.harness import Redis  # noqa: E402 - the fault suite's redis-server with AOF, on a free port
 from schemas.settings import Settings  # noqa: E402
 
 WORKERS = (("prepare", "prepare1@load"), ("prepare", "prepare2@load"), ("infer", "instant1@load"),
@@ -125,39 +127,6 @@ def write_documents(folder: Path, num_docs: int, batch_docs: int) -> list[Path]:
                                                  f"of England.\n")
         folders.append(batch)
     return folders
-
-
-class RedisServer:
-    """A redis-server of the benchmark's own, with AOF (everysec) in `folder`, that can be killed and restarted."""
-
-    def __init__(self, port: int, folder: Path) -> None:
-        self.port, self.folder = port, folder
-        folder.mkdir(parents=True, exist_ok=True)
-        self.process = self._start()
-
-    def _start(self) -> subprocess.Popen:
-        import redis
-
-        process = subprocess.Popen(["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                                    "--appendonly", "yes", "--appendfsync", "everysec", "--dir", str(self.folder)],
-                                   stdout=open(self.folder / "redis.log", "ab"), stderr=subprocess.STDOUT)
-        for _ in range(200):
-            try:
-                if redis.Redis(port=self.port).ping():
-                    return process
-            except redis.RedisError:
-                time.sleep(0.1)
-        raise RuntimeError(f"redis-server on port {self.port} did not start; see {self.folder / 'redis.log'}")
-
-    def crash_and_restart(self, down_s: float) -> None:
-        self.process.kill()
-        self.process.wait()
-        time.sleep(down_s)
-        self.process = self._start()
-
-    def stop(self) -> None:
-        self.process.terminate()
-        self.process.wait(30)
 
 
 @contextmanager
@@ -314,7 +283,6 @@ def main() -> None:
     parser.add_argument("--docs", type=int, default=100_000)
     parser.add_argument("--batch-docs", type=int, default=10_000)
     parser.add_argument("--producers", type=int, default=2)
-    parser.add_argument("--redis-port", type=int, default=6384)
     parser.add_argument("--faults", action="store_true", help="kill -9 an infer worker and Redis mid-drain")
     parser.add_argument("--sample-s", type=float, default=2.0)
     parser.add_argument("--drain-timeout-s", type=float, default=7200)
@@ -334,29 +302,30 @@ def main() -> None:
     for sub in ("logs", "probes"):
         (args.out / sub).mkdir(parents=True, exist_ok=True)
     folders = write_documents(args.out / "docs", args.docs, args.batch_docs)
-    redis_server = RedisServer(args.redis_port, args.out / "redis")
+    redis_server = Redis(args.out / "redis")
+    redis_server.start()
     try:
         with fresh_database() as database_url:
             summary = drive(args, folders, redis_server, database_url)
     finally:
-        redis_server.stop()
+        redis_server.kill()
     (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
     print(json.dumps(summary, indent=1))
 
 
-def drive(args, folders: list[Path], redis_server: RedisServer, database_url: str) -> dict:
+def drive(args, folders: list[Path], redis_server: Redis, database_url: str) -> dict:
     import redis
     from sqlalchemy import text
 
     from schemas.sql.store import Store
 
-    settings = Settings(home=args.out / "home", broker_url=f"redis://127.0.0.1:{args.redis_port}/0",
+    settings = Settings(home=args.out / "home", broker_url=redis_server.url,
                         database_url=database_url, ignore_eos=True, max_new_tokens=16, max_batch_size=32,
                         max_inflight=32, prepare_concurrency=1, metrics_port=0)
     store = Store(database_url)
     store.migrate()
     env = {**os.environ, **settings.to_env(), "PYTHONPATH": str(ROOT)}
-    client = redis.Redis(port=args.redis_port, socket_timeout=5)
+    client = redis.Redis(port=redis_server.port, socket_timeout=5)
     (args.out / "ps_at_start.txt").write_text(top_processes())
     started = time.time()
     workers = Workers(env, args.out)
@@ -381,7 +350,7 @@ def drive(args, folders: list[Path], redis_server: RedisServer, database_url: st
     return summarise(args, producers.records, samples, faults, started, drained, workers, sizes, checks)
 
 
-def drain(args, store, client, workers: Workers, producers: Producers, redis_server: RedisServer,
+def drain(args, store, client, workers: Workers, producers: Producers, redis_server: Redis,
           started: float) -> tuple[list[dict], list[dict]]:
     """Sample every --sample-s until every job has ended (or --drain-timeout-s), injecting the faults on the way;
     returns the samples and the faults."""
@@ -405,7 +374,9 @@ def drain(args, store, client, workers: Workers, producers: Producers, redis_ser
                 faults.append({"t": sample["t"], "what": f"kill -9 {KILLED_WORKER} (holding {held} jobs), "
                                                          "restarted 5 s later"})
             elif args.faults and len(faults) == 1 and ended >= 0.6 * args.docs:
-                redis_server.crash_and_restart(down_s=3)
+                redis_server.kill()  # its AOF stays: restarted on it, as a crashed Redis comes back
+                time.sleep(3)
+                redis_server.start()
                 faults.append({"t": sample["t"], "what": "kill -9 redis-server, restarted on its AOF 3 s later"})
 
 
@@ -422,13 +393,13 @@ def sweep_scale(args) -> dict:
 
     probes = args.out / "probes" / "sweep_scale.jsonl"
     install_probes(probes)
-    redis_server, figures = RedisServer(args.redis_port, args.out / "redis"), []
-    client = redis.Redis(port=args.redis_port)
+    redis_server, figures = Redis(args.out / "redis"), []
+    redis_server.start()
+    client = redis.Redis(port=redis_server.port)
     try:
         for num_jobs in args.sweep_scale:
             with fresh_database() as database_url:
-                settings = Settings(home=args.out / "home", broker_url=f"redis://127.0.0.1:{args.redis_port}/0",
-                                    database_url=database_url)
+                settings = Settings(home=args.out / "home", broker_url=redis_server.url, database_url=database_url)
                 store, app = Store(database_url), make_celery(settings)
                 store.migrate()
                 seeded = time.perf_counter()
@@ -462,7 +433,7 @@ def sweep_scale(args) -> dict:
                                                      "redis_bytes_per_message": round(
                                                          grown_bytes / max(1, passes[3]["actions"].get("resent", 0)))}})
     finally:
-        redis_server.stop()
+        redis_server.kill()
     return {"sweep_scale": figures}
 
 

@@ -27,9 +27,8 @@ from schemas.states import DocbatchError  # noqa: E402
 from schemas.settings import Settings  # noqa: E402
 from schemas.tasks import builtin_task  # noqa: E402
 from worker.answers.prompts import build_text_prompt, validate_json  # noqa: E402
-from worker.engine.builder import build_engine, uses_vllm  # noqa: E402
 from worker.engine.request import GenerationOptions, ModelInput  # noqa: E402
-from worker.models.loading import load_model  # noqa: E402
+from worker.service.process import start_engine  # noqa: E402
 
 COMPANIES = ["Northwind Analytics Ltd", "Harbour Freight plc", "Atlas Components AG", "Helios Energy SAS",
              "Kestrel Software Inc", "Bramble Foods BV", "Meridian Leasing SpA", "Cobalt Mining Pty Ltd"]
@@ -82,8 +81,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("layout-out"))
     args = parser.parse_args()
     settings = Settings(home=args.home, model=args.model)
-    loaded = load_model(settings, weights=not uses_vllm(settings))
-    engine = build_engine(settings, loaded)
+    rt = start_engine(settings, "bench@layout")  # as an infer worker starts it
+    engine, tokenizer = rt.engine, rt.tokenizer
     rng = random.Random(0)
     documents = {"summarize": [contract(rng) for _ in range(args.docs)],
                  "extract": [report(rng) for _ in range(args.docs)]}
@@ -95,7 +94,7 @@ def main() -> None:
         for layout, render in (("document-first", task.render), ("instruction-first",
                                                                   lambda text, task=task: instruction_first(task, text))):
             started = time.perf_counter()
-            futures = [engine.submit(ModelInput(build_text_prompt(loaded.tokenizer, render, text, 4096)
+            futures = [engine.submit(ModelInput(build_text_prompt(tokenizer, render, text, 4096)
                                                 .model_input.token_ids, json_schema=task.schema_text), limit, options)
                        for text, _ in docs]
             valid = cut = filled = fields = right = 0
@@ -103,7 +102,7 @@ def main() -> None:
                 tokens = future.result().token_ids
                 cut += len(tokens) >= limit
                 try:
-                    answer = validate_json(task.schema_text, loaded.tokenizer.decode(tokens, skip_special_tokens=True),
+                    answer = validate_json(task.schema_text, tokenizer.decode(tokens, skip_special_tokens=True),
                                            task.output_model)
                 except DocbatchError:
                     continue
@@ -118,9 +117,9 @@ def main() -> None:
             print(json.dumps(rows[-1]), flush=True)
     engine.stop()
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "layout.json").write_text(json.dumps({"model": args.model, "device": loaded.device, "rows": rows},
+    (args.out / "layout.json").write_text(json.dumps({"model": args.model, "engine": type(engine).__name__, "rows": rows},
                                                      indent=1))
-    print(f"\nmodel {args.model} on {loaded.device}, {type(engine).__name__}, max_new_tokens {limit}")
+    print(f"\nmodel {args.model}, {type(engine).__name__}, max_new_tokens {limit}")
     print("| task | layout | valid at first try | cut off | fields filled | facts right |")
     print("| --- | --- | --- | --- | --- | --- |")
     for r in rows:

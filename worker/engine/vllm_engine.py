@@ -59,7 +59,7 @@ class _Request:
     most_beside: int = field(default=0)  # the most requests vLLM held at once while it held this one
 
 
-def _one_placeholder_per_image(token_ids: list[int], image_token_id: int | None) -> list[int]:
+def one_placeholder_per_image(token_ids: list[int], image_token_id: int | None) -> list[int]:
     """`token_ids` with each run of the image placeholder (one per image patch) cut to one placeholder."""
     if image_token_id is None:
         raise ValueError("a prompt with images needs a vision model (its config's image_token_id)")
@@ -183,7 +183,7 @@ class VllmEngine:
                                 output_kind=RequestOutputKind.FINAL_ONLY)
         prompt: dict[str, Any] = {"prompt_token_ids": list(tokens)}
         if model_input.images:  # vLLM's processor repeats each image's placeholder itself: one each is handed over
-            prompt = {"prompt_token_ids": _one_placeholder_per_image(tokens, self.image_token_id),
+            prompt = {"prompt_token_ids": one_placeholder_per_image(tokens, self.image_token_id),
                       "multi_modal_data": {"image": list(model_input.images)}}
         request = _Request(str(next(self._ids)), prompt, params, future, len(tokens), model_input.prefix_group)
         future._docbatch_request = request  # type: ignore[attr-defined] - what `abort` finds it by
