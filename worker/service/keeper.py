@@ -28,6 +28,8 @@ from schemas.sql.store import Store
 from worker.engine.request import RequestAborted
 
 log = logging.getLogger(__name__)
+NOT_STARTED = "cancelled before the engine started it"
+ABORTED = "cancelled while its answer was being generated (cancel --now)"
 
 
 class HeldJobs:
@@ -85,32 +87,36 @@ class HeldJobs:
         with self._lock:
             self._requests.pop(job_id, None)
 
-    def stop(self, job_id: str, now: bool, abort: Callable[[Future], None]) -> str | None:
-        """Stop a held job: `CANCELLED` when it will end cancelled (its request not started by the engine, or
-        not yet handed to it, or `now`; or stopped already, by the keeper and the broadcast of one cancel),
-        `FINISHING` when its answer is being generated (or was) and may finish; None when this process does
-        not hold it. The stop stays asked until the job's task ends, so a later request of the same job (the
-        repair at twice the room) is cancelled too."""
+    def stop(self, job_id: str, now: bool, abort: Callable[[Future], None]) -> tuple[str, str | None] | None:
+        """Stop a held job: (`CANCELLED`, why) when this call stops it (its request not started by the engine, or
+        not yet handed to it, or `now`), (`CANCELLED`, None) when it was stopped before (by the keeper or the
+        broadcast of one cancel, or an earlier cancel), (`FINISHING`, None) when its answer is being generated (or
+        was) and may finish; None when this process does not hold it. `why` is the job's message once cancelled.
+        The stop stays asked until the job's task ends, so a later request of the same job (the repair at twice
+        the room) is cancelled too."""
         with self._lock:
             if job_id not in self._ids:
                 return None
             now = self._stops[job_id] = self._stops.get(job_id, False) or now
             future = self._requests.get(job_id)
         if future is not None and future.done():
-            return CANCELLED if future.cancelled() or isinstance(future.exception(), RequestAborted) else FINISHING
-        if future is None or _stop(future, now, abort):
-            return CANCELLED
-        return FINISHING
+            stopped = future.cancelled() or isinstance(future.exception(), RequestAborted)
+            return (CANCELLED, None) if stopped else (FINISHING, None)
+        if future is None:
+            return CANCELLED, NOT_STARTED
+        why = _stop(future, now, abort)
+        return (CANCELLED, why) if why else (FINISHING, None)
 
 
-def _stop(future: Future, now: bool, abort: Callable[[Future], None]) -> bool:
-    """Cancel the request if the engine has not started it, else abort it when `now`; True when it stops."""
+def _stop(future: Future, now: bool, abort: Callable[[Future], None]) -> str | None:
+    """Cancel the request if the engine has not started it, else abort it when `now`; why it stopped, or None
+    when it goes on."""
     if future.cancel():
-        return True
+        return NOT_STARTED
     if now and not future.done():
         abort(future)
-        return True
-    return False
+        return ABORTED
+    return None
 
 
 class Keeper:

@@ -1,6 +1,7 @@
 """What a worker process builds once at start and hands to every task it runs."""
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,6 +15,8 @@ from worker.documents.extract import ExtractLimits
 from worker.service.keeper import HeldJobs
 from worker.service.lane import Lane
 from worker.models.info import ModelInfo, input_budget, model_info
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -56,11 +59,20 @@ class Runtime:
 
     def stop_jobs(self, stops: dict[str, bool]) -> dict[str, str]:
         """Stop the held jobs `cancel` asked to (job id -> now): each one this process holds, with what becomes
-        of it (`schemas.messages.CANCELLED` or `FINISHING`, see `HeldJobs.stop`)."""
+        of it (`schemas.messages.CANCELLED` or `FINISHING`, see `HeldJobs.stop`). A job stopped here is cancelled
+        in the store before the answer goes back, so a second `cancel` right after this one finds it ended, not
+        running (its task, waking later, finds it cancelled already)."""
         if self.engine is None:  # a prepare process: `cancel` ends the jobs it extracts in SQL at once
             return {}
-        outcomes = {job_id: self.held.stop(job_id, now, self.engine.abort) for job_id, now in stops.items()}
-        return {job_id: outcome for job_id, outcome in outcomes.items() if outcome is not None}
+        outcomes = {}
+        for job_id, now in stops.items():
+            stopped = self.held.stop(job_id, now, self.engine.abort)
+            if stopped is None:
+                continue
+            outcomes[job_id], why = stopped
+            if why is not None and self.store.cancel_held(job_id, self.holder, why):
+                log.info("%s %s", self.store.describe_job(job_id), why)
+        return outcomes
 
     @property
     def info(self) -> ModelInfo:

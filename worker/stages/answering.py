@@ -17,6 +17,7 @@ from worker.answers.checks import result_warnings
 from worker.documents.ocr import ocr_warnings
 from worker.engine.request import Completion, GenerationOptions, ModelInput, RequestAborted, RequestTooLarge
 from worker.answers.prompts import validate_json
+from worker.service.keeper import ABORTED, NOT_STARTED
 from worker.service.runtime import Runtime
 from worker.stages.prompting import Request
 from worker.stages.reducing import advance_parent
@@ -117,9 +118,9 @@ def _generate(rt: Runtime, job_id: str, model_input: ModelInput, max_new_tokens:
     except RequestTooLarge as e:
         raise DocbatchError(ErrorCode.OUT_OF_MEMORY, str(e)) from e
     except CancelledError as e:
-        raise JobCancelled("cancelled before the engine started it") from e
+        raise JobCancelled(NOT_STARTED) from e
     except RequestAborted as e:
-        raise JobCancelled("cancelled while its answer was being generated (cancel --now)") from e
+        raise JobCancelled(ABORTED) from e
     finally:
         rt.held.done_waiting(job_id)
     return rt.tokenizer.decode(completion.token_ids, skip_special_tokens=True), completion

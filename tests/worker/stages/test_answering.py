@@ -120,12 +120,16 @@ def test_cancel_ends_a_job_the_engine_has_not_started_and_lets_one_being_generat
             generate.started.wait(0.01)
         # When `cancel` (or `cancel --now`) tells the worker to stop both, and the generating batch ends
         outcomes = rt.stop_jobs({generating.id: now, waiting.id: now})
+        # ... what it stopped is cancelled in the store before it answers (a second cancel finds it ended)
+        stopped_at_once = {job_id: rt.store.get_job(job_id).state for job_id in (generating.id, waiting.id)}
         generate.release.set()
         first.result(timeout=30), second.result(timeout=30)
     rt.engine.stop()
     # Then the waiting job is cancelled without ever reaching the model; the generating one finishes (or, --now,
     # is cancelled too); no lease is left held
     assert outcomes == {waiting.id: CANCELLED, generating.id: CANCELLED if now else FINISHING}
+    assert stopped_at_once == {waiting.id: JobState.CANCELLED,
+                               generating.id: JobState.CANCELLED if now else JobState.RUNNING}
     jobs = {job_id: rt.store.get_job(job_id) for job_id in (generating.id, waiting.id)}
     assert jobs[waiting.id].state == JobState.CANCELLED
     assert jobs[waiting.id].error_message == "cancelled before the engine started it"
