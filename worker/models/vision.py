@@ -9,6 +9,7 @@ makes its tensors (the same resize: the images are within both processors' pixel
 """
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from PIL import Image
@@ -84,6 +85,21 @@ def build_vision_prompt(processor: Any, around: tuple[str, str], parts: list[str
     extras = {"pixel_values": encoded["pixel_values"], "image_grid_thw": encoded["image_grid_thw"]} \
         if images and tensors else {}
     return Prompt(ModelInput(token_ids, extras, images=tuple(images)), is_truncated=is_truncated)
+
+
+WARM_UP_PAGE = (448, 616)  # a blank page's pixels (a letter page's proportions, whole 28-pixel patches)
+
+
+def warm_up(engine: Any, processor: Any, max_input_tokens: int, timeout_s: float = 600) -> float:
+    """Run one blank page through `engine` before any job comes, and return the seconds it took. vLLM compiles
+    kernels at its first image request (Triton's rotary kernel of the 3D rope: seconds), which would otherwise
+    land on the steps of a batch's first pages."""
+    page = Image.new("RGB", WARM_UP_PAGE, "white")
+    prompt = build_vision_prompt(processor, ("", "Read the page."), [page], max_input_tokens,
+                                 tensors=not getattr(engine, "processes_images", False))
+    started = time.perf_counter()
+    engine.submit(prompt.model_input, 2).result(timeout=timeout_s)
+    return time.perf_counter() - started
 
 
 def _encode(processor: Any, around: tuple[str, str], parts: list[str | Image.Image], texts: list[str],

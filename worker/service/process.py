@@ -47,6 +47,11 @@ def start_engine(settings: Settings, name: str) -> runtime.Runtime:
     try:
         loaded = on_a_passing_thread(load_model, settings, weights=not vllm)
         engine = on_a_passing_thread(build_engine, settings, loaded)
+        if loaded.is_vision and getattr(engine, "processes_images", False):  # vLLM compiles its image path at first use
+            from worker.models.vision import warm_up
+
+            log.info("vision engine warmed up with a blank page in %.1f s",
+                     warm_up(engine, loaded.processor, input_budget(settings, loaded.context_tokens)))
     except Exception as error:  # noqa: BLE001 - whatever stops the model from loading is said in one line
         first_line = (str(error).strip().splitlines() or [""])[0]
         raise EngineStartError(f"the {'vllm' if vllm else settings.engine} engine cannot load {settings.model}: "

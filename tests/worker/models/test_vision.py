@@ -7,6 +7,7 @@ SmolLM2 one plus Qwen's vision tokens and a Qwen2-VL style chat template.
 from __future__ import annotations
 
 import threading
+from concurrent.futures import Future
 from pathlib import Path
 
 import pytest
@@ -15,11 +16,11 @@ from PIL import Image, ImageDraw
 
 from schemas.settings import Settings
 from tiny_models import CONTEXT_TOKENS
-from worker.engine.request import GenerationOptions
+from worker.engine.request import Completion, GenerationOptions
 from worker.engine.hf_generator import HFGenerator, collate, vision_token_types
 from worker.engine.static_engine import StaticEngine
 from worker.models.loading import load_model
-from worker.models.vision import build_vision_prompt, is_vision_config
+from worker.models.vision import WARM_UP_PAGE, build_vision_prompt, is_vision_config, warm_up
 
 INSTRUCTION = "Summarize this document."
 AROUND = ("", "\n\n" + INSTRUCTION)  # the task prompt around the document: nothing before, this after
@@ -84,6 +85,36 @@ def test_for_vllm_the_placeholders_are_counted_without_processing_the_images(vl_
     assert for_vllm.token_ids == processed.token_ids
     assert for_vllm.extras == {} and len(for_vllm.images) == 3
     assert len({count for count in (int(grid.prod()) for grid in processed.extras["image_grid_thw"])}) > 1
+
+
+class ImageReadingEngine:
+    """An engine that, like vLLM, makes the image tensors itself; it records what it is asked and answers at once."""
+
+    processes_images = True
+
+    def __init__(self) -> None:
+        self.asked: list[tuple] = []
+
+    def submit(self, model_input, max_new_tokens, options=GenerationOptions()) -> Future:
+        self.asked.append((model_input, max_new_tokens))
+        future: Future = Future()
+        future.set_result(Completion([1] * max_new_tokens, 1))
+        return future
+
+
+def test_a_vllm_vision_engine_reads_one_blank_page_before_any_job(vl_model):
+    # Given a vision engine that makes its own image tensors (vLLM, which compiles its image path at first use)
+    engine = ImageReadingEngine()
+    # When the worker warms it up
+    seconds = warm_up(engine, vl_model.processor, 1000)
+    # Then it got one request: a blank page with its placeholders counted as the processor counts them, no tensors,
+    # and a decode step after the prompt
+    [(model_input, max_new)] = engine.asked
+    [page] = model_input.images
+    assert page.size == WARM_UP_PAGE and page.getextrema() == ((255, 255),) * 3
+    processed = build_vision_prompt(vl_model.processor, ("", "Read the page."), [page], 1000).model_input
+    assert model_input.token_ids == processed.token_ids and model_input.extras == {}
+    assert max_new == 2 and seconds >= 0
 
 
 def test_a_task_prompt_with_text_before_the_document_keeps_its_order(vl_model):
