@@ -1,12 +1,14 @@
 """Write a random-weight model with Qwen2.5-7B-Instruct's exact shape to a folder (no hub needed); with `--vision`,
 Qwen2.5-VL-7B-Instruct's (the same language model behind a 32-block vision encoder).
 
-    python benchmarks/make_random_model.py --tokenizer-from DIR --out /tmp/qwen7b-random [--vision]
+    python benchmarks/make_random_model.py --tokenizer-from DIR --out /tmp/qwen7b-random [--vision | --awq]
 
 Weights are random, so answers are noise, but the compute and memory traffic per token are the real
 ones. The tokenizer (and its chat template) comes from `--tokenizer-from`, e.g. the converted
 SmolLM2 folder; its ids all lie inside Qwen's vocabulary. A vision model gets Qwen's vision tokens added to it, a
-chat template that places images, and the image processor's files with Qwen2.5-VL's pixel limits.
+chat template that places images, and the image processor's files with Qwen2.5-VL's pixel limits. With `--awq`, the
+checkpoint a 24 GB card runs (as Qwen2.5-7B-Instruct-AWQ is published): the decoder's linear layers in AutoAWQ's
+GEMM format (4-bit weights packed eight to an int32, a zero point and an fp16 scale per 128 inputs), the rest fp16.
 """
 from __future__ import annotations
 
@@ -35,7 +37,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokenizer-from", required=True, type=Path)
     parser.add_argument("--out", required=True, type=Path)
-    parser.add_argument("--vision", action="store_true", help="Qwen2.5-VL-7B's shape")
+    kind = parser.add_mutually_exclusive_group()
+    kind.add_argument("--vision", action="store_true", help="Qwen2.5-VL-7B's shape")
+    kind.add_argument("--awq", action="store_true", help="4-bit AWQ weights (AutoAWQ's GEMM format)")
     args = parser.parse_args()
     started = time.time()
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_from)
@@ -54,6 +58,12 @@ def main() -> None:
                                   video_token_id=video_pad, vision_start_token_id=start, vision_end_token_id=end,
                                   tie_word_embeddings=False)
         make = Qwen2_5_VLForConditionalGeneration
+    elif args.awq:
+        config = Qwen2Config(**QWEN25_7B, **ids)
+        params = write_awq(config, args.out)
+        tokenizer.save_pretrained(args.out)
+        print(f"wrote {args.out}: {params / 1e9:.2f} B parameters (AWQ 4-bit) in {time.time() - started:.0f} s")
+        return
     else:
         config, make = Qwen2Config(**QWEN25_7B, **ids), Qwen2ForCausalLM
     torch.manual_seed(0)
@@ -72,6 +82,53 @@ def main() -> None:
             "do_resize": True, "do_rescale": True, "do_normalize": True, "do_convert_rgb": True}))
     params = sum(p.numel() for p in model.parameters()) / 1e9
     print(f"wrote {args.out}: {params:.2f} B parameters in {time.time() - started:.0f} s", flush=True)
+
+
+AWQ_GROUP = 128  # inputs per scale and zero point
+AWQ_ZEROS = -0x77777778  # eight 4-bit zero points of 8 in one int32 (0x88888888)
+
+
+def write_awq(config: Qwen2Config, out: Path) -> int:
+    """A random Qwen2 checkpoint of `config`'s shape in AutoAWQ's GEMM format (`qweight` [in, out / 8] int32,
+    `qzeros` [in / 128, out / 8] int32, `scales` [in / 128, out] fp16 for q/k/v/o and gate/up/down; embeddings,
+    norms, q/k/v biases and the head in fp16), with the `quantization_config` vLLM reads. Returns its parameters."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    hidden, kv = config.hidden_size, config.num_key_value_heads * (config.hidden_size // config.num_attention_heads)
+    # a weight (q - 8) * scale has the standard deviation of the bf16 model's initialiser (0.02)
+    scale = config.initializer_range / 4.6
+    tensors: dict[str, torch.Tensor] = {}
+
+    def dense(name: str, *shape: int) -> None:
+        tensors[name] = (torch.randn(*shape) * config.initializer_range).half()
+
+    def awq(name: str, inputs: int, outputs: int) -> None:
+        tensors[f"{name}.qweight"] = torch.randint(-2**31, 2**31 - 1, (inputs, outputs // 8), dtype=torch.int32)
+        tensors[f"{name}.qzeros"] = torch.full((inputs // AWQ_GROUP, outputs // 8), AWQ_ZEROS, dtype=torch.int32)
+        tensors[f"{name}.scales"] = torch.full((inputs // AWQ_GROUP, outputs), scale, dtype=torch.float16)
+
+    dense("model.embed_tokens.weight", config.vocab_size, hidden)
+    dense("lm_head.weight", config.vocab_size, hidden)
+    tensors["model.norm.weight"] = torch.ones(hidden, dtype=torch.float16)
+    for i in range(config.num_hidden_layers):
+        layer = f"model.layers.{i}"
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            tensors[f"{layer}.{norm}.weight"] = torch.ones(hidden, dtype=torch.float16)
+        for proj, outputs in (("q_proj", hidden), ("k_proj", kv), ("v_proj", kv)):
+            awq(f"{layer}.self_attn.{proj}", hidden, outputs)
+            tensors[f"{layer}.self_attn.{proj}.bias"] = torch.zeros(outputs, dtype=torch.float16)
+        awq(f"{layer}.self_attn.o_proj", hidden, hidden)
+        awq(f"{layer}.mlp.gate_proj", hidden, config.intermediate_size)
+        awq(f"{layer}.mlp.up_proj", hidden, config.intermediate_size)
+        awq(f"{layer}.mlp.down_proj", config.intermediate_size, hidden)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    config.dtype = torch.float16
+    config.quantization_config = {"quant_method": "awq", "bits": 4, "group_size": AWQ_GROUP, "zero_point": True,
+                                  "version": "gemm"}
+    config.save_pretrained(out)
+    return sum(t.numel() * (8 if n.endswith(".qweight") else 1) for n, t in tensors.items())
 
 
 if __name__ == "__main__":
