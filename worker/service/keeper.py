@@ -1,8 +1,8 @@
 """A worker process's housekeeping thread: it registers the process, renews the leases of the jobs the
 process works on (one statement every `lease_s / 3`), keeps their messages (and those of the jobs waiting in its
-lane to be claimed) from being delivered again while it does, passes on the stops `docbatch cancel` asked for
-them, and sweeps for lost work (`worker.service.reconcile`) every `sweep_interval_s`, so the sweep lives in every
-worker, never in one process that can vanish.
+lane to be claimed) from being delivered again while it does, and passes on the stops `docbatch cancel` asked for
+them; beside it, a thread of its own sweeps for lost work (`worker.service.reconcile`) every `sweep_interval_s`, so
+the sweep lives in every worker, never in one process that can vanish.
 
 After a database outage the sweep waits until the database has answered for a whole `lease_s`: every
 live holder has renewed its leases by then, so a lease that is still expired is truly abandoned.
@@ -124,32 +124,36 @@ class Keeper:
                  sweeps: bool, app=None, register: bool = True,
                  on_stop: Callable[[dict[str, bool]], object] | None = None) -> None:
         """`on_stop` gets the held jobs `cancel` told to stop (job id -> now), at each renewal: an infer
-        process's `Runtime.stop_jobs`. The broadcast usually told it before; this catches what it missed."""
+        process's `Runtime.stop_jobs`. The broadcast usually told it before; this catches what it missed.
+        With `sweeps`, a second thread sweeps, so that a long pass (thousands of messages re-sent after a
+        Redis loss, on a starved core) never delays the renewals that keep this process's leases alive."""
         self.settings, self.store, self.holder, self.held, self.role = settings, store, holder, held, role
         self.sweeps, self.app, self.register, self.on_stop = sweeps, app, register, on_stop
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="docbatch-keeper", daemon=True)
+        self._threads = [threading.Thread(target=self._loop, name="docbatch-keeper", daemon=True)]
+        if sweeps:
+            self._threads.append(threading.Thread(target=self._sweep_loop, name="docbatch-sweeper", daemon=True))
         self._client: redis.Redis | None = None
+        self._reachable_since: float | None = None  # since when the renewals reach the database, without a miss
 
     def start(self) -> "Keeper":
-        self._thread.start()
+        for thread in self._threads:
+            thread.start()
         return self
 
     def stop(self) -> None:
         self._stop.set()
-        self._thread.join(5)
+        for thread in self._threads:
+            thread.join(5)
         if self.register:
             _quietly(lambda: self.store.worker_stopped(self.holder), "unregister")
 
     def _loop(self) -> None:
         s = self.settings
-        renew_every_s = s.renew_every_s
-        reachable_since: float | None = None
-        next_sweep = 0.0
         registered = not self.register
         wait_s = 0.0  # registered at once, so that `docbatch workers` (and `cancel`) count this process from its start
         while not self._stop.wait(wait_s):
-            wait_s = min(renew_every_s, s.sweep_interval_s)
+            wait_s = s.renew_every_s
             try:
                 if not registered:
                     self.store.register_worker(self.holder, self.role)
@@ -157,16 +161,22 @@ class Keeper:
                 held = self.held.ids()
                 self.store.heartbeat(self.holder, held)
                 stops = self.store.stop_requests(self.holder, held) if self.on_stop else {}
-                reachable_since = reachable_since or time.monotonic()
+                self._reachable_since = self._reachable_since or time.monotonic()
             except Exception as e:  # noqa: BLE001 - an outage is waited out; the thread must live on
                 log.warning("cannot renew leases (%s); the database may be away", str(e).splitlines()[0])
-                reachable_since = None
+                self._reachable_since = None
                 continue
             if stops:
                 _quietly(lambda: self.on_stop(stops), "stopping cancelled jobs")
             self._keep_messages(self.held.kept_ids())
-            now = time.monotonic()
-            if self.sweeps and now >= next_sweep and now - reachable_since >= s.lease_s:
+
+    def _sweep_loop(self) -> None:
+        """A pass every `sweep_interval_s`, once the renewals have reached the database for a whole `lease_s`."""
+        s = self.settings
+        next_sweep = 0.0
+        while not self._stop.wait(min(s.renew_every_s, s.sweep_interval_s)):
+            now, since = time.monotonic(), self._reachable_since
+            if since is not None and now - since >= s.lease_s and now >= next_sweep:
                 next_sweep = now + s.sweep_interval_s
                 _quietly(self._sweep, "sweep")
 
