@@ -2,11 +2,11 @@
 product's own worker processes with the instant engine of `pipeline_ceiling.py` (the real paged engine's
 scheduler, blocks and futures around a runner that answers at once).
 
-    python benchmarks/load.py --docs 100000 --batch-docs 10000 --producers 2 --redis-port 6384 --out /tmp/load
+    python benchmarks/load.py --docs 100000 --batch-docs 10000 --producers 2 --out /tmp/load
     python benchmarks/load.py --docs 20000 ... --faults    # kill -9 an infer worker, then Redis, mid-drain
 
 It writes the documents (small contracts, each unique) in folders of --batch-docs, starts a redis-server of its own
-on --redis-port (AOF on, everysec, so that a restart keeps what it had), creates a fresh PostgreSQL database (dropped
+on a free port (AOF on, everysec, so that a restart keeps what it had), creates a fresh PostgreSQL database (dropped
 at the end), starts 4 worker processes (2 prepare, 2 infer), then has --producers `docbatch submit` processes
 submit the folders at once, each its share one after the other. While the backlog drains it samples, every
 --sample-s: the jobs by state (SQL), each queue's depth (Redis), each process's memory. Each worker process records
@@ -44,7 +44,7 @@ from schemas.settings import Settings  # noqa: E402
 WORKERS = (("prepare", "prepare1@load"), ("prepare", "prepare2@load"), ("infer", "instant1@load"),
            ("infer", "instant2@load"))
 KILLED_WORKER = "instant1@load"
-TRACE_MEMORY_ENV = "DOCBATCH_LOAD_TRACE_MEMORY"  # set by --trace-memory, read in the worker processes
+TRACE_MEMORY_ENV = "DOCBATCH_LOAD_TRACE_MEMORY"  # set by --trace-memory, read in the infer processes
 POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 
 
@@ -54,16 +54,17 @@ def serve(role: str, name: str, probe_dir: Path) -> None:
     import worker.service.process
     from pipeline_ceiling import serve_infer
 
-    install_probes(probe_dir / f"{name}.jsonl")
+    install_probes(probe_dir / f"{name}.jsonl", trace_memory=role == "infer" and bool(os.environ.get(TRACE_MEMORY_ENV)))
     if role == "infer":
         serve_infer(name)
     else:
         worker.service.process.main(role, name)
 
 
-def install_probes(path: Path) -> None:
+def install_probes(path: Path, trace_memory: bool = False) -> None:
     """Record, one JSON line each, every sweep pass of this process (wall time, SQL statements and their time) and
-    every result it stores (the job id), and every delivery that found its job already taken or ended."""
+    every result it stores (the job id), and every delivery that found its job already taken or ended; with
+    `trace_memory`, what its Python allocations grew by (`MemoryTrace`)."""
     from sqlalchemy import event
     from sqlalchemy.engine import Engine
 
@@ -100,7 +101,7 @@ def install_probes(path: Path) -> None:
                    "ok": counts is not None})
             local.sql = None
 
-    memory = MemoryTrace() if os.environ.get(TRACE_MEMORY_ENV) else None
+    memory = MemoryTrace() if trace_memory else None
 
     def probed_finish(self, job_id, *args, **kwargs):
         done = finish(self, job_id, *args, **kwargs)
@@ -318,7 +319,8 @@ def main() -> None:
     parser.add_argument("--faults", action="store_true", help="kill -9 an infer worker and Redis mid-drain")
     parser.add_argument("--sample-s", type=float, default=2.0)
     parser.add_argument("--trace-memory", action="store_true",
-                        help="the workers trace their Python allocations: what grew, where, every 1,000 results")
+                        help="the infer processes trace their Python allocations (slower): what grew, where, every "
+                        "1,000 results they store")
     parser.add_argument("--drain-timeout-s", type=float, default=7200)
     parser.add_argument("--sweep-scale", type=lambda v: [int(n) for n in v.split(",")], metavar="N,N,...",
                         help="only time sweep passes over seeded backlogs of these sizes (no workers, no submit)")
