@@ -44,7 +44,6 @@ from schemas.settings import Settings  # noqa: E402
 WORKERS = (("prepare", "prepare1@load"), ("prepare", "prepare2@load"), ("infer", "instant1@load"),
            ("infer", "instant2@load"))
 KILLED_WORKER = "instant1@load"
-TRACE_MEMORY_ENV = "DOCBATCH_LOAD_TRACE_MEMORY"  # set by --trace-memory, read in the infer processes
 POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 
 
@@ -54,17 +53,16 @@ def serve(role: str, name: str, probe_dir: Path) -> None:
     import worker.service.process
     from pipeline_ceiling import serve_infer
 
-    install_probes(probe_dir / f"{name}.jsonl", trace_memory=role == "infer" and bool(os.environ.get(TRACE_MEMORY_ENV)))
+    install_probes(probe_dir / f"{name}.jsonl")
     if role == "infer":
         serve_infer(name)
     else:
         worker.service.process.main(role, name)
 
 
-def install_probes(path: Path, trace_memory: bool = False) -> None:
+def install_probes(path: Path) -> None:
     """Record, one JSON line each, every sweep pass of this process (wall time, SQL statements and their time) and
-    every result it stores (the job id), and every delivery that found its job already taken or ended; with
-    `trace_memory`, what its Python allocations grew by (`MemoryTrace`)."""
+    every result it stores (the job id), and every delivery that found its job already taken or ended."""
     from sqlalchemy import event
     from sqlalchemy.engine import Engine
 
@@ -101,14 +99,10 @@ def install_probes(path: Path, trace_memory: bool = False) -> None:
                    "ok": counts is not None})
             local.sql = None
 
-    memory = MemoryTrace() if trace_memory else None
-
     def probed_finish(self, job_id, *args, **kwargs):
         done = finish(self, job_id, *args, **kwargs)
         if done:
             write({"event": "finish", "job": job_id})
-            if memory is not None and (grown := memory.after_one()):
-                write({"event": "memory", "pid": os.getpid(), **grown})
         return done
 
     def probed_claim(self, job_id, from_state, *args, **kwargs):
@@ -118,33 +112,6 @@ def install_probes(path: Path, trace_memory: bool = False) -> None:
         return job
 
     reconcile.sweep, Store.finish, Store.claim = timed_sweep, probed_finish, probed_claim
-
-
-class MemoryTrace:
-    """What this process's Python allocations grew by, where (tracemalloc, 8 frames): a snapshot after the first
-    `every` results it stored, then at every further `every`, the 12 places that grew most since the first."""
-
-    def __init__(self, every: int = 1000) -> None:
-        import tracemalloc
-
-        self.every, self.count, self.first = every, 0, None
-        tracemalloc.start(8)
-
-    def after_one(self) -> dict | None:
-        import tracemalloc
-
-        self.count += 1
-        if self.count % self.every:
-            return None
-        snapshot = tracemalloc.take_snapshot().filter_traces([tracemalloc.Filter(False, tracemalloc.__file__)])
-        if self.first is None:
-            self.first = snapshot
-            return None
-        grown = snapshot.compare_to(self.first, "traceback")[:12]
-        return {"results": self.count, "traced_mb": round(tracemalloc.get_traced_memory()[0] / 2**20, 1),
-                "grown": [{"kb": round(stat.size_diff / 1024, 1), "blocks": stat.count_diff,
-                           "where": [f"{frame.filename.rsplit('site-packages/', 1)[-1]}:{frame.lineno}"
-                                     for frame in stat.traceback][:8]} for stat in grown]}
 
 
 # -- the parts the benchmark runs ------------------------------------------------------------------------------------
@@ -318,9 +285,6 @@ def main() -> None:
     parser.add_argument("--producers", type=int, default=2)
     parser.add_argument("--faults", action="store_true", help="kill -9 an infer worker and Redis mid-drain")
     parser.add_argument("--sample-s", type=float, default=2.0)
-    parser.add_argument("--trace-memory", action="store_true",
-                        help="the infer processes trace their Python allocations (slower): what grew, where, every "
-                        "1,000 results they store")
     parser.add_argument("--drain-timeout-s", type=float, default=7200)
     parser.add_argument("--sweep-scale", type=lambda v: [int(n) for n in v.split(",")], metavar="N,N,...",
                         help="only time sweep passes over seeded backlogs of these sizes (no workers, no submit)")
@@ -361,8 +325,6 @@ def drive(args, folders: list[Path], redis_server: Redis, database_url: str) -> 
     store = Store(database_url)
     store.migrate()
     env = {**os.environ, **settings.to_env(), "PYTHONPATH": str(ROOT)}
-    if args.trace_memory:
-        env[TRACE_MEMORY_ENV] = "1"
     client = redis.Redis(port=redis_server.port, socket_timeout=5)
     (args.out / "ps_at_start.txt").write_text(top_processes())
     started = time.time()
