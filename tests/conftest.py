@@ -23,6 +23,7 @@ TEST_REDIS_DB = 13  # a database of its own, flushed before each test that uses 
 # A custom task of short answers (see the file), for the pipeline tests about what happens around the model
 PARTIES_TASK_FILE = Path(__file__).parent / "tasks" / "parties.toml"
 PARTIES_TASK = load_task_file(PARTIES_TASK_FILE, Settings())
+BRIEF_TASK = load_task_file(Path(__file__).parent / "tasks" / "brief.toml", Settings())
 
 
 @pytest.fixture(scope="session")

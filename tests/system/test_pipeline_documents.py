@@ -6,7 +6,7 @@ import os
 
 import pytest
 from PIL import ImageFilter
-from conftest import PARTIES_TASK, shared_worker_settings, worker_process
+from conftest import BRIEF_TASK, PARTIES_TASK, shared_worker_settings, worker_process
 from documents import (
     encrypted_pdf,
     multipage_tiff,
@@ -126,7 +126,7 @@ def test_every_kind_of_input_ends_as_expected_and_the_worker_survives(module_set
 
 
 def test_a_long_contract_is_chunked_mapped_and_reduced(module_settings, module_worker, tmp_path):
-    # Given a 64-page contract and an input budget of 2,048 tokens
+    # Given a 64-page contract, an input budget of 2,048 tokens, and a task of a bounded summary and the parties
     settings = module_settings
     pages = ["\n\n".join(CLAUSE.format(n=p * 10 + k) for k in range(2)) for p in range(64)]
     folder = tmp_path / "long"
@@ -135,7 +135,7 @@ def test_a_long_contract_is_chunked_mapped_and_reduced(module_settings, module_w
     store = Store(settings.effective_database_url)
     store.migrate()
     # When it runs
-    batch, status = _run(store, settings, folder, module_worker, timeout_s=900)
+    batch, status = _run(store, settings, folder, module_worker, timeout_s=900, task=BRIEF_TASK)
     # Then the document job is done after a map over several chunks and a reduce over their answers:
     # merged by the schema's rules, the model asked only about what the chunks disagree on (their summaries)
     assert (status.done, status.failed) == (1, 0)
@@ -145,7 +145,6 @@ def test_a_long_contract_is_chunked_mapped_and_reduced(module_settings, module_w
     (reduce_input,) = parent.input_parts
     assert reduce_input["text"].startswith("Merged answer:\n{") and "\n- summary: [" in reduce_input["text"]
     assert result.data["json"]["summary"] is not None and parent.tokens_in < 2048
-    assert "warnings" in result.data
     # ... and progress counted the chunks as units of work
     assert store.unit_counts(batch.batch_id) == (1 + parent.num_chunks, 1 + parent.num_chunks)
     store.close()
