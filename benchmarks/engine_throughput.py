@@ -230,12 +230,17 @@ def docbatch_submit(settings: Settings, submits: list[list[str]], out: Path, nam
                                 env=env, capture_output=True, text=True, check=True)
         records += [json.loads(line) for line in export.stdout.splitlines()]
     stamp = lambda s: dt.datetime.fromisoformat(s).timestamp()  # noqa: E731
-    span = max(stamp(r["finished_at"]) for r in records) - min(stamp(r["started_at"]) for r in records)
+    starts = sorted(stamp(r["started_at"]) for r in records)
+    span = max(stamp(r["finished_at"]) for r in records) - starts[0]
     tokens_out = sum(r["tokens_out"] or 0 for r in records)
+    # the intake ramp: when the jobs reached the engine, from the first job's start (half of them, all of them)
+    ramp = {"half_started_s": round(starts[len(starts) // 2] - starts[0], 2),
+            "all_started_s": round(starts[-1] - starts[0], 2),
+            "first_start_after_submit_s": round(starts[0] - min(stamp(r["created_at"]) for r in records), 2)}
     return {"workload": name, "mode": f"docbatch worker + submit ({settings.engine} engine)", "docs": len(records),
             "done": sum(r["state"] == "done" for r in records), "tokens_out": tokens_out,
             "tokens_in": sum(r["tokens_in"] or 0 for r in records), "seconds": round(span, 2),
-            "out_tok_s": round(tokens_out / span, 1), "docs_s": round(len(records) / span, 2)}
+            "out_tok_s": round(tokens_out / span, 1), "docs_s": round(len(records) / span, 2), **ramp}
 
 
 def _last(pattern: str, text: str) -> str | None:
