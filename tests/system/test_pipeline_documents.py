@@ -5,7 +5,7 @@ import io
 import os
 
 import pytest
-from PIL import ImageFilter
+from PIL import Image, ImageFilter
 from conftest import BRIEF_TASK, PARTIES_TASK, shared_worker_settings, worker_process
 from documents import (
     encrypted_pdf,
@@ -118,6 +118,8 @@ def test_every_kind_of_input_ends_as_expected_and_the_worker_survives(module_set
     # ... a scan lying sideways (no EXIF orientation) was turned upright and read cleanly
     (page,) = store.load_pages(rows["inbox/sideways.png"][0].document_sha256)
     assert "SUPPLY AGREEMENT" in page.text and page.ocr_confidence > 80
+    stored = Image.open(io.BytesIO(store.read_document(page.image_sha256)[0]))  # the page as read: turned
+    assert (stored.format, stored.size) == ("PNG", text_image(SIDEWAYS).size)
     assert "warnings" not in rows["inbox/sideways.png"][1].data
     # ... and a smudged one, read with little confidence, warns on its answer rather than passing as clean
     (warning,) = rows["inbox/smudged.png"][1].data["warnings"]
@@ -169,6 +171,7 @@ def test_a_vision_model_worker_reads_scans_as_images_not_ocr(settings, vl_model_
     rows = {item.name: job for item, job, _ in store.batch_rows(batch.batch_id)}
     (page,) = store.load_pages(rows["vl/scan.png"].document_sha256)
     assert (page.source, page.text) == ("image", "") and page.image_sha256
+    assert page.image_sha256 == rows["vl/scan.png"].document_sha256  # an upright PNG: the file itself, stored once
     store.close()
 
 

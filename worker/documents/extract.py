@@ -7,7 +7,7 @@ import logging
 from dataclasses import dataclass
 
 from charset_normalizer import from_bytes
-from PIL import Image, ImageOps
+from PIL import ExifTags, Image, ImageOps
 
 from schemas.states import DocbatchError, ErrorCode
 
@@ -36,6 +36,7 @@ class ExtractedPage:
     text: str
     source: str  # "text" (a text layer or file) or "image" (a scan, text still to come from OCR or a VL model)
     image: Image.Image | None = None
+    encoded: bytes | None = None  # the image file itself when its pixels are `image`'s (in grey or RGB): stored as is
 
 
 def sniff(data: bytes) -> str:
@@ -63,7 +64,7 @@ def extract_pages(data: bytes, limits: ExtractLimits = ExtractLimits()) -> list[
     if media_type == "application/pdf":
         return _pdf_pages(data, limits)
     if media_type in IMAGE_TYPES:
-        return [ExtractedPage("", "image", image) for image in _image_frames(data, limits)]
+        return _image_pages(data, limits)
     if media_type == "text/plain":
         return [ExtractedPage(_decode_text(data), "text")]
     raise DocbatchError(ErrorCode.UNSUPPORTED_TYPE, "not a PDF, image or text file (content sniffed)")
@@ -100,10 +101,12 @@ def normalise_image(image: Image.Image, max_side: int) -> Image.Image:
     return image
 
 
-def _image_frames(data: bytes, limits: ExtractLimits) -> list[Image.Image]:
-    """Every frame (a multi-page TIFF has several), normalised. Pixel bombs fail before decoding: each frame's
-    size is read from its header and checked against docbatch's `max_image_pixels` (Pillow's own check, which
-    would quote its own limits, is off meanwhile)."""
+def _image_pages(data: bytes, limits: ExtractLimits) -> list[ExtractedPage]:
+    """A page for every frame (a multi-page TIFF has several), normalised. Pixel bombs fail before decoding: each
+    frame's size is read from its header and checked against docbatch's `max_image_pixels` (Pillow's own check,
+    which would quote its own limits, is off meanwhile). A PNG or JPEG whose pixels normalising leaves as they are
+    (grey or RGB, no EXIF turn, within the side limit) keeps its bytes: storing its page costs no re-encoding, and
+    the page is the document's own bytes, stored once."""
     previous, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
     try:
         with Image.open(io.BytesIO(data)) as image:
@@ -114,7 +117,10 @@ def _image_frames(data: bytes, limits: ExtractLimits) -> list[Image.Image]:
                 image.seek(index)
                 _check_pixels(image.width, image.height, limits, f"frame {index + 1}" if index else "the image")
                 frames.append(normalise_image(image.copy(), limits.max_image_side))
-            return frames
+            as_is = (len(frames) == 1 and image.format in ("PNG", "JPEG") and image.mode in ("L", "RGB")
+                     and image.getexif().get(ExifTags.Base.Orientation, 1) == 1
+                     and max(image.size) <= limits.max_image_side)
+            return [ExtractedPage("", "image", frame, data if as_is else None) for frame in frames]
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise DocbatchError(ErrorCode.IMAGE_CORRUPT, f"the image cannot be read: {e}") from e
     finally:

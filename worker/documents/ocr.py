@@ -4,8 +4,10 @@ Tesseract was unsure of puts a warning on the answer (`ocr_low_confidence`) inst
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import logging
+import shutil
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +21,7 @@ log = logging.getLogger(__name__)
 # for the right turn. Under it, a text-only model's page is read both ways and the surer reading kept.
 MIN_ORIENTATION_CONFIDENCE = 2.0
 LOW_CONFIDENCE_CODE = "ocr_low_confidence"
+NOT_INSTALLED = "tesseract is not installed (apt-get install tesseract-ocr)"
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,8 @@ def _orientation(image: Image.Image, timeout_s: float) -> tuple[int, float]:
     or Tesseract is missing (OCR then says so)."""
     import pytesseract
 
+    if _tesseract_missing():  # pytesseract would write the page to a file before it finds out (35 ms a page)
+        return 0, 0.0
     try:
         osd = pytesseract.image_to_osd(image, output_type=pytesseract.Output.DICT, timeout=timeout_s)
     except (pytesseract.TesseractError, pytesseract.TesseractNotFoundError) as e:
@@ -77,16 +82,34 @@ def ocr_image(image: Image.Image, *, lang: str = "eng", timeout_s: float = 120) 
     Tesseract run. Raises `DocbatchError` (`ocr_failed`, `extract_timeout`)."""
     import pytesseract
 
+    if _tesseract_missing():
+        raise DocbatchError(ErrorCode.OCR_FAILED, NOT_INSTALLED)
     try:
         text, tsv = pytesseract.run_and_get_multiple_output(image, extensions=["txt", "tsv"], lang=lang,
                                                             timeout=timeout_s)
     except pytesseract.TesseractNotFoundError as e:
-        raise DocbatchError(ErrorCode.OCR_FAILED, "tesseract is not installed (apt-get install tesseract-ocr)") from e
+        raise DocbatchError(ErrorCode.OCR_FAILED, NOT_INSTALLED) from e
     except pytesseract.TesseractError as e:
         raise DocbatchError(ErrorCode.OCR_FAILED, f"tesseract failed: {e}") from e
     except RuntimeError as e:  # pytesseract's timeout
         raise DocbatchError(ErrorCode.EXTRACT_TIMEOUT, f"OCR took longer than {timeout_s:.0f} s") from e
     return OcrText(text, _mean_confidence(tsv))
+
+
+def _tesseract_missing() -> bool:
+    import pytesseract
+
+    return _missing(pytesseract.pytesseract.tesseract_cmd)
+
+
+@functools.lru_cache(maxsize=None)
+def _missing(command: str) -> bool:
+    """True when Tesseract's `command` is not on this host: said once a process, since every page then goes to a
+    vision model as it lies."""
+    if shutil.which(command):
+        return False
+    log.warning("%s: page images are not turned upright, and scans cannot be read for a text-only model", NOT_INSTALLED)
+    return True
 
 
 def _mean_confidence(tsv: str) -> float | None:

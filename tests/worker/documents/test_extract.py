@@ -1,6 +1,8 @@
 """Prepare stage on generated fixtures: each kind of document, good or hostile, and its outcome."""
 from __future__ import annotations
 
+import io
+
 import pytest
 from PIL import Image
 
@@ -70,6 +72,33 @@ def test_rotated_jpeg_is_turned_upright_from_its_exif_orientation():
 def test_images_are_normalised_to_rgb_and_a_maximum_side():
     image = normalise_image(Image.new("L", (4000, 1000), 200), max_side=2000)
     assert (image.mode, image.size) == ("RGB", (2000, 500))
+
+
+@pytest.mark.parametrize("mode, file_format", [("L", "PNG"), ("RGB", "PNG"), ("RGB", "JPEG")])
+def test_an_image_that_normalising_leaves_as_it_is_keeps_its_bytes(mode, file_format):
+    # Given a scan saved as a grey or RGB PNG or JPEG, upright, within the side limit
+    out = io.BytesIO()
+    text_image(["Invoice 42"], size=(600, 800)).convert(mode).save(out, format=file_format)
+    # When it is extracted
+    (page,) = extract_pages(out.getvalue())
+    # Then the page keeps the file itself (stored as it came), whose pixels are the page's
+    assert page.encoded == out.getvalue()
+    assert Image.open(io.BytesIO(page.encoded)).convert("RGB").tobytes() == page.image.tobytes()
+
+
+def test_an_image_that_normalising_changes_keeps_no_bytes():
+    upright = text_image(["Invoice 42"], size=(600, 800))
+    changed = {"exif turn": rotated_jpeg(upright), "frames": multipage_tiff([upright, upright]),
+               "alpha": _saved(upright.convert("RGBA"), "PNG"), "palette": _saved(upright.convert("P"), "PNG"),
+               "over the side limit": _saved(text_image(["Big"], size=(600, 3000)), "PNG")}
+    for what, data in changed.items():
+        assert all(page.encoded is None for page in extract_pages(data)), what
+
+
+def _saved(image: Image.Image, file_format: str) -> bytes:
+    out = io.BytesIO()
+    image.save(out, format=file_format)
+    return out.getvalue()
 
 
 def test_empty_file_fails_with_empty_file():

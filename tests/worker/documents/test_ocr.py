@@ -7,8 +7,9 @@ from PIL import ImageFilter
 
 from documents import pdf, text_image
 from schemas.sql.store import StoredPage
+from schemas.states import DocbatchError, ErrorCode
 from worker.documents.extract import extract_pages
-from worker.documents.ocr import LOW_CONFIDENCE_CODE, ocr_image, ocr_warnings, read_upright, upright
+from worker.documents.ocr import LOW_CONFIDENCE_CODE, NOT_INSTALLED, ocr_image, ocr_warnings, read_upright, upright
 
 LINES = ["SERVICES AGREEMENT", "between Acme Corporation (supplier)", "and Globex Limited (customer),",
          "dated 1 March 2024. The supplier", "shall deliver the goods within", "thirty days of each order."]
@@ -70,3 +71,27 @@ def test_a_page_tesseract_is_unsure_of_warns_and_a_clean_one_does_not():
     assert warning["message"].startswith(f"OCR was unsure of page 3 (mean word confidence "
                                          f"{pages[1].ocr_confidence:.0f} of 100, under ocr_min_confidence 60)")
     assert ocr_warnings(pages[:1], min_confidence=60) == []
+
+
+def test_without_tesseract_a_page_goes_as_it_lies_and_ocr_fails_with_its_reason(monkeypatch, tmp_path, caplog):
+    # Given a host without Tesseract (the GPU machines of BENCHMARKS.md have none)
+    import pytesseract
+
+    monkeypatch.setattr(pytesseract.pytesseract, "tesseract_cmd", str(tmp_path / "no-tesseract"))
+    written = []
+    monkeypatch.setattr(pytesseract.pytesseract, "save", lambda image: written.append(image))  # the page to a file
+    sideways = text_image(LINES).rotate(90, expand=True)
+    # When a vision model's page is turned upright, twice
+    with caplog.at_level("WARNING", logger="worker.documents.ocr"):
+        first, second = upright(sideways), upright(sideways)
+    # Then it goes as it lies, without pytesseract writing the page to a file first, and the host is told once
+    assert first == second == (sideways, 0)
+    assert written == []
+    assert [r.getMessage() for r in caplog.records] == [
+        "tesseract is not installed (apt-get install tesseract-ocr): page images are not turned upright, and scans "
+        "cannot be read for a text-only model"]
+    # ... and reading it for a text-only model fails with the reason
+    with pytest.raises(DocbatchError) as failed:
+        read_upright(sideways)
+    assert (failed.value.code, failed.value.message) == (ErrorCode.OCR_FAILED, NOT_INSTALLED)
+    assert written == []
