@@ -96,6 +96,7 @@ def main() -> None:
                    subprocess.Popen([sys.executable, __file__, "--infer-worker", "instant@bench"], env=env,
                                     stdout=open(logs / "infer.log", "wb"), stderr=subprocess.STDOUT)]
         try:
+            wait_ready(workers, [logs / "prepare.log", logs / "infer.log"])
             started = time.perf_counter()
             submitted = subprocess.run([sys.executable, "-m", "producer.cli", "submit", *inputs, "--wait"], env=env,
                                        check=False, capture_output=True, text=True)
@@ -110,6 +111,15 @@ def main() -> None:
                 process.wait(60)
     records = [json.loads(line) for line in export.splitlines()]
     print(json.dumps(summarise(records, wall, args), indent=1))
+
+
+def wait_ready(workers: list[subprocess.Popen], logs: list[Path], timeout_s: float = 600) -> None:
+    """Until every worker says it is ready: the documents' clock starts at the submit, not at the workers' start."""
+    deadline = time.monotonic() + timeout_s
+    while not all(" ready." in log.read_text(errors="replace") for log in logs):
+        if any(worker.poll() is not None for worker in workers) or time.monotonic() > deadline:
+            raise SystemExit(f"a worker did not start; see {logs}")
+        time.sleep(0.5)
 
 
 def write_inputs(args) -> list[str]:
