@@ -37,7 +37,6 @@ import os
 import re
 import subprocess
 import sys
-import time
 from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
@@ -47,6 +46,7 @@ sys.path.insert(0, str(ROOT))
 
 from schemas.settings import Settings  # noqa: E402
 from schemas.tasks import DOCUMENT, INSTRUCTIONS, builtin_task  # noqa: E402
+from pipeline_ceiling import wait_ready  # noqa: E402
 
 CLAUSE = ("Clause {k}. The Supplier shall deliver the goods listed in Schedule {k} to the Customer's site within "
           "{d} business days of each purchase order, and the Customer shall pay each undisputed invoice within "
@@ -202,10 +202,7 @@ def docbatch_worker(settings: Settings, gpus: str, log_path: Path):
         worker = subprocess.Popen([sys.executable, "-m", "producer.cli", "worker", "--gpus", gpus], env=env,
                                   stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            while len(re.findall(r"celery.apps.worker: \S+ ready\.", log_path.read_text())) < 2:  # prepare, infer
-                if worker.poll() is not None:
-                    raise SystemExit(f"the worker exited ({worker.returncode}); see {log_path}")
-                time.sleep(1)
+            wait_ready([worker], [log_path], 2)  # prepare, infer
             yield worker
         finally:
             worker.terminate()

@@ -17,6 +17,7 @@ import argparse
 import datetime as dt
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -25,6 +26,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from schemas.settings import Settings  # noqa: E402
+
+READY = re.compile(r"celery\.apps\.worker: \S+ ready\.")  # a Celery worker's line once it takes tasks
 
 
 class InstantRunner:
@@ -96,7 +99,7 @@ def main() -> None:
                    subprocess.Popen([sys.executable, __file__, "--infer-worker", "instant@bench"], env=env,
                                     stdout=open(logs / "infer.log", "wb"), stderr=subprocess.STDOUT)]
         try:
-            wait_ready(workers, [logs / "prepare.log", logs / "infer.log"])
+            wait_ready(workers, [logs / "prepare.log", logs / "infer.log"], 2)
             started = time.perf_counter()
             submitted = subprocess.run([sys.executable, "-m", "producer.cli", "submit", *inputs, "--wait"], env=env,
                                        check=False, capture_output=True, text=True)
@@ -113,12 +116,13 @@ def main() -> None:
     print(json.dumps(summarise(records, wall, args), indent=1))
 
 
-def wait_ready(workers: list[subprocess.Popen], logs: list[Path], timeout_s: float = 600) -> None:
-    """Until every worker says it is ready: the documents' clock starts at the submit, not at the workers' start."""
+def wait_ready(processes: list[subprocess.Popen], logs: list[Path], count: int, timeout_s: float = 600) -> None:
+    """Until `logs` say that `count` Celery workers are ready (a benchmark's clock starts at its submit, not at the
+    workers' start); SystemExit when one of `processes` exits first."""
     deadline = time.monotonic() + timeout_s
-    while not all(" ready." in log.read_text(errors="replace") for log in logs):
-        if any(worker.poll() is not None for worker in workers) or time.monotonic() > deadline:
-            raise SystemExit(f"a worker did not start; see {logs}")
+    while sum(len(READY.findall(log.read_text(errors="replace"))) for log in logs) < count:
+        if any(process.poll() is not None for process in processes) or time.monotonic() > deadline:
+            raise SystemExit(f"the workers did not start; see {', '.join(map(str, logs))}")
         time.sleep(0.5)
 
 

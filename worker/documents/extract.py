@@ -36,7 +36,7 @@ class ExtractedPage:
     text: str
     source: str  # "text" (a text layer or file) or "image" (a scan, text still to come from OCR or a VL model)
     image: Image.Image | None = None
-    encoded: bytes | None = None  # the image file itself when its pixels are `image`'s (in grey or RGB): stored as is
+    is_file: bool = False  # the page is the document's file as it is (its pixels are `image`'s, in grey or RGB)
 
 
 def sniff(data: bytes) -> str:
@@ -105,8 +105,8 @@ def _image_pages(data: bytes, limits: ExtractLimits) -> list[ExtractedPage]:
     """A page for every frame (a multi-page TIFF has several), normalised. Pixel bombs fail before decoding: each
     frame's size is read from its header and checked against docbatch's `max_image_pixels` (Pillow's own check,
     which would quote its own limits, is off meanwhile). A PNG or JPEG whose pixels normalising leaves as they are
-    (grey or RGB, no EXIF turn, within the side limit) keeps its bytes: storing its page costs no re-encoding, and
-    the page is the document's own bytes, stored once."""
+    (grey or RGB, no EXIF turn, within the side limit) is its page as it is (`is_file`): the page is then the
+    document's own bytes, stored once and never re-encoded."""
     previous, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
     try:
         with Image.open(io.BytesIO(data)) as image:
@@ -120,7 +120,7 @@ def _image_pages(data: bytes, limits: ExtractLimits) -> list[ExtractedPage]:
             as_is = (len(frames) == 1 and image.format in ("PNG", "JPEG") and image.mode in ("L", "RGB")
                      and image.getexif().get(ExifTags.Base.Orientation, 1) == 1
                      and max(image.size) <= limits.max_image_side)
-            return [ExtractedPage("", "image", frame, data if as_is else None) for frame in frames]
+            return [ExtractedPage("", "image", frame, is_file=as_is) for frame in frames]
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise DocbatchError(ErrorCode.IMAGE_CORRUPT, f"the image cannot be read: {e}") from e
     finally:

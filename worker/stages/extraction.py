@@ -9,7 +9,7 @@ import logging
 from schemas.sql.models import Job
 from schemas.states import DocbatchError, ErrorCode
 from schemas.sql.store import StoredPage
-from worker.documents.extract import ExtractedPage, extract_pages, sniff
+from worker.documents.extract import ExtractedPage, extract_pages
 from worker.documents.inputs import document_parts, plan_job_chunks
 from worker.documents.ocr import read_upright, upright
 from worker.service.runtime import Runtime
@@ -69,20 +69,18 @@ def _stored(rt: Runtime, job: Job, page_no: int, page: ExtractedPage) -> StoredP
     if turned_deg:
         log.info("%s: scanned page %d turned %d degrees clockwise to read it upright", rt.store.describe_job(job.id),
                  page_no, turned_deg)
-    image_sha256 = _store_image(rt, image, None if turned_deg else page.encoded)
+    image_sha256 = job.document_sha256 if page.is_file and not turned_deg else _store_image(rt, image)
     if read is None:
         return StoredPage("", "image", image_sha256)
     return StoredPage(read.text, "ocr", image_sha256, read.confidence)
 
 
-def _store_image(rt: Runtime, image, encoded: bytes | None) -> str:
-    """The page's image stored by its content: `encoded` (the file it came as) when given, else as PNG."""
-    if encoded is None:
-        buffer = io.BytesIO()
-        image.save(buffer, format="PNG")
-        encoded = buffer.getvalue()
-    sha = hashlib.sha256(encoded).hexdigest()
-    rt.store.put_document(sha, encoded, sniff(encoded))
+def _store_image(rt: Runtime, image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    data = buffer.getvalue()
+    sha = hashlib.sha256(data).hexdigest()
+    rt.store.put_document(sha, data, "image/png")
     return sha
 
 

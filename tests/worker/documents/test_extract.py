@@ -81,9 +81,9 @@ def test_an_image_that_normalising_leaves_as_it_is_keeps_its_bytes(mode, file_fo
     text_image(["Invoice 42"], size=(600, 800)).convert(mode).save(out, format=file_format)
     # When it is extracted
     (page,) = extract_pages(out.getvalue())
-    # Then the page keeps the file itself (stored as it came), whose pixels are the page's
-    assert page.encoded == out.getvalue()
-    assert Image.open(io.BytesIO(page.encoded)).convert("RGB").tobytes() == page.image.tobytes()
+    # Then the page is the file itself (stored as it came), whose pixels are the page's
+    assert page.is_file
+    assert Image.open(io.BytesIO(out.getvalue())).convert("RGB").tobytes() == page.image.tobytes()
 
 
 def test_an_image_that_normalising_changes_keeps_no_bytes():
@@ -92,7 +92,7 @@ def test_an_image_that_normalising_changes_keeps_no_bytes():
                "alpha": _saved(upright.convert("RGBA"), "PNG"), "palette": _saved(upright.convert("P"), "PNG"),
                "over the side limit": _saved(text_image(["Big"], size=(600, 3000)), "PNG")}
     for what, data in changed.items():
-        assert all(page.encoded is None for page in extract_pages(data)), what
+        assert not any(page.is_file for page in extract_pages(data)), what
 
 
 def _saved(image: Image.Image, file_format: str) -> bytes:
