@@ -19,7 +19,16 @@ from schemas.tasks import load_task_file
 
 REDIS_URL = os.environ.get("DOCBATCH_TEST_REDIS", "redis://127.0.0.1:6379")
 POSTGRES_URL = os.environ.get("DOCBATCH_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres")
-TEST_REDIS_DB = 13  # a database of its own, flushed before each test that uses it
+# The suite runs in pytest-xdist's processes (pyproject's addopts), a test module whole in one of them. Each
+# process has a Redis database of its own for the tests that use `broker_url` (flushed before each); the modules
+# that start a worker of their own use theirs (their MODULE_REDIS_DB). The databases none of those use:
+XDIST_REDIS_DBS = (13, 15, 8, 5, 4, 3, 2, 1, 0)
+XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER", "gw0")  # "gw0", "gw1", ...; unset without xdist
+TEST_REDIS_DB = XDIST_REDIS_DBS[int(XDIST_WORKER.removeprefix("gw"))]
+if "PYTEST_XDIST_WORKER" in os.environ:
+    # One thread each for torch (in these processes and the workers they start): two processes of two busy-waiting
+    # OpenMP threads each on two cores took a model's test 5 times as long (see worker/engine/cpu_threads.py).
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 # A custom task of short answers (see the file), for the pipeline tests about what happens around the model
 PARTIES_TASK_FILE = Path(__file__).parent / "tasks" / "parties.toml"
 PARTIES_TASK = load_task_file(PARTIES_TASK_FILE, Settings())
