@@ -14,7 +14,6 @@ from schemas.sql.models import Job
 from schemas.states import DocbatchError, ErrorCode, JobCancelled
 from schemas.tasks import Generation
 from worker.answers.checks import result_warnings
-from worker.documents.ocr import ocr_warnings
 from worker.engine.request import Completion, GenerationOptions, ModelInput, RequestAborted, RequestTooLarge
 from worker.answers.prompts import validate_json
 from worker.service.keeper import ABORTED, NOT_STARTED
@@ -47,9 +46,7 @@ def answer_and_finish(rt: Runtime, job: Job, request: Request) -> None:
         result["json"] = answer.value
         if job.parent_id is None:
             result.update(result_warnings(task.checks, answer.value))
-    if job.parent_id is None and task.kind != "chat":
-        _add_warnings(result, ocr_warnings(rt.store.load_pages(job.document_sha256) or [],
-                                           rt.settings.ocr_min_confidence))
+    _add_warnings(result, list(request.page_warnings))
     result.update(input_truncated=prompt.is_truncated, finish_reason=answer.finish_reason)
     finished = rt.store.finish(job.id, result, answer.text, tokens_in=len(prompt.model_input.token_ids),
                                tokens_out=answer.tokens_out, batch_size=answer.completion.batch_size,

@@ -13,18 +13,21 @@ from schemas.sql.store import StoredPage
 from schemas.tasks import Generation, TaskDefinition, schema_text
 from worker.engine.request import ModelInput
 from worker.documents.inputs import Part, document_parts, materialise
+from worker.documents.ocr import ocr_warnings
 from worker.answers.prompts import Prompt, build_text_prompt, chat_tokens
 from worker.service.runtime import Runtime
 
 
 @dataclass(frozen=True)
 class Request:
-    """A claimed job as the model gets it: its prompt, decoding settings and answer schema (text)."""
+    """A claimed job as the model gets it: its prompt, decoding settings and answer schema (text), and the warnings
+    its result will carry about the document's pages (OCR unsure of some), read with the pages for the prompt."""
 
     task: TaskDefinition
     prompt: Prompt
     generation: Generation
     schema: str | None
+    page_warnings: tuple[dict[str, str], ...] = ()
 
 
 def build_request(rt: Runtime, job: Job) -> Request:
@@ -32,18 +35,24 @@ def build_request(rt: Runtime, job: Job) -> Request:
     if task.kind == "chat":
         request = ChatRequest.model_validate_json(rt.store.read_document(job.document_sha256)[0])
         return Request(task, *_chat_prompt(rt, request, task.generation))
-    return Request(task, _document_prompt(rt, job, task), task.generation, task.schema_text)
+    # a whole document's pages (the document itself, or its chunks' answers combined) are read once, here
+    pages = rt.store.load_pages(job.document_sha256) if job.parent_id is None else None
+    warnings = tuple(ocr_warnings(pages, rt.settings.ocr_min_confidence)) if pages else ()
+    return Request(task, _document_prompt(rt, job, task, pages), task.generation, task.schema_text, warnings)
 
 
-def _document_prompt(rt: Runtime, job: Job, task: TaskDefinition) -> Prompt:
-    """A document (or part) under the task's prompt; the parts' answers under its reduce prompt."""
+def _document_prompt(rt: Runtime, job: Job, task: TaskDefinition, pages: list[StoredPage] | None) -> Prompt:
+    """A document (or part) under the task's prompt; the parts' answers under its reduce prompt. `pages`: a whole
+    document's."""
     if job.input_parts is not None and (job.parent_id is None or job.chunk_level > 1):
         return _build_prompt(rt, task, job.input_parts, reduce=True, metadata={})
     metadata = {"filename": job.params.get("filename")}
     if task.uses_stored_metadata:
         metadata.update(rt.store.document_meta(job.document_sha256))
     if job.parent_id is None:
-        parts = document_parts(_pages(rt, job), rt.info.is_vision, rt.store)
+        if pages is None:
+            raise RuntimeError("job is ready but its document has no extracted pages")
+        parts = document_parts(pages, rt.info.is_vision, rt.store)
     else:
         parts = [{"text": f"[part {job.chunk_index + 1} of a longer document]"}, *job.input_parts]
     return _build_prompt(rt, task, parts, reduce=False, metadata=metadata)
@@ -63,13 +72,6 @@ def _chat_prompt(rt: Runtime, request: ChatRequest, defaults: Generation) -> tup
         "top_p": defaults.top_p if request.top_p is None else request.top_p})
     schema = request.answer_schema()
     return Prompt(ModelInput(token_ids), is_truncated=False), generation, schema_text(schema) if schema else None
-
-
-def _pages(rt: Runtime, job: Job) -> list[StoredPage]:
-    pages = rt.store.load_pages(job.document_sha256)
-    if pages is None:
-        raise RuntimeError("job is ready but its document has no extracted pages")
-    return pages
 
 
 def _build_prompt(rt: Runtime, task: TaskDefinition, parts: list[Part], *, reduce: bool,
