@@ -226,6 +226,7 @@ def docbatch_submit(settings: Settings, submits: list[list[str]], out: Path, nam
         export = subprocess.run([sys.executable, "-m", "producer.cli", "results", stdout.strip().splitlines()[0]],
                                 env=env, capture_output=True, text=True, check=True)
         records += [json.loads(line) for line in export.stdout.splitlines()]
+    (out / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))  # each job's times, kept
     stamp = lambda s: dt.datetime.fromisoformat(s).timestamp()  # noqa: E731
     starts = sorted(stamp(r["started_at"]) for r in records)
     span = max(stamp(r["finished_at"]) for r in records) - starts[0]
