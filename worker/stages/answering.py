@@ -6,7 +6,7 @@ import dataclasses
 import logging
 from concurrent.futures import CancelledError
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Sequence
 
 from pydantic import BaseModel
 
@@ -46,7 +46,7 @@ def answer_and_finish(rt: Runtime, job: Job, request: Request) -> None:
         result["json"] = answer.value
         if job.parent_id is None:
             result.update(result_warnings(task.checks, answer.value))
-    _add_warnings(result, list(request.page_warnings))
+    _add_warnings(result, request.page_warnings)
     result.update(input_truncated=prompt.is_truncated, finish_reason=answer.finish_reason)
     finished = rt.store.finish(job.id, result, answer.text, tokens_in=len(prompt.model_input.token_ids),
                                tokens_out=answer.tokens_out, batch_size=answer.completion.batch_size,
@@ -58,7 +58,7 @@ def answer_and_finish(rt: Runtime, job: Job, request: Request) -> None:
         advance_parent(rt, job.parent_id, job.chunk_level)
 
 
-def _add_warnings(result: dict[str, Any], warnings: list[dict[str, str]]) -> None:
+def _add_warnings(result: dict[str, Any], warnings: Sequence[dict[str, str]]) -> None:
     if warnings:
         result["warnings"] = [*result.get("warnings", []), *warnings]
 

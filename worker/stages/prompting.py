@@ -35,7 +35,8 @@ def build_request(rt: Runtime, job: Job) -> Request:
     if task.kind == "chat":
         request = ChatRequest.model_validate_json(rt.store.read_document(job.document_sha256)[0])
         return Request(task, *_chat_prompt(rt, request, task.generation))
-    # a whole document's pages (the document itself, or its chunks' answers combined) are read once, here
+    # a whole document's pages, read once a job: its prompt's text or images (unless it combines its chunks'
+    # answers) and its result's OCR warnings
     pages = rt.store.load_pages(job.document_sha256) if job.parent_id is None else None
     warnings = tuple(ocr_warnings(pages, rt.settings.ocr_min_confidence)) if pages else ()
     return Request(task, _document_prompt(rt, job, task, pages), task.generation, task.schema_text, warnings)
