@@ -9,7 +9,8 @@ A child that died while it ran a job alone (`worker.service.lane`) was killed by
 and fails after `max_attempts` such deaths (`schemas.sql.lifecycle.after_lost_run`): the caller says so
 (`killed_by_a_job`), and such a death is restarted after the first delay and counts toward neither giving up nor
 the delay's growth, so that hostile documents fail one by one and never stop the worker.
-A signal (SIGTERM, SIGINT) is passed to every child, and the supervisor exits 0 once they have stopped.
+A signal (SIGTERM, SIGINT) is passed to every child, and the supervisor exits 0 once they have stopped; one that
+comes while the children start is passed to those started, and no more are started.
 With `reap_orphans` (the `docbatch worker` launcher) the supervisor is its descendants' subreaper: what a dead child
 leaves running (vLLM's engine core, which holds the GPU's memory and does not watch its parent) comes back to the
 supervisor instead of living on under init, and is killed before the child starts again, and when the worker stops.
@@ -86,20 +87,29 @@ def supervise(children: list[Child], policy: type[RestartPolicy] | None = None, 
 
 def _supervise(children: list[Child], make_policy: type[RestartPolicy], poll_s: float, reaping: bool,
                killed_by_a_job: Callable[[Child, int], bool]) -> int:
-    running = {child.name: _start(child) for child in children}
-    started_at = dict.fromkeys(running, time.monotonic())
-    policies = {child.name: make_policy() for child in children}
-    restart_at: dict[str, float] = {}
+    running: dict[str, subprocess.Popen] = {}
+    told: set[subprocess.Popen] = set()  # the children a stop signal was passed to
     stopping: list[int] = []
+
+    def tell(signum: int, again: bool) -> None:
+        for process in list(running.values()):
+            if (again or process not in told) and process.poll() is None:
+                told.add(process)
+                process.send_signal(signum)
 
     def stop(signum, _frame) -> None:
         stopping.append(signum)
-        for process in running.values():
-            if process.poll() is None:
-                process.send_signal(signum)
+        tell(signum, again=True)  # a second Ctrl-C reaches the children too (Celery's cold shutdown)
 
+    # the handlers come first: a signal while the children start stops those started and starts no more
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
+        for child in children:
+            if not stopping:
+                running[child.name] = _start(child)
+        started_at = dict.fromkeys(running, time.monotonic())
+        policies = {child.name: make_policy() for child in children}
+        restart_at: dict[str, float] = {}
         while not stopping:
             time.sleep(poll_s)
             now = time.monotonic()
@@ -127,6 +137,7 @@ def _supervise(children: list[Child], make_policy: type[RestartPolicy], poll_s: 
                     del restart_at[child.name]
                     running[child.name] = _start(child)
                     started_at[child.name] = time.monotonic()
+        tell(stopping[0], again=False)  # a child that started while the signal was handled
         for process in running.values():
             process.wait()
         return 0

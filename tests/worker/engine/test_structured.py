@@ -66,7 +66,7 @@ def test_constrained_answers_follow_their_own_schemas_and_mixed_schemas_share_a_
     # Then every token of a constrained row is one its own schema allows, and a row ends either as a whole object
     # of its schema or cut at the token limit (the 135M model may loop inside a long string; the worker gives such
     # an answer a second try at twice the room). The free row is unconstrained.
-    grammars = GrammarCache(tokenizer, model.get_output_embeddings().weight.shape[0])
+    grammars = GrammarCache(tokenizer, model.get_output_embeddings().out_features)
     for row, (task, output_model) in enumerate((("extract", FinancialReport), ("summarize", ContractSummary))):
         matcher = grammars.matcher(TASKS[task].schema_text)
         assert matcher.consume_tokens(outputs[row]), texts[row]

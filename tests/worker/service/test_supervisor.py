@@ -2,6 +2,7 @@
 keeps dying, and stops every child on a signal. Real child processes; short delays."""
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -84,6 +85,41 @@ def test_a_signal_stops_every_child_and_exits_zero(tmp_path: Path):
     process.send_signal(signal.SIGTERM)
     assert process.wait(30) == 0
     assert marker.read_text() == "xx"
+
+
+def test_a_signal_while_the_children_start_stops_those_started_and_starts_no_more(tmp_path: Path):
+    # Given a supervisor whose first child is up while the supervisor is still starting it (a slow start: the
+    # second child is not started yet)
+    marker, ready = tmp_path / "stopped", tmp_path / "ready"
+    handler = (f"import os, signal, sys, time\n"
+               f"def stop(*_):\n    open({str(marker)!r}, 'a').write('x'); sys.exit(0)\n"
+               f"signal.signal(signal.SIGTERM, stop)\nopen({str(ready)!r}, 'a').write(f'{{os.getpid()}}\\n')\n"
+               f"time.sleep(60)")
+    script = tmp_path / "supervise.py"
+    script.write_text(
+        "import os, sys, time\nfrom pathlib import Path\nfrom worker.service import supervisor\n"
+        "start = supervisor._start\n"
+        "def slow_start(child):\n    process = start(child)\n"
+        f"    while not Path({str(ready)!r}).exists():\n        time.sleep(0.01)\n"
+        "    time.sleep(2)\n    return process\n"
+        "supervisor._start = slow_start\n"
+        f"child = supervisor.Child('c', [sys.executable, '-c', {handler!r}], dict(os.environ))\n"
+        "sys.exit(supervisor.supervise([child, supervisor.Child('d', child.argv, child.env)], poll_s=0.02))\n")
+    process = subprocess.Popen([sys.executable, str(script)], env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    try:
+        deadline = time.monotonic() + 30
+        while not ready.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        # When the signal comes then
+        process.send_signal(signal.SIGTERM)
+        # Then the started child was stopped, the other was never started, and the supervisor exited 0
+        assert process.wait(30) == 0
+        assert marker.read_text() == "x" and len(ready.read_text().split()) == 1
+    finally:
+        process.kill()
+        for pid in ready.read_text().split() if ready.exists() else ():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), signal.SIGKILL)
 
 
 def test_a_child_killed_by_a_signal_is_restarted(tmp_path: Path):
