@@ -68,75 +68,66 @@ def test_deaths_charged_to_the_jobs_a_child_ran_alone_do_not_stop_the_worker(tmp
     assert len(pids.read_text().split()) == 8 and code == EXIT_GAVE_UP
 
 
+def _stops_on_sigterm(marker: Path, ready: Path) -> str:
+    """A child's code: it adds its pid to `ready` once its SIGTERM handler is set, and on SIGTERM adds an x to
+    `marker` and exits 0. Both files are written in `with` blocks: a file left to its finalizer is flushed there, and a
+    SIGTERM handled during that flush raises its SystemExit inside the finalizer, which drops it without a word (the
+    child slept on, and the supervisor waited for it: this test's hang in CI, about 1 run in 150 under load)."""
+    return (f"import os, signal, sys, time\n"
+            f"def stop(*_):\n    with open({str(marker)!r}, 'a') as f:\n        f.write('x')\n    sys.exit(0)\n"
+            f"signal.signal(signal.SIGTERM, stop)\n"
+            f"with open({str(ready)!r}, 'a') as f:\n    f.write(f'{{os.getpid()}}\\n')\n"
+            f"time.sleep(60)")
+
+
+def _wait_for_lines(path: Path, count: int) -> None:
+    deadline = time.monotonic() + 30
+    while (not path.exists() or len(path.read_text().split()) < count) and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def _kill_children(ready: Path) -> None:
+    for pid in ready.read_text().split() if ready.exists() else ():
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(int(pid), signal.SIGKILL)
+
+
 def test_a_signal_stops_every_child_and_exits_zero(tmp_path: Path):
     marker, ready = tmp_path / "stopped", tmp_path / "ready"
-    handler = (f"import signal, sys, time\n"
-               f"def stop(*_):\n    open({str(marker)!r}, 'a').write('x'); sys.exit(0)\n"
-               f"signal.signal(signal.SIGTERM, stop)\nopen({str(ready)!r}, 'a').write('x')\ntime.sleep(60)")
     script = tmp_path / "supervise.py"
     script.write_text(
         "import os, sys\nfrom worker.service.supervisor import Child, supervise\n"
-        f"child = Child('c', [sys.executable, '-c', {handler!r}], dict(os.environ))\n"
+        f"child = Child('c', [sys.executable, '-c', {_stops_on_sigterm(marker, ready)!r}], dict(os.environ))\n"
         "sys.exit(supervise([child, Child('d', child.argv, child.env)], poll_s=0.02))\n")
     process = subprocess.Popen([sys.executable, str(script)], env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     try:
-        deadline = time.monotonic() + 30
-        while (not ready.exists() or ready.read_text() != "xx") and time.monotonic() < deadline:
-            time.sleep(0.02)
+        _wait_for_lines(ready, 2)
         process.send_signal(signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            process.wait(30)
-        assert process.returncode == 0, _signal_state([process.pid, *_children(process.pid)])
+        assert process.wait(30) == 0
         assert marker.read_text() == "xx"
     finally:
-        for pid in _children(process.pid):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
         process.kill()
-
-
-def _children(pid: int) -> list[int]:
-    with contextlib.suppress(OSError):
-        return [int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    return []
-
-
-def _signal_state(pids: list[int]) -> str:
-    """What Linux says of each process's signals and where it waits (for a failure's message: CI saw this test's
-    supervisor still running 30 s after its SIGTERM once, and the cause is not known)."""
-    lines = []
-    for pid in pids:
-        with contextlib.suppress(OSError):
-            status = [line for line in Path(f"/proc/{pid}/status").read_text().splitlines()
-                      if line.startswith(("State", "SigPnd", "ShdPnd", "SigBlk", "SigIgn", "SigCgt"))]
-            lines.append(f"{pid} ({Path(f'/proc/{pid}/cmdline').read_text()[:60]!r}) waits in "
-                         f"{Path(f'/proc/{pid}/wchan').read_text()}: {'; '.join(status)}")
-    return "\n".join(lines)
+        _kill_children(ready)
 
 
 def test_a_signal_while_the_children_start_stops_those_started_and_starts_no_more(tmp_path: Path):
     # Given a supervisor whose first child is up while the supervisor is still starting it (a slow start: the
     # second child is not started yet)
     marker, ready = tmp_path / "stopped", tmp_path / "ready"
-    handler = (f"import os, signal, sys, time\n"
-               f"def stop(*_):\n    open({str(marker)!r}, 'a').write('x'); sys.exit(0)\n"
-               f"signal.signal(signal.SIGTERM, stop)\nopen({str(ready)!r}, 'a').write(f'{{os.getpid()}}\\n')\n"
-               f"time.sleep(60)")
     script = tmp_path / "supervise.py"
     script.write_text(
         "import os, sys, time\nfrom pathlib import Path\nfrom worker.service import supervisor\n"
         "start = supervisor._start\n"
         "def slow_start(child):\n    process = start(child)\n"
-        f"    while not Path({str(ready)!r}).exists():\n        time.sleep(0.01)\n"
+        f"    while not Path({str(ready)!r}).exists() or not Path({str(ready)!r}).read_text():\n"
+        "        time.sleep(0.01)\n"
         "    time.sleep(2)\n    return process\n"
         "supervisor._start = slow_start\n"
-        f"child = supervisor.Child('c', [sys.executable, '-c', {handler!r}], dict(os.environ))\n"
+        f"child = supervisor.Child('c', [sys.executable, '-c', {_stops_on_sigterm(marker, ready)!r}], dict(os.environ))\n"
         "sys.exit(supervisor.supervise([child, supervisor.Child('d', child.argv, child.env)], poll_s=0.02))\n")
     process = subprocess.Popen([sys.executable, str(script)], env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     try:
-        deadline = time.monotonic() + 30
-        while not ready.exists() and time.monotonic() < deadline:
-            time.sleep(0.01)
+        _wait_for_lines(ready, 1)
         # When the signal comes then
         process.send_signal(signal.SIGTERM)
         # Then the started child was stopped, the other was never started, and the supervisor exited 0
@@ -144,9 +135,7 @@ def test_a_signal_while_the_children_start_stops_those_started_and_starts_no_mor
         assert marker.read_text() == "x" and len(ready.read_text().split()) == 1
     finally:
         process.kill()
-        for pid in ready.read_text().split() if ready.exists() else ():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(int(pid), signal.SIGKILL)
+        _kill_children(ready)
 
 
 def test_a_child_killed_by_a_signal_is_restarted(tmp_path: Path):
