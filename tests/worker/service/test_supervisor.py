@@ -80,6 +80,16 @@ def _stops_on_sigterm(marker: Path, ready: Path) -> str:
             f"time.sleep(60)")
 
 
+def _supervisor_of_two(tmp_path: Path, marker: Path, ready: Path, prelude: str = "") -> subprocess.Popen:
+    """A supervisor process over two children that stop on SIGTERM (`_stops_on_sigterm`); `prelude` runs first."""
+    script = tmp_path / "supervise.py"
+    script.write_text(
+        "import os, sys, time\nfrom pathlib import Path\nfrom worker.service import supervisor\n" + prelude +
+        f"child = supervisor.Child('c', [sys.executable, '-c', {_stops_on_sigterm(marker, ready)!r}], dict(os.environ))\n"
+        "sys.exit(supervisor.supervise([child, supervisor.Child('d', child.argv, child.env)], poll_s=0.02))\n")
+    return subprocess.Popen([sys.executable, str(script)], env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+
+
 def _wait_for_lines(path: Path, count: int) -> None:
     deadline = time.monotonic() + 30
     while (not path.exists() or len(path.read_text().split()) < count) and time.monotonic() < deadline:
@@ -94,12 +104,7 @@ def _kill_children(ready: Path) -> None:
 
 def test_a_signal_stops_every_child_and_exits_zero(tmp_path: Path):
     marker, ready = tmp_path / "stopped", tmp_path / "ready"
-    script = tmp_path / "supervise.py"
-    script.write_text(
-        "import os, sys\nfrom worker.service.supervisor import Child, supervise\n"
-        f"child = Child('c', [sys.executable, '-c', {_stops_on_sigterm(marker, ready)!r}], dict(os.environ))\n"
-        "sys.exit(supervise([child, Child('d', child.argv, child.env)], poll_s=0.02))\n")
-    process = subprocess.Popen([sys.executable, str(script)], env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    process = _supervisor_of_two(tmp_path, marker, ready)
     try:
         _wait_for_lines(ready, 2)
         process.send_signal(signal.SIGTERM)
@@ -114,18 +119,13 @@ def test_a_signal_while_the_children_start_stops_those_started_and_starts_no_mor
     # Given a supervisor whose first child is up while the supervisor is still starting it (a slow start: the
     # second child is not started yet)
     marker, ready = tmp_path / "stopped", tmp_path / "ready"
-    script = tmp_path / "supervise.py"
-    script.write_text(
-        "import os, sys, time\nfrom pathlib import Path\nfrom worker.service import supervisor\n"
+    process = _supervisor_of_two(tmp_path, marker, ready, prelude=(
         "start = supervisor._start\n"
         "def slow_start(child):\n    process = start(child)\n"
         f"    while not Path({str(ready)!r}).exists() or not Path({str(ready)!r}).read_text():\n"
         "        time.sleep(0.01)\n"
         "    time.sleep(2)\n    return process\n"
-        "supervisor._start = slow_start\n"
-        f"child = supervisor.Child('c', [sys.executable, '-c', {_stops_on_sigterm(marker, ready)!r}], dict(os.environ))\n"
-        "sys.exit(supervisor.supervise([child, supervisor.Child('d', child.argv, child.env)], poll_s=0.02))\n")
-    process = subprocess.Popen([sys.executable, str(script)], env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+        "supervisor._start = slow_start\n"))
     try:
         _wait_for_lines(ready, 1)
         # When the signal comes then
